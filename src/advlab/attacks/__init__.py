@@ -1,0 +1,5 @@
+"""Attacks: ``atk = PGD(model, eps=0.3); x_adv = atk(x, y)``."""
+
+from .base import Attack, AttackResult, project
+
+__all__ = ["Attack", "AttackResult", "project"]

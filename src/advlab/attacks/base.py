@@ -1,0 +1,234 @@
+"""The Attack base class: input checks, eval-mode and frozen-parameter guard, exact projection
+onto the box and the threat model's ball, streaming ``run`` with per-sample results."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .._util import (AdvlabError, check_images, check_labels, check_nonneg, frozen_eval, make_generator,
+                     model_device)
+from ..metrics.robustness import perturbation_norms
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | None, norm: str | None) -> torch.Tensor:
+    """Project ``x_adv`` onto the ``norm`` ball of radius ``eps`` around ``x`` and the box [0, 1].
+
+    For L-inf the result is exact: clamping to [x - eps, x + eps] then to [0, 1]. For L2 the
+    difference is rescaled to norm <= eps, then clamped to [0, 1]; clamping never increases an
+    L2 norm, so the ball still holds."""
+    if eps is None or norm is None:
+        return x_adv.clamp(0.0, 1.0)
+    if norm == "inf":
+        return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+    if norm == "2":
+        d = x_adv - x
+        n = d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+        # a hair inside eps so that float rounding in (x + d) - x cannot cross the ball
+        factor = torch.clamp((eps * (1 - 1e-6)) / n, max=1.0)
+        return (x + d * factor).clamp_(0.0, 1.0)
+    raise AdvlabError(f"norm must be 'inf' or '2', got {norm!r}")
+
+
+def check_norm(norm) -> str:
+    norm = str(norm).lower().replace("l", "")
+    if norm in ("inf", "linf"):
+        return "inf"
+    if norm == "2":
+        return "2"
+    raise AdvlabError(f"norm must be 'inf' or '2', got {norm!r}")
+
+
+def num_classes_of(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad():
+        return int(model(x[:1]).shape[1])
+
+
+@dataclass
+class AttackResult:
+    """Per-sample outcome of :meth:`Attack.run`, on the CPU. ``success`` follows the attack's goal
+    (misclassification, or the target when targeted); ``detected`` marks samples a defended model
+    rejected (prediction ``advlab.REJECT``)."""
+
+    labels: torch.Tensor
+    clean_pred: torch.Tensor
+    adv_pred: torch.Tensor
+    success: torch.Tensor
+    l0: torch.Tensor
+    l2: torch.Tensor
+    linf: torch.Tensor
+    seconds: float
+    targets: Optional[torch.Tensor] = None
+    detected: Optional[torch.Tensor] = None
+    adversarials: Optional[torch.Tensor] = None
+    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def clean_accuracy(self) -> float:
+        return float((self.clean_pred == self.labels).float().mean()) if len(self) else float("nan")
+
+    @property
+    def robust_accuracy(self) -> float:
+        return float((self.adv_pred == self.labels).float().mean()) if len(self) else float("nan")
+
+    @property
+    def success_rate(self) -> float:
+        return float(self.success.float().mean()) if len(self) else float("nan")
+
+    def summary(self) -> Dict[str, float]:
+        ok = self.success
+        def med(t):
+            return float(t[ok].median()) if bool(ok.any()) else float("nan")
+        def mean(t):
+            return float(t[ok].mean()) if bool(ok.any()) else float("nan")
+        return {
+            "n": len(self), "clean_acc": self.clean_accuracy, "robust_acc": self.robust_accuracy,
+            "asr": self.success_rate, "mean_l2": mean(self.l2), "median_l2": med(self.l2),
+            "mean_linf": mean(self.linf), "mean_l0": mean(self.l0.float()), "seconds": self.seconds,
+        }
+
+
+class Attack:
+    """Base class of every advlab attack.
+
+    Subclasses set ``norm`` ("inf", "2" or None for minimum-norm attacks), ``supports_targeted``,
+    and implement ``_perturb(x, y, target) -> x_adv``. ``__call__`` checks the inputs, runs
+    ``_perturb`` with the model in eval mode and its parameters frozen (restored after, nothing
+    left in ``.grad``), and projects the result onto [0, 1] and the ball exactly.
+    """
+
+    norm: Optional[str] = None
+    supports_targeted: bool = False
+    #: minimum-norm attacks return the clean image where they fail
+    minimum_norm: bool = False
+
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, seed: Optional[int] = None):
+        if not isinstance(model, nn.Module):
+            raise AdvlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.eps = None if eps is None else check_nonneg(eps, "eps")
+        self.seed = seed
+        self._generator: Optional[torch.Generator] = None
+
+    # ------------------------------------------------------------------ public API
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.perturb(x, y, target=target)
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_images(x, "x")
+        dev = model_device(self.model)
+        xin = x
+        x = x.detach().to(dev)
+        y = y.to(dev)
+        with frozen_eval(self.model):
+            nc = num_classes_of(self.model, x) if x.shape[0] else None
+            check_labels(y, x.shape[0], nc, "y")
+            if target is not None:
+                if not self.supports_targeted:
+                    raise AdvlabError(f"{type(self).__name__} does not support targeted attacks (target=)")
+                target = check_labels(target.to(dev), x.shape[0], nc, "target")
+            if x.shape[0] == 0:
+                return xin.clone()
+            if self.seed is not None and self._generator is None:
+                self._generator = make_generator(self.seed, dev)
+            x_adv = self._perturb(x, y, target)
+        x_adv = project(x_adv.detach(), x, self.eps, self.norm)
+        return x_adv.to(device=xin.device, dtype=xin.dtype)
+
+    def reset(self) -> None:
+        """Restart the random stream: the next calls repeat those after construction."""
+        self._generator = None
+
+    def _perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError  # abstract
+
+    def _rand(self, shape, device) -> torch.Tensor:
+        """Uniform [0, 1) noise from the attack's seeded generator (or torch's global one)."""
+        return torch.rand(shape, generator=self._generator, device=device)
+
+    def _randn(self, shape, device) -> torch.Tensor:
+        return torch.randn(shape, generator=self._generator, device=device)
+
+    def is_success(self, pred: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+        return pred == target if target is not None else pred != y
+
+    def run(self, data, batch_size: int = 256, targets: Optional[torch.Tensor] = None, keep_adversarials: bool = False,
+            progress: Optional[bool] = None, predict_fn=None) -> AttackResult:
+        """Attack a whole dataset (``.images``/``.labels``, any (x, y) Dataset, a DataLoader, or an
+        iterable of (x, y) batches) batch by batch and return an :class:`AttackResult`.
+
+        ``predict_fn(x) -> labels`` judges the adversarials (default: the attacked model's argmax,
+        or its ``predict`` method); a defended model may return ``advlab.REJECT`` there.
+        """
+        from tqdm.auto import tqdm
+        from ..train import predict as _predict
+
+        judge = predict_fn or (lambda xb: _predict(self.model, xb))
+        batches = _iter_batches(data, batch_size)
+        keys = ("labels", "clean_pred", "adv_pred", "success", "l0", "l2", "linf", "targets", "detected", "adv")
+        acc = {k: [] for k in keys}
+        seconds = 0.0
+        offset = 0
+        show = (sys.stderr.isatty() if progress is None else progress)
+        total = _num_batches(data, batch_size)
+        for xb, yb in tqdm(batches, total=total, desc=type(self).__name__, disable=not show, leave=False):
+            tb = None if targets is None else targets[offset: offset + xb.shape[0]]
+            offset += xb.shape[0]
+            t0 = time.perf_counter()
+            xa = self.perturb(xb, yb, target=tb)
+            if xa.is_cuda:
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - t0
+            clean = judge(xb).cpu()
+            adv = judge(xa).cpu()
+            yc = yb.cpu()
+            tc = None if tb is None else tb.cpu()
+            success = self.is_success(adv, yc, tc)
+            norms = perturbation_norms(xa.cpu() - xb.cpu())
+            acc["labels"].append(yc); acc["clean_pred"].append(clean); acc["adv_pred"].append(adv)
+            acc["success"].append(success); acc["l0"].append(norms["l0"]); acc["l2"].append(norms["l2"])
+            acc["linf"].append(norms["linf"]); acc["detected"].append(adv == -1)
+            if tc is not None:
+                acc["targets"].append(tc)
+            if keep_adversarials:
+                acc["adv"].append(xa.cpu())
+        cat = {k: (torch.cat(v) if v else None) for k, v in acc.items()}
+        return AttackResult(labels=cat["labels"], clean_pred=cat["clean_pred"], adv_pred=cat["adv_pred"],
+                            success=cat["success"], l0=cat["l0"], l2=cat["l2"], linf=cat["linf"], seconds=seconds,
+                            targets=cat["targets"], detected=cat["detected"], adversarials=cat["adv"])
+
+    def __repr__(self) -> str:
+        params = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "model"}
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in params.items())})"
+
+
+def _num_batches(data, batch_size):
+    try:
+        if isinstance(data, torch.utils.data.DataLoader):
+            return len(data)
+        return (len(data) + batch_size - 1) // batch_size
+    except TypeError:
+        return None
+
+
+def _iter_batches(data, batch_size: int) -> Iterable:
+    if hasattr(data, "images") and hasattr(data, "labels"):
+        for i in range(0, len(data.labels), batch_size):
+            yield data.images[i: i + batch_size], data.labels[i: i + batch_size]
+    elif isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        for i in range(0, data[0].shape[0], batch_size):
+            yield data[0][i: i + batch_size], data[1][i: i + batch_size]
+    elif isinstance(data, torch.utils.data.DataLoader):
+        yield from data
+    elif isinstance(data, torch.utils.data.Dataset):
+        yield from torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    else:
+        yield from data

@@ -1,0 +1,53 @@
+"""Reader for the IDX format of MNIST and Fashion-MNIST (optionally gzip-compressed)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._util import AdvlabError
+
+_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (``.gz`` or raw) into a numpy array, checking magic number and size."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdvlabError(f"IDX file not found: {path}")
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise AdvlabError(f"corrupt gzip file {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
+        raise AdvlabError(f"{path} is not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
+    dtype = np.dtype(_DTYPES[raw[2]])
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise AdvlabError(f"{path}: truncated IDX header")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims)) * dtype.itemsize
+    if len(raw) != expected:
+        raise AdvlabError(f"{path}: truncated or oversized IDX file: {len(raw)} bytes, expected {expected} "
+                          f"for shape {tuple(dims)}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def load_idx_pair(images_path, labels_path):
+    """Images (N, 1, H, W) float32 in [0, 1] and labels int64 from an IDX image/label pair."""
+    imgs = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if imgs.ndim != 3:
+        raise AdvlabError(f"{images_path}: expected a 3-d image array (N, H, W), got shape {imgs.shape}")
+    if labels.ndim != 1:
+        raise AdvlabError(f"{labels_path}: expected a 1-d label array, got shape {labels.shape}")
+    if imgs.shape[0] != labels.shape[0]:
+        raise AdvlabError(f"{images_path} holds {imgs.shape[0]} images but {labels_path} holds {labels.shape[0]} labels")
+    x = torch.from_numpy(imgs.astype(np.float32) / 255.0).unsqueeze(1)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return x, y

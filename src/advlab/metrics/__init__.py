@@ -1,0 +1,8 @@
+"""Pure tensor metrics: robustness (accuracy, ASR with a success/failed/detected split, norms),
+similarity (MSE, SSIM, MS-SSIM, CW-SSIM), anonymity (rank pmf), detection (ROC, AUC), bound (VIB)."""
+
+from .robustness import (accuracy, robust_accuracy, attack_success_rate, perturbation_norms, l0_norm, l2_norm,
+                         linf_norm)
+
+__all__ = ["accuracy", "robust_accuracy", "attack_success_rate", "perturbation_norms", "l0_norm", "l2_norm",
+           "linf_norm"]

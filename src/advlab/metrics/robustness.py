@@ -1,0 +1,64 @@
+"""Robustness metrics as batched tensor functions."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+REJECT = -1
+
+
+def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of ``pred == y`` (a rejection counts as wrong)."""
+    if pred.numel() == 0:
+        return float("nan")
+    return float((pred == y).float().mean())
+
+
+def robust_accuracy(adv_pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy on adversarial inputs."""
+    return accuracy(adv_pred, y)
+
+
+def attack_success_rate(adv_pred: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None,
+                        clean_pred: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """Attack success split as in the papers' tables.
+
+    - ``success``: the model outputs a wrong class (untargeted) or the target (targeted);
+    - ``detected``: the model abstains (``advlab.REJECT`` = -1);
+    - ``failed``: neither (the true class, or for targeted attacks a non-target class).
+    With ``clean_pred``, only samples the model classified correctly when clean are counted.
+    The three rates sum to 1.
+    """
+    keep = torch.ones_like(y, dtype=torch.bool) if clean_pred is None else clean_pred == y
+    adv_pred, y = adv_pred[keep], y[keep]
+    n = int(y.numel())
+    if n == 0:
+        return {"success": float("nan"), "failed": float("nan"), "detected": float("nan"), "n": 0}
+    detected = adv_pred == REJECT
+    if target is not None:
+        success = (adv_pred == target[keep]) & ~detected
+    else:
+        success = (adv_pred != y) & ~detected
+    failed = ~success & ~detected
+    return {"success": float(success.float().mean()), "failed": float(failed.float().mean()),
+            "detected": float(detected.float().mean()), "n": n}
+
+
+def l0_norm(delta: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """Number of changed pixel positions per sample (a pixel counts once over its channels)."""
+    return (delta.abs() > tol).any(dim=1).flatten(1).sum(1) if delta.dim() == 4 else (delta.abs() > tol).flatten(1).sum(1)
+
+
+def l2_norm(delta: torch.Tensor) -> torch.Tensor:
+    return delta.flatten(1).norm(dim=1)
+
+
+def linf_norm(delta: torch.Tensor) -> torch.Tensor:
+    return delta.flatten(1).abs().amax(dim=1) if delta.numel() else delta.new_zeros(delta.shape[0])
+
+
+def perturbation_norms(delta: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Per-sample L0 (changed pixels), L2 and L-inf of a perturbation batch."""
+    return {"l0": l0_norm(delta), "l2": l2_norm(delta), "linf": linf_norm(delta)}

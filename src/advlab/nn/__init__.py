@@ -1,0 +1,6 @@
+"""Small shared building blocks: Normalize, feature taps by layer name."""
+
+from .normalize import Normalize
+from .taps import taps, find_module, last_linear_name
+
+__all__ = ["Normalize", "taps", "find_module", "last_linear_name"]

@@ -1,0 +1,231 @@
+"""One training loop for every model and defense: epochs, optimizer, schedule, callbacks,
+checkpoints, a tqdm progress bar, per-epoch history, deterministic with a seed."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__
+from ._util import AdvlabError, atomic_write_bytes, check_positive_int, model_device
+
+
+@dataclass
+class History:
+    """Per-epoch metrics of a :func:`fit` run; ``history.epochs[i]`` is a dict."""
+
+    epochs: List[Dict[str, float]] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> List[float]:
+        return [e[key] for e in self.epochs if key in e]
+
+    def last(self) -> Dict[str, float]:
+        return self.epochs[-1] if self.epochs else {}
+
+
+def resolve_device(device=None, model: nn.Module | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if model is not None:
+        return model_device(model)
+    return torch.device("cpu")
+
+
+def _progress(enabled: Optional[bool]) -> bool:
+    if enabled is None:
+        return sys.stderr.isatty() and not os.environ.get("ADVLAB_QUIET")
+    return bool(enabled)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Class predictions of ``model`` for ``x``: ``model.predict(x)`` when the model defines it
+    (a defended model may return ``advlab.REJECT``), else the argmax of its logits. Batched."""
+    dev = model_device(model)
+    was = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i: i + batch_size].to(dev)
+            if hasattr(model, "predict") and callable(getattr(model, "predict")):
+                out.append(model.predict(xb).cpu())
+            else:
+                out.append(model(xb).argmax(1).cpu())
+    finally:
+        model.train(was)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def evaluate(model: nn.Module, dataset, batch_size: int = 1024) -> float:
+    """Accuracy of ``model`` on a dataset with ``.images``/``.labels`` or any (x, y) dataset."""
+    if hasattr(dataset, "images"):
+        x, y = dataset.images, dataset.labels
+    else:
+        xs, ys = zip(*[dataset[i] for i in range(len(dataset))])
+        x, y = torch.stack(xs), torch.as_tensor(ys)
+    if len(y) == 0:
+        return float("nan")
+    return float((predict(model, x, batch_size) == y).float().mean())
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+    raise AdvlabError(f"unknown optimizer {name!r}; valid names: adam, sgd")
+
+
+def make_schedule(name, optimizer, epochs: int, steps_per_epoch: int):
+    """Per-step schedules: None, "cosine", "step" (x0.1 at 50% and 75%), "onecycle"."""
+    if name is None or name == "none":
+        return None
+    total = max(1, epochs * steps_per_epoch)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if name == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(0.5 * total), int(0.75 * total)], 0.1)
+    if name == "onecycle":
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lrs, total_steps=total)
+    if callable(name):
+        return name(optimizer)
+    raise AdvlabError(f"unknown schedule {name!r}; valid: none, cosine, step, onecycle")
+
+
+def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, batch_size: int = 128,
+        optimizer: str = "adam", schedule=None, loss: Optional[Callable] = None, seed: int = 0,
+        device=None, eval_dataset: Optional[Dataset] = None, callbacks: Sequence[Callable] = (),
+        weight_decay: float = 0.0, params=None, progress: Optional[bool] = None,
+        batch_transform: Optional[Callable] = None, desc: str = "train") -> History:
+    """Train ``model`` on ``dataset`` and return the per-epoch :class:`History`.
+
+    ``loss(model, x, y) -> (loss, logits)`` replaces cross-entropy (defenses use it: PCL, VIB,
+    adversarial training); ``batch_transform(x, y) -> (x, y)`` edits each batch (e.g. crafts
+    adversarial examples). ``params`` restricts what is trained. Each callback is called as
+    ``cb(epoch, metrics, model)`` after every epoch; returning True stops training.
+    Deterministic for a given ``seed`` on the same machine.
+    """
+    epochs = check_positive_int(epochs, "epochs", 0)
+    batch_size = check_positive_int(batch_size, "batch_size")
+    if lr <= 0:
+        raise AdvlabError(f"lr must be > 0, got {lr}")
+    dev = resolve_device(device, model)
+    model.to(dev)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=False)
+    trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    opt = make_optimizer(optimizer, trainable, lr, weight_decay)
+    sched = make_schedule(schedule, opt, epochs, len(loader))
+    history = History()
+    show = _progress(progress)
+    from tqdm.auto import tqdm
+
+    for epoch in range(1, epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        tot_loss, tot_correct, tot_n = 0.0, 0, 0
+        bar = tqdm(loader, desc=f"{desc} {epoch}/{epochs}", disable=not show, leave=False, file=sys.stderr)
+        for x, y in bar:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if batch_transform is not None:
+                x, y = batch_transform(x, y)
+                model.train()
+            if loss is None:
+                logits = model(x)
+                lval = F.cross_entropy(logits, y)
+            else:
+                lval, logits = loss(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            lval.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            n = y.shape[0]
+            tot_loss += float(lval.detach()) * n
+            if logits is not None:
+                tot_correct += int((logits.detach().argmax(1) == y).sum())
+            tot_n += n
+            if show:
+                bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}")
+        metrics = {"epoch": epoch, "loss": tot_loss / max(tot_n, 1), "train_acc": tot_correct / max(tot_n, 1),
+                   "seconds": time.perf_counter() - t0, "images_per_s": tot_n / max(time.perf_counter() - t0, 1e-9)}
+        if eval_dataset is not None:
+            metrics["test_acc"] = evaluate(model, eval_dataset)
+        history.epochs.append(metrics)
+        if show:
+            msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            tqdm.write(f"{desc} {msg}", file=sys.stderr)
+        stop = False
+        for cb in callbacks:
+            stop = bool(cb(epoch, metrics, model)) or stop
+        if stop:
+            break
+    model.eval()
+    return history
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(model: nn.Module, path, **metadata) -> Path:
+    """Write the model's weights plus metadata (model spec, versions, anything passed) atomically.
+
+    A zoo model (from :func:`advlab.models.build_model`) is rebuilt by :func:`load_checkpoint`
+    from its spec; extra metadata (dataset, accuracy...) is stored as plain JSON-like values."""
+    meta = {"advlab_version": __version__, "torch_version": torch.__version__}
+    spec = getattr(model, "advlab_spec", None)
+    if spec is not None:
+        meta["model"] = spec
+    meta.update(metadata)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save({"format": "advlab-checkpoint-1", "metadata": meta, "state_dict": state}, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def read_checkpoint(path) -> dict:
+    """Load a checkpoint file safely (``weights_only=True``) and check its layout."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdvlabError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt zip, truncated file, or a pickle that is not weights-only
+        raise AdvlabError(f"cannot read checkpoint {path}: corrupt or not an advlab checkpoint "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(obj, dict) or "state_dict" not in obj or "metadata" not in obj:
+        raise AdvlabError(f"{path} is not an advlab checkpoint (no state_dict/metadata)")
+    return obj
+
+
+def load_checkpoint(path, model: nn.Module | None = None, device=None):
+    """Rebuild the model from the checkpoint's metadata (or fill the given ``model``) and load
+    its weights. Returns ``(model, metadata)``. Never executes code from the file."""
+    obj = read_checkpoint(path)
+    meta = obj["metadata"]
+    if model is None:
+        spec = meta.get("model")
+        if not spec:
+            raise AdvlabError(f"{path} has no model spec; pass the model to fill")
+        from .models import build_model
+
+        model = build_model(spec["name"], spec["num_classes"], spec["in_shape"], spec.get("mean"),
+                            spec.get("std"), **spec.get("kwargs", {}))
+    try:
+        model.load_state_dict(obj["state_dict"])
+    except RuntimeError as e:
+        raise AdvlabError(f"checkpoint {path} does not fit the model: {str(e).splitlines()[0]}") from None
+    model.to(resolve_device(device, model)).eval()
+    return model, meta

@@ -1,0 +1,99 @@
+"""Shared fixtures: paths to ../shared/data (skipped with a reason when absent) and small trained
+models, trained once per test session and cached in pytest's cache folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("ADVLAB_QUIET", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ADVLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _shared(name: str) -> Path:
+    root = SHARED / name
+    if not (root / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real data not available: {root} is absent (the ../shared folder is only on the "
+                    f"development machines; set ADVLAB_SHARED_DATA to point elsewhere)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    return _shared("mnist-10k")
+
+
+@pytest.fixture(scope="session")
+def fashion_root() -> Path:
+    return _shared("fashion-mnist")
+
+
+def _trained(cache_dir: Path, key: str, build):
+    from advlab.train import load_checkpoint, save_checkpoint
+
+    path = cache_dir / f"{key}.pt"
+    if path.is_file():
+        try:
+            return load_checkpoint(path)[0]
+        except Exception:
+            path.unlink()
+    model = build()
+    save_checkpoint(model, path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def model_cache(request) -> Path:
+    import advlab
+
+    return Path(request.config.cache.mkdir(f"advlab-models-{advlab.__version__}"))
+
+
+@pytest.fixture(scope="session")
+def mnist_data(mnist_root):
+    from advlab.data import load_dataset
+
+    return load_dataset("mnist", mnist_root, "train"), load_dataset("mnist", mnist_root, "test")
+
+
+@pytest.fixture(scope="session")
+def lenet_mnist(model_cache, mnist_data):
+    """LeNet-5 trained on mnist-10k (about 98% test accuracy), in eval mode."""
+    from advlab.models import build_model
+    from advlab.train import fit
+
+    train, test = mnist_data
+
+    def build():
+        m = build_model("lenet5", 10, (1, 28, 28), mean=0.1307, std=0.3081)
+        fit(m, train, epochs=10, lr=3e-3, batch_size=64, schedule="onecycle", seed=0)
+        return m
+    return _trained(model_cache, "lenet5-mnist10k-e10", build).eval()
+
+
+@pytest.fixture(scope="session")
+def digits_data():
+    from advlab.data import load_dataset
+
+    return load_dataset("digits", split="train"), load_dataset("digits", split="test")
+
+
+@pytest.fixture(scope="session")
+def lenet_digits(model_cache, digits_data):
+    """LeNet-5 trained on the embedded 8x8 digits (about 97% test accuracy); needs no shared data."""
+    from advlab.models import build_model
+    from advlab.train import fit
+
+    train, _ = digits_data
+
+    def build():
+        m = build_model("lenet5", 10, (1, 8, 8))
+        fit(m, train, epochs=20, lr=3e-3, batch_size=64, schedule="onecycle", seed=0)
+        return m
+    return _trained(model_cache, "lenet5-digits-e20", build).eval()
