@@ -1,0 +1,91 @@
+"""Figures drawn with matplotlib's Agg backend (no screen needed)."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def _show(ax, img: torch.Tensor, cmap="gray", vmin=0.0, vmax=1.0):
+    img = img.detach().float().cpu()
+    if img.shape[0] == 1:
+        ax.imshow(img[0].numpy(), cmap=cmap, vmin=vmin, vmax=vmax)
+    else:
+        ax.imshow(img.permute(1, 2, 0).clamp(vmin, vmax).numpy())
+    ax.set_xticks([]); ax.set_yticks([])
+
+
+def example_grid(clean: torch.Tensor, adversarial: Dict[str, torch.Tensor], magnify: float = 10.0, n: int = 6,
+                 labels: Optional[Sequence[str]] = None):
+    """Rows: clean image, then for each attack its adversarial and perturbation x``magnify``
+    (shown around 0.5 gray, as in Fig. 2 of the K-A3 paper). Returns the Figure."""
+    n = min(n, clean.shape[0])
+    rows = 1 + 2 * len(adversarial)
+    fig, axes = plt.subplots(rows, n, figsize=(1.3 * n, 1.3 * rows), squeeze=False)
+    for j in range(n):
+        _show(axes[0, j], clean[j])
+        if labels is not None:
+            axes[0, j].set_title(str(labels[j]), fontsize=7)
+    axes[0, 0].set_ylabel("clean", fontsize=7)
+    for i, (name, adv) in enumerate(adversarial.items()):
+        for j in range(n):
+            _show(axes[1 + 2 * i, j], adv[j])
+            delta = (adv[j] - clean[j]) * magnify * 0.5 + 0.5
+            _show(axes[2 + 2 * i, j], delta.clamp(0, 1), cmap="seismic")
+        axes[1 + 2 * i, 0].set_ylabel(name, fontsize=7)
+        axes[2 + 2 * i, 0].set_ylabel(f"x{magnify:g}", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def bar_chart(groups: Dict[str, Sequence[float]], xlabels: Sequence[str], title: str = "", ylabel: str = ""):
+    """Grouped bars: one series per key of ``groups`` over the categories ``xlabels``."""
+    import numpy as np
+
+    k = max(1, len(groups))
+    x = np.arange(len(xlabels))
+    width = 0.8 / k
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(xlabels) * k ** 0.5), 3.2))
+    for i, (name, vals) in enumerate(groups.items()):
+        ax.bar(x + (i - (k - 1) / 2) * width, list(vals), width, label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(list(xlabels))
+    ax.set_title(title); ax.set_ylabel(ylabel)
+    if k > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def line_chart(series: Dict[str, tuple], title: str = "", xlabel: str = "", ylabel: str = ""):
+    """One line per key: ``series[name] = (xs, ys)``."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, (xs, ys) in series.items():
+        ax.plot(list(xs), list(ys), marker="o", label=name)
+    ax.set_title(title); ax.set_xlabel(xlabel); ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def training_curve(history, title: str = "training"):
+    """Loss and accuracy per epoch from a :class:`advlab.train.History`."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ep = history["epoch"]
+    ax.plot(ep, history["loss"], marker="o", label="loss")
+    ax2 = ax.twinx()
+    ax2.plot(ep, history["train_acc"], marker="s", color="tab:green", label="train acc")
+    if history["test_acc"]:
+        ax2.plot(ep, history["test_acc"], marker="^", color="tab:red", label="test acc")
+    ax.set_xlabel("epoch"); ax.set_ylabel("loss"); ax2.set_ylabel("accuracy")
+    ax.set_title(title)
+    fig.legend(fontsize=7, loc="center right")
+    fig.tight_layout()
+    return fig
