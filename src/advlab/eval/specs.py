@@ -1,0 +1,83 @@
+"""Experiment specs (YAML) and the registry of bundled paper reproductions.
+
+A spec is a YAML mapping. A bundled reproduction ``NAME`` has ``specs/NAME.yaml`` with a top-level
+``runner`` (a module of ``advlab.eval`` exposing ``run(spec, out_dir, data_root, device) -> Report``),
+a ``description``, its parameters, and a ``quick:`` mapping of overrides applied by ``--quick``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List
+
+import yaml
+
+from .._util import AdvlabError, unknown_name
+
+
+def load_spec(path_or_text) -> Dict[str, Any]:
+    """Parse a YAML spec file (or text) into a dict, with a clear error on bad YAML."""
+    text = Path(path_or_text).read_text() if Path(str(path_or_text)).is_file() else str(path_or_text)
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise AdvlabError(f"bad experiment spec: {e}") from None
+    if not isinstance(spec, dict):
+        raise AdvlabError("an experiment spec must be a YAML mapping")
+    return spec
+
+
+def deep_update(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_update(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def bundled_specs() -> Dict[str, Path]:
+    folder = resources.files("advlab.eval") / "specs"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def list_reproductions() -> List[tuple]:
+    """(name, description) of every bundled reproduction."""
+    out = []
+    for name, path in sorted(bundled_specs().items()):
+        out.append((name, load_spec(path).get("description", "")))
+    return out
+
+
+def resolve_spec(name: str, quick: bool = False, overrides: Dict[str, Any] | None = None) -> Dict[str, Any]:
+    specs = bundled_specs()
+    if name not in specs:
+        raise unknown_name("reproduction", name, specs)
+    spec = load_spec(specs[name])
+    quick_over = spec.pop("quick", {}) or {}
+    if quick:
+        spec = deep_update(spec, quick_over)
+    spec["quick"] = bool(quick)
+    spec["name"] = name
+    return deep_update(spec, overrides or {})
+
+
+def run_spec(spec: Dict[str, Any], out_dir, data_root=None, device=None):
+    """Run a resolved spec with its runner module; returns the saved Report."""
+    runner = spec.get("runner")
+    if not runner:
+        raise AdvlabError("spec has no 'runner'")
+    try:
+        mod = importlib.import_module(f"advlab.eval.{runner}")
+    except ModuleNotFoundError:
+        raise AdvlabError(f"spec runner {runner!r} is not an advlab.eval module") from None
+    return mod.run(spec, Path(out_dir), data_root=None if data_root is None else Path(data_root), device=device)
+
+
+def reproduce(name: str, out_dir, quick: bool = False, data_root=None, device=None, overrides=None):
+    """Run the bundled reproduction ``name`` into ``out_dir``."""
+    return run_spec(resolve_spec(name, quick, overrides), out_dir, data_root, device)
