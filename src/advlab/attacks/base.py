@@ -25,7 +25,8 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | None, norm: str |
     if eps is None or norm is None:
         return x_adv.clamp(0.0, 1.0)
     if norm == "inf":
-        return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+        lo, hi = linf_box(x, eps)
+        return torch.max(torch.min(x_adv, hi), lo)
     if norm == "2":
         d = x_adv - x
         n = d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
@@ -33,6 +34,25 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | None, norm: str |
         factor = torch.clamp((eps * (1 - 1e-6)) / n, max=1.0)
         return (x + d * factor).clamp_(0.0, 1.0)
     raise AdvlabError(f"norm must be 'inf' or '2', got {norm!r}")
+
+
+def linf_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel bounds ``(lo, hi)`` of the L-inf ball of radius ``eps`` around ``x`` intersected
+    with [0, 1], such that every value v in [lo, hi] has ``|v - x| <= eps`` exactly.
+
+    ``x - eps`` rounded to float32 can land one ulp outside the ball (it does for about half of
+    the pixels at eps = 0.1); such bounds are moved one ulp towards ``x``. The check runs in
+    float64 (in the tensor's own dtype on MPS, which lacks float64), so the guarantee holds both
+    in float32 arithmetic and for the exact real difference."""
+    lo, hi = x - eps, x + eps
+    wide = torch.float32 if x.device.type == "mps" else torch.float64
+    xw = x.to(wide)
+    for _ in range(3):  # one step always suffices in practice; three bound it without a sync
+        lo = torch.where(xw - lo.to(wide) > eps, torch.nextafter(lo, x), lo)
+        hi = torch.where(hi.to(wide) - xw > eps, torch.nextafter(hi, x), hi)
+    lo = torch.where(xw - lo.to(wide) > eps, x, lo)
+    hi = torch.where(hi.to(wide) - xw > eps, x, hi)
+    return lo.clamp_(min=0.0), hi.clamp_(max=1.0)
 
 
 def check_norm(norm) -> str:
