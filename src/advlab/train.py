@@ -184,7 +184,7 @@ def save_checkpoint(model: nn.Module, path, **metadata) -> Path:
 
     A zoo model (from :func:`advlab.models.build_model`) is rebuilt by :func:`load_checkpoint`
     from its spec; extra metadata (dataset, accuracy...) is stored as plain JSON-like values."""
-    meta = {"advlab_version": __version__, "torch_version": torch.__version__}
+    meta = {"advlab_version": __version__, "torch_version": str(torch.__version__)}
     spec = getattr(model, "advlab_spec", None)
     if spec is not None:
         meta["model"] = spec
