@@ -3,10 +3,19 @@
 >>> from advlab.data import load_dataset, list_datasets
 >>> ds = load_dataset("digits", split="train")        # embedded, no download
 >>> ds = load_dataset("mnist", root="data/mnist", split="test")
+>>> ds = load_dataset("cifar10", root="data/cifar10", download=True)   # checked download
+>>> ds = load_dataset("folder", root="my_images", size=(32, 32))       # root/<class>/*.png
 >>> ds.images.shape, ds.labels.dtype, ds.num_classes
+
+Names: digits, mnist, fashion-mnist, cifar10, svhn, folder. Files already in ``root`` are read
+as they are; only downloads are checked against the official SHA-256/MD5.
 """
 
-from .core import TensorImageDataset, load_dataset, list_datasets, DATASETS
+from .core import (DATASETS, TensorImageDataset, dataset_info, list_datasets, load_dataset,
+                   register_dataset)
+from .download import SOURCES, default_root, download_dataset, download_file, verify_file
 from .idx import read_idx
 
-__all__ = ["TensorImageDataset", "load_dataset", "list_datasets", "read_idx", "DATASETS"]
+__all__ = ["TensorImageDataset", "load_dataset", "list_datasets", "dataset_info", "register_dataset",
+           "read_idx", "DATASETS", "SOURCES", "default_root", "download_dataset", "download_file",
+           "verify_file"]

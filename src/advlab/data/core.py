@@ -65,10 +65,16 @@ def _check_split(split: str, allowed=("train", "test")) -> str:
     return split
 
 
+def _no_extra_options(name: str, kwargs: dict) -> None:
+    if kwargs:
+        raise AdvlabError(f"dataset {name!r} takes no option(s) {', '.join(sorted(kwargs))}")
+
+
 def _digits(root=None, split="train", download=False, **kw) -> TensorImageDataset:
     from sklearn.datasets import load_digits
 
     _check_split(split)
+    _no_extra_options("digits", kw)
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
     y = torch.from_numpy(d.target.astype(np.int64))
@@ -86,18 +92,31 @@ def _digits(root=None, split="train", download=False, **kw) -> TensorImageDatase
 
 
 def _idx_dataset(name: str, classes: Sequence[str]):
-    def load(root=None, split="train", download=False, **kw) -> TensorImageDataset:
+    def load(root=None, split="train", download=False, mirrors=None, **kw) -> TensorImageDataset:
         from .idx import load_idx_pair
-        from .download import IDX_FILES, ensure_files
+        from .download import default_root, ensure_files
 
         _check_split(split)
-        if root is None:
-            raise AdvlabError(f"dataset {name!r} needs root=DIR holding the official IDX files "
-                              f"({', '.join(IDX_FILES[name][split])})")
-        root = Path(root)
-        files = ensure_files(name, root, split, download=download)
+        _no_extra_options(name, kw)
+        root = Path(root) if root is not None else default_root(name)
+        files = ensure_files(name, root, split, download=download, mirrors=mirrors)
         images, labels = load_idx_pair(files[0], files[1])
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
+            raise AdvlabError(f"{files[1]}: labels outside [0, {len(classes) - 1}]: "
+                              f"found range [{int(labels.min())}, {int(labels.max())}]")
         return TensorImageDataset(images, labels, classes, name, split)
+    load.__doc__ = (f"{name} from the official IDX files in root (default: default_root({name!r})); "
+                    f"``download=True`` fetches missing ones with checksums.")
+    return load
+
+
+def _lazy(module: str, func: str) -> Callable:
+    """A loader that imports ``advlab.data.<module>`` only when called (keeps scipy/PIL imports lazy)."""
+    def load(**kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{module}"), func)(**kwargs)
+    load.__name__ = func
     return load
 
 
@@ -111,6 +130,12 @@ DATASETS: Dict[str, tuple] = {
     "mnist": (_idx_dataset("mnist", MNIST_CLASSES), "MNIST, official IDX gzip files in root"),
     "fashion-mnist": (_idx_dataset("fashion-mnist", FASHION_CLASSES),
                       "Fashion-MNIST, official IDX gzip files in root"),
+    "cifar10": (_lazy("cifar", "load_cifar10"),
+                "CIFAR-10, official python batches (cifar-10-batches-py/ or cifar-10-python.tar.gz) in root"),
+    "svhn": (_lazy("svhn", "load_svhn"),
+             "SVHN cropped digits, official train_32x32.mat / test_32x32.mat / extra_32x32.mat in root"),
+    "folder": (_lazy("folder", "load_folder"),
+               "your images, root/<class>/*.png|jpg|...; options size=(H, W), grayscale, test_fraction, seed"),
 }
 
 
@@ -125,12 +150,38 @@ def list_datasets():
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = "train",
                  download: bool = False, **kwargs) -> TensorImageDataset:
-    """Load a registered dataset as a :class:`TensorImageDataset`.
+    """Load a registered dataset as a :class:`TensorImageDataset` (float32 NCHW in [0, 1],
+    int64 labels).
 
-    ``root`` is the folder of the dataset's files (not needed for ``digits``); ``download=True``
-    fetches the official files into ``root`` with SHA-256 checks where the dataset has an
-    official source."""
+    ``root`` is the folder of the dataset's files (default ``$ADVLAB_DATA/<name>`` or
+    ``~/.cache/advlab/<name>``; not used by ``digits``; required by ``folder``). Files found
+    there are read as they are. ``download=True`` fetches missing official files and verifies
+    their SHA-256/MD5; ``mirrors=[...]`` (or ``$ADVLAB_MIRROR``) replaces the official mirrors.
+    ``folder`` also takes ``size``, ``grayscale``, ``test_fraction`` and ``seed``."""
     if name not in DATASETS:
         raise unknown_name("dataset", name, DATASETS)
     loader, _ = DATASETS[name]
     return loader(root=root, split=split, download=download, **kwargs)
+
+
+def dataset_info(name: str) -> dict:
+    """What the CLI shows for a dataset: description, splits, official files with checksums and
+    mirrors, and the default folder (for the datasets that have official files)."""
+    from .download import SOURCES, default_root, mirrors_for
+
+    if name not in DATASETS:
+        raise unknown_name("dataset", name, DATASETS)
+    info = {"name": name, "description": DATASETS[name][1], "downloadable": name in SOURCES}
+    if name in SOURCES:
+        src = SOURCES[name]
+        info.update(
+            splits=list(src.files),
+            files={split: [{"name": f.name, "sha256": f.sha256, "md5": f.md5} for f in files]
+                   for split, files in src.files.items()},
+            mirrors=mirrors_for(name),
+            homepage=src.homepage,
+            default_root=str(default_root(name)),
+        )
+    else:
+        info["splits"] = ["train", "test", "all"] if name == "folder" else ["train", "test"]
+    return info

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +16,19 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (``.gz`` or raw) into a numpy array, checking magic number and size."""
+    """Read an IDX file (gzip-compressed or raw, told apart by content) into a numpy array,
+    checking the magic number and that the size matches the header."""
     path = Path(path)
     if not path.is_file():
         raise AdvlabError(f"IDX file not found: {path}")
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise AdvlabError(f"corrupt gzip file {path}: {e}") from None
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise AdvlabError(f"corrupt gzip file {path}: {e}") from None
+    elif path.suffix == ".gz":
+        raise AdvlabError(f"corrupt gzip file {path}: no gzip header (first bytes {raw[:4].hex() or 'empty'})")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
         raise AdvlabError(f"{path} is not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
     dtype = np.dtype(_DTYPES[raw[2]])
