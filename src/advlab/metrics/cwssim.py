@@ -1,0 +1,278 @@
+"""Complex-wavelet structural similarity (CW-SSIM, Wang and Simoncelli 2005) on a complex
+steerable pyramid built in the Fourier domain (Portilla-Simoncelli design), in torch:
+batched, differentiable, for 1- and 3-channel images from 8x8 to 64x64 and beyond.
+
+>>> from advlab.metrics import cw_ssim
+>>> s = cw_ssim(x, y)                  # (N,) in [0, 1]; 1 for identical images
+
+For every oriented subband and every position, with ``c1`` and ``c2`` the complex coefficients
+of the two images in a ``window`` x ``window`` neighbourhood (local means)::
+
+    S = (2 |mean(c1 * conj(c2))| + K) / (mean |c1|^2 + mean |c2|^2 + K)
+
+The map is averaged over the valid positions of each band, then over bands and channels. ``S``
+depends on the consistency of the phase difference across the window, not on the phase itself,
+so a small translation costs far less than it does for SSIM. ``K`` (per-coefficient energy,
+pixels in [0, 1]) keeps flat regions at 1 instead of 0/0.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .._util import AdvlabError
+
+__all__ = ["cw_ssim", "CWSSIM", "SteerablePyramid", "max_pyramid_scales", "select_reference"]
+
+
+def max_pyramid_scales(height: int, width: int) -> int:
+    """The deepest pyramid that fits an image: ``floor(log2(min(H, W))) - 2`` (2 for 28x28,
+    1 for 8x8, 4 for 64x64), the same bound as the Portilla-Simoncelli code."""
+    return int(math.floor(math.log2(min(height, width)))) - 2
+
+
+def _crop_bounds(h: int, w: int) -> Tuple[int, int, int, int]:
+    """Rows/cols of a centred (fftshifted) spectrum kept when halving the resolution."""
+    out = []
+    for d in (h, w):
+        ctr = math.ceil((d + 0.5) / 2)
+        lod = math.ceil((d - 0.5) / 2)
+        loctr = math.ceil((lod + 0.5) / 2)
+        start = ctr - loctr
+        out.append((start, start + lod))
+    return out[0][0], out[0][1], out[1][0], out[1][1]
+
+
+def _hi(log_rad: torch.Tensor, shift: float) -> torch.Tensor:
+    """Radial high-pass: raised cosine in log2-frequency, 0 below 2^-(shift+1), 1 above 2^-shift
+    (frequency 1 = Nyquist)."""
+    return torch.cos(0.5 * math.pi * (log_rad + shift).clamp(-1.0, 0.0))
+
+
+def _lo(log_rad: torch.Tensor, shift: float) -> torch.Tensor:
+    """The complementary low-pass: ``lo^2 + hi^2 = 1``."""
+    return torch.sin(0.5 * math.pi * (log_rad + shift).clamp(-1.0, 0.0)).abs()
+
+
+@lru_cache(maxsize=32)
+def _filters(h: int, w: int, scales: int, orientations: int):
+    """Fourier-domain filters (float64, CPU) of a complex steerable pyramid for an h x w image.
+
+    Built on the centred (fftshift) grid as in the Portilla-Simoncelli design, then folded into
+    one filter per level in the unshifted FFT layout: level i of the pyramid is
+    ``ifft2(fft2(x)[rows_i][:, cols_i] * G_i)`` with ``G_i`` of shape (O, h_i, w_i) holding the
+    initial low-pass, the low-passes of the coarser cuts, the radial band and the angular masks.
+    Returns a list of (G_i complex128, rows_i, cols_i)."""
+    order = orientations - 1
+    # frequency grids, centred (fftshift layout); 1 = Nyquist
+    fx = torch.linspace(-1.0, 1.0, w + 1, dtype=torch.float64)[:-1]
+    fy = torch.linspace(-1.0, 1.0, h + 1, dtype=torch.float64)[:-1]
+    yy, xx = torch.meshgrid(fy, fx, indexing="ij")
+    angle = torch.atan2(yy, xx)
+    rad = torch.sqrt(xx ** 2 + yy ** 2)
+    cy, cx = math.ceil((h + 0.5) / 2) - 1, math.ceil((w + 0.5) / 2) - 1
+    rad[cy, cx] = rad[cy, cx - 1]  # no log(0) at DC: take the neighbour's radius
+    log_rad = torch.log2(rad)
+    low = _lo(log_rad, 0.0)  # running product of the low-passes, on the current (cropped) grid
+    # angular profile: 2 sqrt(const) cos(t)^order on one half plane (analytic -> complex bands)
+    const = (2 ** (2 * order)) * (math.factorial(order) ** 2) / (orientations * math.factorial(2 * order))
+    phase = (-1j) ** order
+    off_r = off_c = 0  # where the current grid starts inside the full centred grid
+    levels = []
+    for i in range(scales):
+        himask = _hi(log_rad, i + 1.0)
+        bands = []
+        for b in range(orientations):
+            t = angle - math.pi * b / orientations
+            t = torch.remainder(t + math.pi, 2 * math.pi) - math.pi
+            amask = 2.0 * math.sqrt(const) * torch.cos(t) ** order * (t.abs() < math.pi / 2)
+            bands.append(amask * himask * low)
+        hi_, wi_ = log_rad.shape
+        g = torch.fft.ifftshift(torch.stack(bands), dim=(-2, -1)).to(torch.complex128) * phase
+        # unshifted index u of this level's grid -> unshifted index of the full-size spectrum
+        rows = ((torch.arange(hi_) + hi_ // 2) % hi_ + off_r - h // 2) % h
+        cols = ((torch.arange(wi_) + wi_ // 2) % wi_ + off_c - w // 2) % w
+        levels.append((g, rows, cols))
+        r0, r1, c0, c1 = _crop_bounds(hi_, wi_)
+        off_r, off_c = off_r + r0, off_c + c0
+        log_rad = log_rad[r0:r1, c0:c1]
+        angle = angle[r0:r1, c0:c1]
+        low = low[r0:r1, c0:c1] * _lo(log_rad, i + 1.0)
+    return levels
+
+
+class SteerablePyramid:
+    """A complex steerable pyramid in the Fourier domain (circular boundaries).
+
+    ``pyr(x)`` maps real images (..., H, W) to a list of ``scales`` complex tensors
+    (..., orientations, H_i, W_i), finest first (H_0 = H, then halved, rounding up); the
+    coefficients equal those of pyrtools' ``SteerablePyramidFreq(order=orientations-1,
+    is_complex=True)``. Filters are computed once per (H, W, scales, orientations) and cached;
+    the transform is differentiable. ``scales=None`` takes the deepest pyramid that fits
+    (:func:`max_pyramid_scales`).
+    """
+
+    def __init__(self, scales: Optional[int] = None, orientations: int = 4):
+        if isinstance(orientations, bool) or int(orientations) != orientations or not 2 <= int(orientations) <= 16:
+            raise AdvlabError(f"orientations must be an integer in [2, 16], got {orientations}")
+        if scales is not None and (isinstance(scales, bool) or int(scales) != scales or int(scales) < 1):
+            raise AdvlabError(f"scales must be an integer >= 1 or None (deepest that fits), got {scales}")
+        self.scales = None if scales is None else int(scales)
+        self.orientations = int(orientations)
+        self._dev_cache = {}
+
+    def scales_for(self, h: int, w: int) -> int:
+        top = max_pyramid_scales(h, w)
+        if top < 1:
+            raise AdvlabError(f"images of size {h}x{w} are too small for a steerable pyramid (need >= 8x8)")
+        if self.scales is None:
+            return top
+        if self.scales > top:
+            raise AdvlabError(f"scales={self.scales} does not fit {h}x{w} images: at most {top} "
+                              f"(floor(log2(min(H, W))) - 2)")
+        return self.scales
+
+    def _filters_on(self, h: int, w: int, device, dtype):
+        key = (h, w, str(device), dtype)
+        f = self._dev_cache.get(key)
+        if f is None:
+            cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+            f = [(g.to(device=device, dtype=cdtype), rows.to(device), cols.to(device))
+                 for g, rows, cols in _filters(h, w, self.scales_for(h, w), self.orientations)]
+            self._dev_cache[key] = f
+        return f
+
+    def __call__(self, x: torch.Tensor) -> List[torch.Tensor]:
+        h, w = x.shape[-2:]
+        levels = self._filters_on(h, w, x.device, x.dtype)
+        spec = torch.fft.fft2(x)
+        out = []
+        for i, (g, rows, cols) in enumerate(levels):
+            s = spec if i == 0 else spec.index_select(-2, rows).index_select(-1, cols)
+            out.append(torch.fft.ifft2(s.unsqueeze(-3) * g))
+        return out
+
+
+_BOX_CACHE: dict = {}
+
+
+def _box_matrix(n: int, win: int, device, dtype) -> torch.Tensor:
+    """(n, n - win + 1) matrix whose columns average ``win`` consecutive entries."""
+    key = (n, win, str(device), dtype)
+    m = _BOX_CACHE.get(key)
+    if m is None:
+        i = torch.arange(n).view(-1, 1)
+        j = torch.arange(n - win + 1).view(1, -1)
+        m = ((i >= j) & (i < j + win)).to(dtype=dtype, device=device) / win
+        _BOX_CACHE[key] = m
+    return m
+
+
+def _box_mean(t: torch.Tensor, win: int) -> torch.Tensor:
+    """Mean over every valid ``win`` x ``win`` window of the last two dims (two small matmuls)."""
+    h, w = t.shape[-2:]
+    bh = _box_matrix(h, win, t.device, t.dtype)
+    bw = bh if w == h else _box_matrix(w, win, t.device, t.dtype)
+    return bh.transpose(0, 1) @ t @ bw
+
+
+class CWSSIM:
+    """CW-SSIM as a reusable callable. ``metric(x, y)`` scores two batches; for an optimisation
+    against a fixed clean batch, ``ref = metric.reference(x)`` once and ``metric.score(ref, y)``
+    per step (the clean pyramid is transformed only once).
+
+    Parameters: ``scales`` (None: deepest that fits, 2 for 28x28), ``orientations`` (4),
+    ``window`` (7; shrinks to the band size for small bands), ``K`` (1e-4, per-coefficient
+    energy for pixels in [0, 1]).
+    """
+
+    def __init__(self, scales: Optional[int] = None, orientations: int = 4, window: int = 7, K: float = 1e-4):
+        self.pyramid_ = SteerablePyramid(scales, orientations)
+        if isinstance(window, bool) or int(window) != window or int(window) < 1:
+            raise AdvlabError(f"window must be an integer >= 1, got {window}")
+        if not (float(K) > 0.0):
+            raise AdvlabError(f"K must be > 0 (it keeps flat regions at 1 instead of 0/0), got {K}")
+        self.window = int(window)
+        self.K = float(K)
+
+    def pyramid(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Subbands of an (N, C, H, W) batch: list of (N, C, O, H_i, W_i) complex tensors."""
+        return self.pyramid_(x)
+
+    def reference(self, x: torch.Tensor) -> List[tuple]:
+        """Precompute what :meth:`score` needs of a fixed image batch ``x`` (no gradient kept):
+        per band the conjugate coefficients and the local mean energy."""
+        with torch.no_grad():
+            out = []
+            for c in self.pyramid(x):
+                win = min(self.window, *c.shape[-2:])
+                out.append((c.conj().resolve_conj(), _box_mean(c.real ** 2 + c.imag ** 2, win)))
+            return out
+
+    def score(self, ref: Sequence[tuple], y: torch.Tensor) -> torch.Tensor:
+        """Per-sample CW-SSIM (N,) of ``y`` against a :meth:`reference`; differentiable in ``y``.
+        Rows of ``ref`` may be picked with :func:`select_reference`."""
+        scores = []
+        for (c1_conj, e1), c2 in zip(ref, self.pyramid(y)):
+            win = min(self.window, *c2.shape[-2:])
+            corr = _box_mean(c2 * c1_conj, win)
+            e2 = _box_mean(c2.real ** 2 + c2.imag ** 2, win)
+            mag = torch.sqrt(corr.real ** 2 + corr.imag ** 2 + 1e-30)
+            smap = (2.0 * mag + self.K) / (e1 + e2 + self.K)
+            scores.append(smap.mean(dim=(-2, -1)).flatten(1))  # (N, C * O)
+        return torch.cat(scores, 1).mean(1)
+
+    def compare(self, px: Sequence[torch.Tensor], py: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-sample CW-SSIM (N,) from two pyramids of :meth:`pyramid` (differentiable in both)."""
+        scores = []
+        for c1, c2 in zip(px, py):
+            win = min(self.window, *c1.shape[-2:])
+            corr = _box_mean(c2 * c1.conj(), win)
+            energy = _box_mean(c1.real ** 2 + c1.imag ** 2 + c2.real ** 2 + c2.imag ** 2, win)
+            mag = torch.sqrt(corr.real ** 2 + corr.imag ** 2 + 1e-30)
+            smap = (2.0 * mag + self.K) / (energy + self.K)
+            scores.append(smap.mean(dim=(-2, -1)).flatten(1))  # (N, C * O)
+        return torch.cat(scores, 1).mean(1)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _check_pair(x, y)
+        return self.compare(self.pyramid(x), self.pyramid(y))
+
+    def __repr__(self) -> str:
+        return (f"CWSSIM(scales={self.pyramid_.scales}, orientations={self.pyramid_.orientations}, "
+                f"window={self.window}, K={self.K})")
+
+
+def select_reference(ref: Sequence[tuple], index: torch.Tensor) -> List[tuple]:
+    """The rows ``index`` of a :meth:`CWSSIM.reference` (for attacks that drop finished samples)."""
+    return [(c.index_select(0, index), e.index_select(0, index)) for c, e in ref]
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+            raise AdvlabError(f"{name} must be a floating (N, C, H, W) tensor, got "
+                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if x.shape != y.shape:
+        raise AdvlabError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+
+
+_DEFAULT: dict = {}
+
+
+def cw_ssim(x: torch.Tensor, y: torch.Tensor, scales: Optional[int] = None, orientations: int = 4,
+            window: int = 7, K: float = 1e-4) -> torch.Tensor:
+    """Per-sample CW-SSIM (N,) of two (N, C, H, W) batches with pixels in [0, 1].
+
+    Differentiable in both arguments. ``scales=None`` uses the deepest pyramid that fits the
+    image (2 for 28x28, 1 for 8x8); channels are scored separately and averaged."""
+    key = (scales, orientations, window, float(K))
+    metric = _DEFAULT.get(key)
+    if metric is None:
+        metric = _DEFAULT[key] = CWSSIM(scales, orientations, window, K)
+    return metric(x, y)
