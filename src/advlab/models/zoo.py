@@ -270,9 +270,10 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def build_model(name: str, num_classes: int = 10, in_shape: Sequence[int] | None = None,
-                mean=None, std=None, **kwargs) -> nn.Module:
+                mean=None, std=None, seed: int | None = None, **kwargs) -> nn.Module:
     """Build a registered model. ``in_shape`` is (C, H, W), the model's natural shape by default;
-    ``mean``/``std`` set its inner ``Normalize``; extra keyword arguments go to the builder
+    ``mean``/``std`` set its inner ``Normalize``; ``seed`` makes the initial weights repeatable
+    (without touching the global random state); extra keyword arguments go to the builder
     (``depth`` for resnet, ``width`` for mobilenetv2)."""
     if name not in MODELS:
         raise unknown_name("model", name, MODELS)
@@ -283,7 +284,10 @@ def build_model(name: str, num_classes: int = 10, in_shape: Sequence[int] | None
     if int(num_classes) < 2:
         raise AdvlabError(f"num_classes must be >= 2, got {num_classes}")
     try:
-        model = builder(int(num_classes), in_shape, mean=mean, std=std, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            model = builder(int(num_classes), in_shape, mean=mean, std=std, **kwargs)
     except TypeError as e:
         raise AdvlabError(f"bad option for model {name!r}: {e}") from None
     model.advlab_spec = {"name": name, "num_classes": int(num_classes), "in_shape": list(in_shape),

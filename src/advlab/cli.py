@@ -1,0 +1,326 @@
+"""The ``advlab`` command: demo, train, attack, defend, reproduce, datasets, models.
+
+Errors print one line and exit non-zero; ``--debug`` shows the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from . import __version__
+from ._util import AdvlabError
+
+#: CLI attack name -> (class name in advlab.attacks, fixed keyword arguments)
+ATTACKS = {
+    "fgsm": ("FGSM", {}),
+    "bim": ("BIM", {}),
+    "mim": ("MIM", {}),
+    "pgd": ("PGD", {"norm": "inf"}),
+    "pgd-l2": ("PGD", {"norm": "2"}),
+    "l2": ("IterativeL2", {}),
+    "cw": ("CarliniWagnerL2", {}),
+    "deepfool": ("DeepFool", {}),
+    "lbfgs": ("LBFGS", {}),
+    "jsma": ("JSMA", {}),
+    "ka3": ("KA3", {}),
+}
+
+#: attack parameters exposed as flags: flag -> (type, help)
+ATTACK_FLAGS = {
+    "eps": (float, "perturbation budget in pixel units ([0,1] scale)"),
+    "alpha": (float, "step size"),
+    "steps": (int, "iterations"),
+    "norm": (str, "threat model norm: inf or 2 (pgd)"),
+    "decay": (float, "momentum decay (mim)"),
+    "c": (float, "initial trade-off constant (cw, lbfgs)"),
+    "confidence": (float, "margin kappa (cw)"),
+    "lr": (float, "optimizer learning rate (cw, ka3)"),
+    "binary_search_steps": (int, "searches over c (cw, lbfgs)"),
+    "overshoot": (float, "overshoot (deepfool)"),
+    "num_candidates": (int, "candidate classes (deepfool)"),
+    "theta": (float, "pixel change per step (jsma)"),
+    "gamma": (float, "maximum fraction of pixels changed (jsma)"),
+    "K": (int, "anonymity level K (ka3)"),
+    "similarity": (str, "similarity loss: cw-ssim, ssim or none (ka3)"),
+    "lam": (float, "weight of the similarity term (ka3)"),
+    "seed": (int, "seed for random starts"),
+}
+
+
+def _err(msg: str) -> AdvlabError:
+    return AdvlabError(msg)
+
+
+def build_attack(name: str, model, **params):
+    """Build a CLI-named attack with the given parameters (unset ones keep the class defaults)."""
+    import advlab.attacks as attacks
+
+    if name not in ATTACKS:
+        raise _err(f"unknown attack {name!r}; valid names: {', '.join(ATTACKS)}")
+    cls_name, fixed = ATTACKS[name]
+    cls = getattr(attacks, cls_name, None)
+    if cls is None:
+        raise _err(f"attack {name!r} ({cls_name}) is not available in this build of advlab")
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = dict(fixed)
+    for k, v in params.items():
+        if v is None:
+            continue
+        if k not in accepted:
+            raise _err(f"attack {name!r} does not take --{k.replace('_', '-')}; it takes: "
+                       + ", ".join(f"--{p.replace('_', '-')}" for p in accepted if p not in ("self", "model")))
+        if k == "similarity" and str(v).lower() == "none":
+            v = None
+        kwargs[k] = v
+    return cls(model, **kwargs)
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_datasets(args) -> int:
+    from .data import DATASETS
+
+    print(f"{'name':<16} description")
+    for name in sorted(DATASETS):
+        print(f"{name:<16} {DATASETS[name][1]}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import MODELS, build_model, count_parameters
+
+    print(f"{'name':<12} {'input':<10} {'params':>10} {'params@1x8x8':>13}  description")
+    for name in sorted(MODELS):
+        _, shape, desc = MODELS[name]
+        n = count_parameters(build_model(name, 10, shape))
+        try:
+            n8 = f"{count_parameters(build_model(name, 10, (1, 8, 8))):,}"
+        except Exception:
+            n8 = "-"
+        print(f"{name:<12} {'x'.join(map(str, shape)):<10} {n:>10,} {n8:>13}  {desc}")
+    return 0
+
+
+def _load_data(name: str, root, split: str, download: bool = False):
+    from .data import load_dataset
+
+    return load_dataset(name, root=root, split=split, download=download)
+
+
+def cmd_train(args) -> int:
+    from .models import build_model
+    from .train import evaluate, fit, save_checkpoint
+
+    from .models import model_info
+
+    model_info(args.model)  # unknown names fail before any data is read
+    train = _load_data(args.dataset, args.root, "train", args.download)
+    test = _load_data(args.dataset, args.root, "test", args.download)
+    mean, std = train.channel_stats()
+    model = build_model(args.model, train.num_classes, train.in_shape, mean=mean, std=std, seed=args.seed)
+    hist = fit(model, train, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
+               schedule=None if args.schedule == "none" else args.schedule, seed=args.seed, device=args.device,
+               eval_dataset=test, progress=not args.quiet)
+    acc = evaluate(model, test)
+    out = Path(args.out)
+    save_checkpoint(model, out, dataset=args.dataset, test_accuracy=acc, epochs=args.epochs, seed=args.seed,
+                    history=hist.epochs)
+    print(f"{args.model} on {args.dataset}: test accuracy {acc:.4f} after {len(hist.epochs)} epochs "
+          f"({sum(e['seconds'] for e in hist.epochs):.1f} s); checkpoint {out}")
+    return 0
+
+
+def cmd_attack(args) -> int:
+    from .eval.figures import example_grid
+    from .eval.report import Report, markdown_table
+    from .eval.runner import evaluate_attacks, pick_images
+    from .train import load_checkpoint
+
+    model, meta = load_checkpoint(args.checkpoint, device=args.device)
+    dataset = args.dataset or meta.get("dataset")
+    if not dataset:
+        raise _err("--dataset is required (the checkpoint does not name one)")
+    test = _load_data(dataset, args.root, "test")
+    x, y = pick_images(model, test, args.n, only_correct=args.only_correct, seed=args.seed or 0)
+    params = {k: getattr(args, k) for k in ATTACK_FLAGS}
+    names = [a.strip() for a in args.attack.split(",") if a.strip()]
+    attacks = {n: build_attack(n, model, **params) for n in names}
+    rows, results = evaluate_attacks(model, x, y, attacks, batch_size=args.batch_size, progress=not args.quiet)
+    rep = Report(args.out, f"advlab attack: {', '.join(names)} on {dataset}",
+                 spec={"command": "attack", **{k: v for k, v in vars(args).items() if k != "func"}}, seed=args.seed)
+    cols = ["attack", "n", "clean_acc", "robust_acc", "asr", "mean_l2", "median_l2", "mean_linf", "mean_l0", "ssim",
+            "mse", "seconds"]
+    rep.add_table("Attack results", rows, cols,
+                  note="ASR, norms, SSIM and MSE are over the samples the model classified correctly when clean; "
+                       "norms and similarities over the successful adversarials.")
+    grid = {n: r.adversarials[:8] for n, r in results.items()}
+    rep.add_figure("examples", example_grid(x[:8], grid, magnify=10, labels=[str(int(v)) for v in y[:8]]),
+                   "clean / adversarial / perturbation x10")
+    rep.results["checkpoint"] = {"path": str(args.checkpoint), "metadata": {k: v for k, v in meta.items()
+                                                                          if k != "history"}}
+    for n, r in results.items():
+        if n == "ka3" and "rank" in r.extras:
+            _ka3_extras(rep, n, r)
+    out = rep.save()
+    print(markdown_table(rows, cols))
+    print(f"report: {out}")
+    return 0
+
+
+def _ka3_extras(rep, name, res) -> None:
+    from .metrics.anonymity import rank_pmf
+
+    pmf = rank_pmf(res.extras["rank"], 10)
+    rep.results[f"{name}_rank_pmf"] = pmf
+    try:
+        from .eval.repro_ka3 import rank_pmf_figure
+
+        rep.add_figure(f"{name}-rank-pmf", rank_pmf_figure({name: pmf}), "rank pmf of the true label (Fig. 4)")
+    except ImportError:
+        pass
+
+
+def cmd_demo(args) -> int:
+    from .eval.demo import run_demo
+
+    out = run_demo(out_dir=args.out, dataset=args.dataset, root=args.root, quick=args.quick, device=args.device,
+                   progress=not args.quiet, seed=args.seed)
+    print(out["table"])
+    print(f"report: {out['path']}")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .eval.specs import list_reproductions, reproduce
+
+    if args.list or not args.name:
+        print(f"{'name':<16} description")
+        for name, desc in list_reproductions():
+            print(f"{name:<16} {desc}")
+        return 0
+    out = args.out or os.path.join("results", args.name + ("-quick" if args.quick else ""))
+    rep = reproduce(args.name, out, quick=args.quick, data_root=args.data_root, device=args.device)
+    print(Path(rep.out_dir, "report.md").read_text())
+    print(f"report: {rep.out_dir}")
+    return 0
+
+
+def cmd_defend(args) -> int:
+    from .eval.defend import run_defense
+
+    rep = run_defense(args)
+    print(Path(rep.out_dir, "report.md").read_text())
+    print(f"report: {rep.out_dir}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+def _add_common(p):
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cpu, or the checkpoint's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="advlab", description="Adversarial robustness of image classifiers: "
+                                "attack, defend, detect and measure it honestly.")
+    p.add_argument("--version", action="version", version=f"advlab {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("datasets", help="list the datasets")
+    s.set_defaults(func=cmd_datasets)
+    s = sub.add_parser("models", help="list the models with parameter counts")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("train", help="train a model and write a checkpoint")
+    s.add_argument("--model", required=True, help="model name (see `advlab models`)")
+    s.add_argument("--dataset", required=True, help="dataset name (see `advlab datasets`)")
+    s.add_argument("--root", default=None, help="folder of the dataset's files")
+    s.add_argument("--download", action="store_true", help="fetch the official files into --root (checked)")
+    s.add_argument("--epochs", type=int, default=3)
+    s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    s.add_argument("--schedule", default="onecycle", choices=["none", "cosine", "step", "onecycle"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="model.pt", help="checkpoint path (default model.pt)")
+    _add_common(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("attack", help="attack a trained checkpoint and write a report")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's)")
+    s.add_argument("--root", default=None)
+    s.add_argument("--attack", required=True, help="attack name(s), comma-separated: " + ", ".join(ATTACKS))
+    s.add_argument("--n", type=int, default=1000, help="number of test images")
+    s.add_argument("--only-correct", action="store_true", help="attack only correctly classified images")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--out", default="results/attack")
+    for flag, (typ, help_) in ATTACK_FLAGS.items():
+        s.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None, help=help_)
+    _add_common(s)
+    s.set_defaults(func=cmd_attack)
+
+    s = sub.add_parser("defend", help="build a defended model from a checkpoint and write its report")
+    s.add_argument("defense", help="defense name: msvdd")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--dataset", default=None)
+    s.add_argument("--root", default=None)
+    s.add_argument("--n", type=int, default=500, help="test images for the attack evaluation")
+    s.add_argument("--epochs", type=int, default=None, help="defense training epochs")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="results/defend")
+    _add_common(s)
+    s.set_defaults(func=cmd_defend)
+
+    s = sub.add_parser("demo", help="train, attack and defend a small model; write a report (< 3 min)")
+    s.add_argument("--dataset", default="digits", help="digits (embedded, default), mnist or fashion-mnist")
+    s.add_argument("--root", default=None, help="folder of the dataset's files (mnist, fashion-mnist)")
+    s.add_argument("--out", default="results/demo")
+    s.add_argument("--quick", action="store_true", help="fewer images and steps (for tests)")
+    s.add_argument("--seed", type=int, default=0)
+    _add_common(s)
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("reproduce", help="run a bundled paper reproduction (--list shows them)")
+    s.add_argument("name", nargs="?", help="reproduction name")
+    s.add_argument("--list", action="store_true", help="list the bundled reproductions")
+    s.add_argument("--quick", action="store_true", help="small settings, a few minutes")
+    s.add_argument("--out", default=None, help="report folder (default results/NAME)")
+    s.add_argument("--data-root", default=None, help="folder holding mnist-10k/ and fashion-mnist/")
+    _add_common(s)
+    s.set_defaults(func=cmd_reproduce)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    if getattr(args, "quiet", False):
+        os.environ["ADVLAB_QUIET"] = "1"
+    debug = args.debug or os.environ.get("ADVLAB_DEBUG")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("advlab: interrupted", file=sys.stderr)
+        return 130
+    except (AdvlabError, FileNotFoundError, PermissionError, OSError, ValueError, ImportError) as e:
+        if debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"advlab: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
