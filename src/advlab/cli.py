@@ -56,8 +56,7 @@ def _err(msg: str) -> AdvlabError:
     return AdvlabError(msg)
 
 
-def build_attack(name: str, model, **params):
-    """Build a CLI-named attack with the given parameters (unset ones keep the class defaults)."""
+def attack_class(name: str):
     import advlab.attacks as attacks
 
     if name not in ATTACKS:
@@ -66,6 +65,24 @@ def build_attack(name: str, model, **params):
     cls = getattr(attacks, cls_name, None)
     if cls is None:
         raise _err(f"attack {name!r} ({cls_name}) is not available in this build of advlab")
+    return cls, fixed
+
+
+def build_attacks(names: List[str], model, **params) -> Dict[str, object]:
+    """Build several CLI-named attacks sharing the flags: each takes the flags it accepts; a flag
+    that none of them accepts is an error."""
+    if len(names) == 1:
+        return {names[0]: build_attack(names[0], model, **params)}
+    accepted = {n: set(inspect.signature(attack_class(n)[0].__init__).parameters) for n in names}
+    for k, v in params.items():
+        if v is not None and not any(k in a for a in accepted.values()):
+            raise _err(f"none of the attacks {', '.join(names)} takes --{k.replace('_', '-')}")
+    return {n: build_attack(n, model, **{k: v for k, v in params.items() if k in accepted[n]}) for n in names}
+
+
+def build_attack(name: str, model, **params):
+    """Build a CLI-named attack with the given parameters (unset ones keep the class defaults)."""
+    cls, fixed = attack_class(name)
     accepted = inspect.signature(cls.__init__).parameters
     kwargs = dict(fixed)
     for k, v in params.items():
@@ -83,8 +100,19 @@ def build_attack(name: str, model, **params):
 # ----------------------------------------------------------------------------- commands
 
 def cmd_datasets(args) -> int:
-    from .data import DATASETS
+    from .data import DATASETS, dataset_info, download_dataset
 
+    if args.download:
+        paths = download_dataset(args.download, root=args.root, mirrors=args.mirror or None)
+        folder = Path(paths[0]).parent if paths else args.root
+        print(f"{args.download}: files ready in {folder}")
+        for p in (paths or []):
+            print(f"  {p}")
+        return 0
+    if args.name:
+        info = dataset_info(args.name)
+        print(json.dumps(info, indent=2, default=str))
+        return 0
     print(f"{'name':<16} description")
     for name in sorted(DATASETS):
         print(f"{name:<16} {DATASETS[name][1]}")
@@ -149,7 +177,7 @@ def cmd_attack(args) -> int:
     x, y = pick_images(model, test, args.n, only_correct=args.only_correct, seed=args.seed or 0)
     params = {k: getattr(args, k) for k in ATTACK_FLAGS}
     names = [a.strip() for a in args.attack.split(",") if a.strip()]
-    attacks = {n: build_attack(n, model, **params) for n in names}
+    attacks = build_attacks(names, model, **params)
     rows, results = evaluate_attacks(model, x, y, attacks, batch_size=args.batch_size, progress=not args.quiet)
     rep = Report(args.out, f"advlab attack: {', '.join(names)} on {dataset}",
                  spec={"command": "attack", **{k: v for k, v in vars(args).items() if k != "func"}}, seed=args.seed)
@@ -234,7 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("datasets", help="list the datasets")
+    s = sub.add_parser("datasets", help="list the datasets, show one, or download one (checked)")
+    s.add_argument("name", nargs="?", help="show this dataset's files, checksums and mirrors")
+    s.add_argument("--download", metavar="NAME", help="fetch the official files of NAME into --root, "
+                   "checking SHA-256 (mnist, fashion-mnist, cifar10, svhn)")
+    s.add_argument("--root", default=None, help="target folder (default $ADVLAB_DATA/NAME or ~/.cache/advlab/NAME)")
+    s.add_argument("--mirror", action="append", help="base URL or folder to fetch from instead of the official "
+                   "mirrors (repeatable; also $ADVLAB_MIRROR)")
     s.set_defaults(func=cmd_datasets)
     s = sub.add_parser("models", help="list the models with parameter counts")
     s.set_defaults(func=cmd_models)
@@ -317,7 +351,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (AdvlabError, FileNotFoundError, PermissionError, OSError, ValueError, ImportError) as e:
         if debug:
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         print(f"advlab: error: {msg}", file=sys.stderr)
         return 2
 

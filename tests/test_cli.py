@@ -1,0 +1,106 @@
+"""The command line: listing, training, attacking, errors as one clear line."""
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from advlab.cli import main
+
+
+def _idx(path, arr):
+    arr = np.asarray(arr, dtype=np.uint8)
+    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + arr.tobytes())
+
+
+def test_models_and_datasets_list(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "lenet5" in out and "61,706" in out and "mobilenetv2" in out
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "folder"):
+        assert name in out
+    assert main(["datasets", "mnist"]) == 0
+    assert "t10k-images-idx3-ubyte.gz" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--model", "lenet6", "--dataset", "digits"], "unknown model 'lenet6'; valid names:"),
+    (["train", "--model", "lenet5", "--dataset", "imagenet"], "unknown dataset 'imagenet'; valid names:"),
+    (["train", "--model", "lenet5", "--dataset", "mnist", "--root", "/nonexistent/dir"], "missing"),
+    (["attack", "--checkpoint", "/nonexistent.pt", "--attack", "fgsm"], "checkpoint not found"),
+    (["reproduce", "no-such-thing"], "unknown reproduction 'no-such-thing'"),
+])
+def test_errors_are_one_line_without_traceback(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_debug_shows_the_exception(capsys):
+    with pytest.raises(Exception, match="unknown model"):
+        main(["train", "--model", "lenet6", "--dataset", "digits", "--debug"])
+
+
+def test_train_then_attack_writes_checkpoint_and_report(tmp_path, capsys):
+    ckpt = tmp_path / "m.pt"
+    assert main(["train", "--model", "model-e", "--dataset", "digits", "--epochs", "4", "--out", str(ckpt),
+                 "--quiet"]) == 0
+    assert "test accuracy" in capsys.readouterr().out and ckpt.is_file()
+    out = tmp_path / "rep"
+    rc = main(["attack", "--checkpoint", str(ckpt), "--attack", "fgsm,pgd", "--eps", "0.2", "--steps", "5",
+               "--n", "40", "--out", str(out), "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| fgsm |" in printed and "| pgd |" in printed
+    res = json.loads((out / "results.json").read_text())
+    rows = res["tables"]["attack-results"]["rows"]
+    assert [r["attack"] for r in rows] == ["fgsm", "pgd"]
+    for r in rows:
+        assert r["n"] == 40 and 0 <= r["asr"] <= 1 and r["mean_linf"] <= 0.2 + 1e-6
+    assert rows[1]["robust_acc"] <= rows[0]["robust_acc"]  # PGD at least as strong as FGSM
+    assert (out / "report.md").is_file() and (out / "examples.png").is_file() and (out / "attack-results.csv").is_file()
+    # a parameter the attack does not take is refused by name
+    assert main(["attack", "--checkpoint", str(ckpt), "--attack", "fgsm", "--steps", "3", "--out", str(out)]) == 2
+    assert "does not take --steps" in capsys.readouterr().err
+    assert main(["attack", "--checkpoint", str(ckpt), "--attack", "fgsm,pgd", "--theta", "1", "--out", str(out)]) == 2
+    assert "none of the attacks fgsm, pgd takes --theta" in capsys.readouterr().err
+
+
+def test_train_from_idx_files_and_download_from_a_mirror(tmp_path, capsys):
+    rng = np.random.RandomState(0)
+    src = tmp_path / "mirror"
+    src.mkdir()
+    for prefix, n in (("train", 64), ("t10k", 32)):
+        labels = np.arange(n) % 10
+        imgs = (rng.rand(n, 28, 28) * 40).astype(np.uint8)
+        imgs[np.arange(n), labels * 2, :] = 255  # a class-dependent bright row: learnable
+        _idx(src / f"{prefix}-images-idx3-ubyte.gz", imgs)
+        _idx(src / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    ckpt = tmp_path / "m.pt"
+    assert main(["train", "--model", "model-e", "--dataset", "mnist", "--root", str(src), "--epochs", "2",
+                 "--out", str(ckpt), "--quiet"]) == 0
+    # the official checksums do not match these tiny files: the download must refuse them
+    assert main(["datasets", "--download", "mnist", "--root", str(tmp_path / "dl"), "--mirror", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert "sha-256" in err.lower() or "checksum" in err.lower()
+    assert not any((tmp_path / "dl").glob("*.gz"))
+
+
+def test_reproduce_list(capsys):
+    assert main(["reproduce", "--list"]) == 0
+    assert "name" in capsys.readouterr().out
+
+
+def test_help_for_every_command(capsys):
+    for cmd in ("datasets", "models", "train", "attack", "defend", "demo", "reproduce"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+    assert "--eps" in capsys.readouterr().out

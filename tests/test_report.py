@@ -1,0 +1,51 @@
+import json
+import math
+
+import pytest
+import torch
+
+from advlab._util import AdvlabError
+from advlab.eval.figures import bar_chart, example_grid, line_chart
+from advlab.eval.report import Report, format_value, markdown_table, with_paper
+from advlab.eval.specs import deep_update, load_spec
+
+
+def test_markdown_table_and_formatting():
+    md = markdown_table([{"a": 1, "b": 0.123456}, {"a": "x|y", "b": float("nan")}], ["a", "b"])
+    assert md.splitlines()[0] == "| a | b |"
+    assert "| 1 | 0.1235 |" in md and "x\\|y" in md and "| - |" in md
+    assert format_value(None) == "-" and format_value(True) == "yes" and format_value(12.3456) == "12.35"
+
+
+def test_report_writes_every_artifact(tmp_path):
+    rep = Report(tmp_path / "r", "test report", spec={"k": 1}, seed=3)
+    rep.add_text("Some **text**.")
+    rep.add_table("Accuracy table", [with_paper({"model": "m", "acc": 0.9}, {"acc": 0.95}, ["acc"])])
+    rep.add_table("Accuracy table", [{"x": torch.tensor(2.5)}])  # same title twice gets its own key
+    rep.add_figure("grid", example_grid(torch.rand(3, 1, 8, 8), {"a": torch.rand(3, 1, 8, 8)}))
+    rep.add_figure("bars", bar_chart({"s": [0.1, 0.2]}, ["1", "2"]))
+    rep.add_figure("lines", line_chart({"s": ([0, 1], [1, 0])}))
+    rep.results["tensor"] = torch.arange(3)
+    rep.results["nan"] = math.nan
+    out = rep.save()
+    names = {p.name for p in out.iterdir()}
+    assert {"results.json", "report.md", "accuracy-table.csv", "accuracy-table-2.csv", "grid.png", "bars.png",
+            "lines.png"} <= names
+    data = json.loads((out / "results.json").read_text())
+    assert data["spec"] == {"k": 1} and data["seed"] == 3 and data["results"]["tensor"] == [0, 1, 2]
+    assert data["results"]["nan"] is None and "torch" in data["environment"]
+    assert data["tables"]["accuracy-table"]["rows"][0]["acc (paper)"] == 0.95
+    md = (out / "report.md").read_text()
+    assert "| model | acc | acc (paper) |" in md and "![grid](grid.png)" in md
+    assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob("*.tmp"))
+
+
+def test_specs_parse_and_merge(tmp_path):
+    spec = load_spec("runner: x\nn: 5\nquick:\n  n: 1\n")
+    assert spec["quick"] == {"n": 1}
+    assert deep_update({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+    with pytest.raises(AdvlabError, match="bad experiment spec"):
+        load_spec("a: [1, 2")
+    with pytest.raises(AdvlabError, match="mapping"):
+        load_spec("- 1\n- 2\n")
