@@ -2,5 +2,6 @@
 
 from .normalize import Normalize
 from .taps import taps, find_module, last_linear_name
+from .svdd import SVDDLayer
 
-__all__ = ["Normalize", "taps", "find_module", "last_linear_name"]
+__all__ = ["Normalize", "taps", "find_module", "last_linear_name", "SVDDLayer"]
