@@ -33,6 +33,24 @@ class History:
         return self.epochs[-1] if self.epochs else {}
 
 
+class _TensorBatches:
+    """Shuffled mini-batches of a dataset held as tensors (``.images``/``.labels``): one index
+    permutation per epoch and a gather per batch, no per-sample Python work."""
+
+    def __init__(self, dataset, batch_size: int, generator: torch.Generator):
+        self.x, self.y = dataset.images, dataset.labels
+        self.batch_size, self.g = batch_size, generator
+
+    def __len__(self) -> int:
+        return (self.y.shape[0] + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        perm = torch.randperm(self.y.shape[0], generator=self.g)
+        for i in range(0, perm.shape[0], self.batch_size):
+            idx = perm[i: i + self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
 def resolve_device(device=None, model: nn.Module | None = None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -125,7 +143,8 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
     model.to(dev)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=False)
+    loader = _TensorBatches(dataset, batch_size, g) if hasattr(dataset, "images") else \
+        DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=False)
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     opt = make_optimizer(optimizer, trainable, lr, weight_decay)
     sched = make_schedule(schedule, opt, epochs, len(loader))
