@@ -40,18 +40,25 @@ def linf_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel bounds ``(lo, hi)`` of the L-inf ball of radius ``eps`` around ``x`` intersected
     with [0, 1], such that every value v in [lo, hi] has ``|v - x| <= eps`` exactly.
 
-    ``x - eps`` rounded to float32 can land one ulp outside the ball (it does for about half of
-    the pixels at eps = 0.1); such bounds are moved one ulp towards ``x``. The check runs in
-    float64 (in the tensor's own dtype on MPS, which lacks float64), so the guarantee holds both
-    in float32 arithmetic and for the exact real difference."""
-    lo, hi = x - eps, x + eps
-    wide = torch.float32 if x.device.type == "mps" else torch.float64
-    xw = x.to(wide)
-    for _ in range(3):  # one step always suffices in practice; three bound it without a sync
-        lo = torch.where(xw - lo.to(wide) > eps, torch.nextafter(lo, x), lo)
-        hi = torch.where(hi.to(wide) - xw > eps, torch.nextafter(hi, x), hi)
-    lo = torch.where(xw - lo.to(wide) > eps, x, lo)
-    hi = torch.where(hi.to(wide) - xw > eps, x, hi)
+    ``x - eps`` rounded to float32 lands outside the ball for about half of the pixels at
+    eps = 0.1. The bounds are computed in float64 and rounded towards ``x``, so the guarantee
+    holds for the exact real difference, hence also in float32 arithmetic (in the tensor's own
+    dtype on MPS, which lacks float64, and for float64 input)."""
+    if x.dtype == torch.float64 or x.device.type == "mps":
+        lo, hi = x - eps, x + eps
+        for _ in range(3):
+            lo = torch.where(x - lo > eps, torch.nextafter(lo, x), lo)
+            hi = torch.where(hi - x > eps, torch.nextafter(hi, x), hi)
+        wide = x
+    else:
+        wide = x.double()
+        lo, hi = (wide - eps).to(x.dtype), (wide + eps).to(x.dtype)
+        # round-to-nearest may have gone outward: one step towards x rounds inward
+        lo = torch.where(wide - lo.double() > eps, torch.nextafter(lo, x), lo)
+        hi = torch.where(hi.double() - wide > eps, torch.nextafter(hi, x), hi)
+    # never reached in practice; keeps the guarantee unconditional without a host sync
+    lo = torch.where(wide - lo.to(wide.dtype) > eps, x, lo)
+    hi = torch.where(hi.to(wide.dtype) - wide > eps, x, hi)
     return lo.clamp_(min=0.0), hi.clamp_(max=1.0)
 
 
