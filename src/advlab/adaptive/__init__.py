@@ -1,1 +1,5 @@
 """advlab.adaptive"""
+
+from .msvdd import MSVDDFullKnowledge
+
+__all__ = ["MSVDDFullKnowledge"]

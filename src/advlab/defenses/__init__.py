@@ -1,1 +1,5 @@
 """advlab.defenses"""
+
+from .msvdd import MSVDDDefense
+
+__all__ = ["MSVDDDefense"]

@@ -33,16 +33,25 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a2[:, None, None] + b2[None] - 2.0 * ab).clamp_min_(0.0)
 
 
-def median_gamma(features: torch.Tensor, max_points: int = 2000, generator: Optional[torch.Generator] = None) -> float:
-    """The median heuristic for the RBF width: 1 / median of the squared pairwise distances
-    between (at most ``max_points``) feature vectors."""
+def median_gamma(features: torch.Tensor, labels: Optional[torch.Tensor] = None, max_points: int = 2000,
+                 generator: Optional[torch.Generator] = None) -> float:
+    """The median heuristic for the RBF width: 1 / median squared distance between pairs of (at
+    most ``max_points``) feature vectors; with ``labels``, only pairs of the same class count (each
+    SVDD describes one class, so its kernel width follows the spread inside a class)."""
     f = features.detach().float().flatten(1)
+    y = None if labels is None else labels.detach().flatten()
     if f.shape[0] > max_points:
         idx = torch.randperm(f.shape[0], generator=generator)[:max_points]
         f = f[idx]
+        y = None if y is None else y[idx]
     d2 = torch.cdist(f, f).pow(2)
     iu = torch.triu_indices(f.shape[0], f.shape[0], 1)
-    med = float(d2[iu[0], iu[1]].median()) if iu.shape[1] else 1.0
+    vals = d2[iu[0], iu[1]]
+    if y is not None:
+        same = y[iu[0]] == y[iu[1]]
+        if bool(same.any()):
+            vals = vals[same]
+    med = float(vals.median()) if vals.numel() else 1.0
     return 1.0 / max(med, 1e-12)
 
 
@@ -56,7 +65,8 @@ class SVDDLayer(nn.Module):
     (C,) radii; buffers: ``gamma`` (RBF width) and ``beta`` (C,). Call :meth:`init_from_features`
     before training: it draws each class's projections from that class's feature vectors, sets
     u = 1/M (the centre is the mean of the projections in feature space), R_c^2 to the median d^2
-    of the class, and, if ``gamma`` was not given, gamma by the median heuristic.
+    of the class, and, if ``gamma`` was not given, gamma = 1 / the median squared distance between
+    features of the same class (:func:`median_gamma`).
 
     ``k(f, f) = 1`` for the RBF kernel, as in the paper.
     """
@@ -162,12 +172,12 @@ class SVDDLayer(nn.Module):
                            generator: Optional[torch.Generator] = None) -> "SVDDLayer":
         """Initialise O_c from M feature vectors of class c (drawn without replacement when the
         class has at least M, otherwise all of them plus re-drawn ones with small noise), u = 1/M,
-        R_c^2 = the median d_c^2 over class c, and gamma by the median heuristic unless given."""
+        R_c^2 = the median d_c^2 over class c, and gamma by the within-class median heuristic unless given."""
         f = self._check(features.detach().float())
         labels = labels.to(torch.long)
         dev = self.O.device
         if not self._gamma_given:
-            self.gamma.fill_(median_gamma(f, generator=generator))
+            self.gamma.fill_(median_gamma(f, labels, generator=generator))
         std = f.std(0, keepdim=True).clamp_min(1e-6)
         O = torch.empty(self.num_classes, self.projections, self.feature_dim)
         for c in range(self.num_classes):

@@ -1,0 +1,181 @@
+"""M-SVDD-D: the unique-verifier rule, fitting on any nn.Module, W~-LC, beta tuning, save/load,
+the full-knowledge attack and the bundled reproduction (quick)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from advlab import REJECT
+from advlab._util import AdvlabError
+from advlab.adaptive.msvdd import MSVDDFullKnowledge, verifier_loss
+from advlab.defenses.msvdd import MSVDDDefense, defended_asr, split_validation
+from advlab.train import evaluate, predict
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests are small: one thread avoids oversubscribing a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def split(digits_data):
+    return split_validation(digits_data[0], 0.15, seed=0)
+
+
+@pytest.fixture(scope="module")
+def defense(lenet_digits, split):
+    torch.manual_seed(0)
+    d = MSVDDDefense.fit(lenet_digits, split[0], projections=32, svdd_epochs=4, positive_epochs=4,
+                         finetune_epochs=2, seed=0, progress=False)
+    d.tune_beta(split[1], goal="classification")
+    return d
+
+
+def test_unique_verifier_rule(lenet_digits):
+    d = MSVDDDefense(lenet_digits, projections=4)            # v_a = 0.001, v_p = 0.01
+    r = torch.tensor([[0.5, -1.0, -1.0, -1, -1, -1, -1, -1, -1, -1],      # only class 0 accepts -> 0
+                      [0.5, 0.3, -1.0, -1, -1, -1, -1, -1, -1, -1],       # two verifiers -> REJECT
+                      [-0.1, -1.0, -1.0, -1, -1, -1, -1, -1, -1, -1],     # none -> REJECT
+                      [0.0005, -1.0, -1.0, -1, -1, -1, -1, -1, -1, -1],   # below v_a -> REJECT
+                      [0.002, 0.0009, -1.0, -1, -1, -1, -1, -1, -1, 0.0]]  # class 0 alone above v_a
+                     )
+    assert d.decide(r).tolist() == [0, REJECT, REJECT, REJECT, 0]
+    rt = d.verify(r)                                          # eq. 13: [min(v_p, max(0, r)), v_a]
+    assert rt.shape == (5, 11)
+    assert torch.all(rt[:, 10] == 0.001) and float(rt[:, :10].max()) == pytest.approx(0.01)
+    assert float(rt[:, :10].min()) == 0.0
+    # where the rule gives a class, it is the argmax of r~; two verifiers tie at v_p under argmax
+    assert rt[0].argmax() == 0 and rt[3].argmax() == 10 and rt[2].argmax() == 10
+
+
+def test_fit_builds_defense_and_surrogate(defense, lenet_digits, digits_data):
+    test = digits_data[1]
+    assert isinstance(defense, nn.Module) and defense.num_classes == 10
+    pred = predict(defense, test.images)                     # advlab.train.predict uses .predict
+    assert set(pred.unique().tolist()) <= set(range(-1, 10))
+    assert evaluate(defense, test) > 0.85
+    assert defense(test.images[:5]).shape == (5, 11) and defense.logits(test.images[:5]).shape == (5, 11)
+    # W~-LC: the fine-tuned backbone with the original linear head re-attached
+    sur = defense.surrogate
+    assert torch.equal(sur.head.weight, lenet_digits.head.weight) and torch.equal(sur.head.bias, lenet_digits.head.bias)
+    assert torch.equal(sur.fc1.weight, defense.net.fc1.weight)
+    assert not torch.equal(sur.fc1.weight, lenet_digits.fc1.weight)      # the backbone was fine-tuned
+    assert evaluate(sur, test) > 0.9
+    # the SVDD layer stayed frozen during fine-tuning and the user's model is untouched
+    assert all(not p.requires_grad for p in defense.svdd.parameters())
+    assert isinstance(lenet_digits.head, nn.Linear)
+    assert len(defense.history["positive"]) >= 1 and len(defense.history["joint"]) == 4
+
+
+class UserNet(nn.Module):
+    """Not a zoo model: the head is nested and called inside a custom forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())
+        self.classifier = nn.ModuleDict({"fc": nn.Linear(32, 10)})
+
+    def forward(self, x):
+        return self.classifier["fc"](self.body(x))
+
+
+def test_fit_on_user_module_and_load_needs_model(digits_data, tmp_path):
+    from advlab.train import fit
+
+    train, test = digits_data
+    torch.manual_seed(0)
+    net = UserNet()
+    fit(net, train, epochs=5, lr=3e-3, seed=0, progress=False)
+    d = MSVDDDefense.fit(net, train, projections=16, svdd_epochs=2, finetune_epochs=1, progress=False)
+    assert d.head_name == "classifier.fc"                    # the last nn.Linear
+    assert d.predict(test.images[:7]).shape == (7,)
+    path = d.save(tmp_path / "user.pt")
+    with pytest.raises(AdvlabError, match="pass model="):
+        MSVDDDefense.load(path)
+    d2 = MSVDDDefense.load(path, model=UserNet())
+    assert torch.equal(d2.predict(test.images), d.predict(test.images))
+    with pytest.raises(AdvlabError, match="nn.Linear"):
+        MSVDDDefense(net, head="body")
+
+
+def test_tune_beta(defense, split, digits_data):
+    d = copy.deepcopy(defense)
+    val = split[1]
+    grid = [0.6, 0.8, 0.9, 1.0, 1.1, 1.3]
+    accs = []
+    for b in grid:                                           # brute force with the public API
+        d.set_beta(b)
+        accs.append(evaluate(d, val))
+    oc = d.tune_beta(val, goal="classification", grid=grid)
+    assert oc["accuracy"] == pytest.approx(max(accs), abs=1e-6)
+    assert accs[grid.index(oc["beta"])] == pytest.approx(max(accs), abs=1e-6)
+    assert torch.allclose(d.beta, torch.full((10,), oc["beta"]))
+    od = d.tune_beta(val, goal="defense", grid=grid, max_accuracy_drop=0.05)
+    ok = [b for b, a in zip(grid, accs) if a >= max(accs) - 0.05 - 1e-9]
+    assert od["beta"] == min(ok) and od["beta"] <= oc["beta"]
+    assert evaluate(d, val) == pytest.approx(accs[grid.index(od["beta"])], abs=1e-6)
+    # a smaller beta never lets more inputs through: the verified set shrinks
+    q = d.scaled_distances(digits_data[1].images)
+    acc_small = ((0.7 - q) > d.v_a).sum()
+    acc_big = ((1.2 - q) > d.v_a).sum()
+    assert acc_small <= acc_big
+    d.set_beta(torch.linspace(0.9, 1.1, 10))                 # per class
+    assert d.beta[0] == pytest.approx(0.9) and d.beta[-1] == pytest.approx(1.1)
+    with pytest.raises(AdvlabError, match="goal"):
+        d.tune_beta(val, goal="speed")
+    with pytest.raises(AdvlabError, match="beta"):
+        d.set_beta(-1.0)
+
+
+def test_save_load_round_trip_and_corrupt_file(defense, digits_data, tmp_path):
+    test = digits_data[1]
+    d = copy.deepcopy(defense).set_beta(0.93)
+    path = d.save(tmp_path / "msvdd.pt", dataset="digits")
+    assert not list(tmp_path.glob("*.tmp"))                  # atomic: no temporary left behind
+    obj = torch.load(path, weights_only=True)                # plain tensors and JSON-like metadata
+    assert obj["metadata"]["dataset"] == "digits"
+    d2 = MSVDDDefense.load(path)
+    assert torch.equal(d2.predict(test.images), d.predict(test.images))
+    assert torch.allclose(d2.beta, d.beta) and float(d2.svdd.gamma) == float(d.svdd.gamma)
+    assert torch.equal(d2.surrogate(test.images[:9]), d.surrogate(test.images[:9]))
+    assert torch.allclose(d2(test.images[:9]), d(test.images[:9]))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(AdvlabError, match="corrupt"):
+        MSVDDDefense.load(bad)
+    from advlab.train import save_checkpoint
+    save_checkpoint(defense.surrogate, tmp_path / "plain.pt")
+    with pytest.raises(AdvlabError, match="not an M-SVDD-D"):
+        MSVDDDefense.load(tmp_path / "plain.pt")
+    with pytest.raises(AdvlabError, match="not found"):
+        MSVDDDefense.load(tmp_path / "missing.pt")
+
+
+def test_transfer_split_and_full_knowledge_attack(defense, digits_data):
+    from advlab.attacks.base import linf_box
+
+    test = digits_data[1]
+    x, y = test.images[:60], test.labels[:60]
+    # transfer setting: the split sums to one over the images the defense gets right
+    split = defended_asr(defense, x, y, (x + 0.3 * torch.randn_like(x)).clamp(0, 1))
+    assert split["success"] + split["failed"] + split["detected"] == pytest.approx(1.0)
+    # the full-knowledge attack makes a wrong class the unique verifier
+    atk = MSVDDFullKnowledge(defense, eps=0.3, steps=30, seed=0)
+    x_adv = atk(x, y)
+    lo, hi = linf_box(x, 0.3)
+    assert torch.all(x_adv >= lo) and torch.all(x_adv <= hi)
+    res = defended_asr(defense, x, y, x_adv)
+    assert res["success"] > 0.8
+    pred = defense.predict(x_adv)
+    assert torch.equal(atk.is_success(pred, y, None), (pred != y) & (pred != REJECT))
+    r = torch.tensor([[0.2, -0.5, 0.3]])
+    assert verifier_loss(r, torch.tensor([0]), 0.001, 0.05).item() == pytest.approx(0.3 + 0.049)
+    with pytest.raises(AdvlabError, match="MSVDDDefense"):
+        MSVDDFullKnowledge(nn.Linear(2, 2))
