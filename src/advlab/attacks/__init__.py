@@ -1,5 +1,7 @@
 """Attacks: ``atk = PGD(model, eps=0.3); x_adv = atk(x, y)``."""
 
 from .base import Attack, AttackResult, project
+from .gradient import FGSM, BIM, MIM, PGD, IterativeL2
 
 __all__ = ["Attack", "AttackResult", "project"]
+__all__ += ["FGSM", "BIM", "MIM", "PGD", "IterativeL2"]
