@@ -179,3 +179,53 @@ def test_transfer_split_and_full_knowledge_attack(defense, digits_data):
     assert verifier_loss(r, torch.tensor([0]), 0.001, 0.05).item() == pytest.approx(0.3 + 0.049)
     with pytest.raises(AdvlabError, match="MSVDDDefense"):
         MSVDDFullKnowledge(nn.Linear(2, 2))
+
+
+def test_reproduction_quick_writes_report(mnist_root, tmp_path):
+    """The bundled spec under --quick, reduced further: one model, PGD as the transferred attack."""
+    import csv
+
+    from advlab.eval.specs import reproduce
+
+    over = {"quiet": True, "n": 20, "batch_size": 20,
+            "experiments": [{"name": "MNIST-FC1", "paper": "MNIST-FC1", "model": "mnist-fc1", "dataset": "mnist",
+                             "folder": "mnist-10k", "projections": 32, "train_subset": 1200, "test_subset": 200}],
+            "attacks": [{"name": "PGD", "kind": "PGD", "params": {"eps": 0.3, "steps": 10, "seed": 0}},
+                        {"name": "NoSuchAttack", "kind": "NoSuchAttack"}],
+            "full_knowledge": [{"name": "full-knowledge PGD", "eps": 0.3, "steps": 10, "betas": ["O_d"]}]}
+    rep = reproduce("msvdd", tmp_path / "out", quick=True, data_root=mnist_root.parent, overrides=over)
+    out = tmp_path / "out"
+    for name in ("results.json", "report.md", "examples.png", "beta-curves.png"):
+        assert (out / name).is_file()
+    res = json.loads((out / "results.json").read_text())["results"]["MNIST-FC1"]
+    acc = res["accuracy"]
+    assert all(0.0 <= v <= 1.0 for v in acc.values())
+    assert acc["W-LC"] > 0.8 and acc["W~-LC"] > 0.8 and acc["W~-SVDD (beta=O_c)"] > 0.6
+    rows = res["attack_rows"]
+    assert {r["beta"].split("=")[0] for r in rows if r["attack"] == "PGD"} == {"1", "O_c", "O_d"}
+    for r in rows:
+        assert r["ASR"] + r["F"] + r["D"] == pytest.approx(100.0, abs=1e-3)
+    assert res["skipped"] == ["NoSuchAttack"]
+    with open(out / "table-1-test-accuracy.csv") as fh:
+        table1 = list(csv.DictReader(fh))
+    assert float(table1[0]["W-LC (paper)"]) == 98.64 and 50 < float(table1[0]["W-LC"]) <= 100
+    md = (out / "report.md").read_text()
+    assert "What agrees with the paper" in md and "NoSuchAttack" in md
+    assert rep.out_dir == out
+
+
+def test_defend_cli_writes_loadable_defense(lenet_digits, digits_data, tmp_path):
+    from advlab.eval.repro_msvdd import defend_cli
+    from advlab.train import save_checkpoint
+
+    train, test = digits_data
+    ck = save_checkpoint(lenet_digits, tmp_path / "model.pt")
+    rep = defend_cli(ck, train, test.subset(120), tmp_path / "defended", projections=32, svdd_epochs=3,
+                     finetune_epochs=1, n=40, eps=0.2, pgd_steps=5, progress=False)
+    d = MSVDDDefense.load(tmp_path / "defended" / "msvdd.pt")
+    assert d.beta[0] == pytest.approx(rep.results["tuning"]["O_d"])
+    assert (tmp_path / "defended" / "surrogate.pt").is_file() and (tmp_path / "defended" / "report.md").is_file()
+    rows = rep.results["attacks"]
+    assert [r["attack"] for r in rows] == ["PGD L-inf 0.2", "PGD L-inf 0.2", "full-knowledge PGD L-inf 0.2"]
+    with pytest.raises(AdvlabError, match="goal"):
+        defend_cli(ck, train, test, tmp_path / "x", goal="fast")

@@ -26,11 +26,11 @@ from .._util import AdvlabError, check_positive_int
 
 def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances between rows of ``a`` (N, D) and each class's rows of
-    ``b`` (C, M, D): shape (N, C, M). One einsum over all classes."""
-    a2 = (a * a).sum(-1)                              # (N,)
-    b2 = (b * b).sum(-1)                              # (C, M)
-    ab = torch.einsum("nd,cmd->ncm", a, b)
-    return (a2[:, None, None] + b2[None] - 2.0 * ab).clamp_min_(0.0)
+    ``b`` (C, M, D): shape (N, C, M). One matrix product over all classes at once."""
+    c, m, d = b.shape
+    bf = b.reshape(c * m, d)
+    d2 = torch.addmm((bf * bf).sum(-1)[None], a, bf.T, alpha=-2.0) + (a * a).sum(-1, keepdim=True)
+    return d2.clamp_min(0.0).view(a.shape[0], c, m)
 
 
 def median_gamma(features: torch.Tensor, labels: Optional[torch.Tensor] = None, max_points: int = 2000,
@@ -135,8 +135,9 @@ class SVDDLayer(nn.Module):
 
     def sq_distance(self, f: torch.Tensor) -> torch.Tensor:
         """d_c^2(f) = k(f,f) - 2 k~^T u_c + u_c^T K~ u_c for all classes: (N, C)."""
-        kt = self.kernel_vectors(f)
-        return 1.0 - 2.0 * torch.einsum("ncm,cm->nc", kt, self.u) + self.quadratic()[None]
+        kt = self.kernel_vectors(f)                                            # (N, C, M)
+        ku = torch.bmm(kt.transpose(0, 1), self.u[:, :, None]).squeeze(-1).T   # k~^T u_c: (N, C)
+        return 1.0 - 2.0 * ku + self.quadratic()[None]
 
     def svdd(self, f: torch.Tensor) -> torch.Tensor:
         """SVDD_c(f) of eq. 10 for all classes: (N, C)."""
