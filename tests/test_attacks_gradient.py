@@ -296,10 +296,29 @@ def test_zero_eps_returns_input():
         assert torch.equal(make_attack(kind, model, 0.0)(x, y), x)
 
 
-def test_default_alpha():
+def test_defaults():
     model = tiny_model()
     assert BIM(model, eps=0.3, steps=10).alpha == pytest.approx(0.03)
     assert PGD(model, eps=0.3, steps=10).alpha == pytest.approx(0.075)
+    assert PGD(model).eps == pytest.approx(8 / 255) and PGD(model, norm="2").eps == 0.5
+    assert FGSM(model, seed=1).eps == pytest.approx(8 / 255) and IterativeL2(model).eps == 0.5
+
+
+def test_callable_loss():
+    model = tiny_model()
+    x, y = images(5), labels(5)
+    t = (y + 2) % 5
+
+    def ce(logits, yy, target):
+        if target is None:
+            return torch.nn.functional.cross_entropy(logits, yy, reduction="none")
+        return -torch.nn.functional.cross_entropy(logits, target, reduction="none")
+
+    for tgt in (None, t):
+        assert torch.equal(PGD(model, eps=0.2, alpha=0.05, steps=3, loss=ce, seed=0)(x, y, target=tgt),
+                           PGD(model, eps=0.2, alpha=0.05, steps=3, seed=0)(x, y, target=tgt))
+    with pytest.raises(AdvlabError, match="one value per sample"):
+        BIM(model, eps=0.1, loss=lambda z, yy, tt: z.sum())(x, y)
 
 
 # --------------------------------------------------------------------------- input errors

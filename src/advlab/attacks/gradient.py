@@ -10,12 +10,16 @@ Losses (the quantity each step ascends):
 
 - ``"ce"``: cross-entropy of the true label, or minus the cross-entropy of the target;
 - ``"margin"``: the Carlini-Wagner logit margin ``max_{k != y} z_k - z_y`` (targeted:
-  ``z_t - max_{k != t} z_k``), which does not saturate once the softmax is confident.
+  ``z_t - max_{k != t} z_k``), which does not saturate once the softmax is confident;
+- a callable ``loss(logits, y, target) -> (N,)`` per-sample objective (``target`` may be None).
+
+``eps`` defaults to 8/255 for L-inf attacks and 0.5 for L2 ones. ``seed`` is accepted by every
+attack for a common interface; only PGD's random start uses it.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +31,14 @@ from .base import Attack, check_norm, linf_box
 __all__ = ["FGSM", "BIM", "MIM", "PGD", "IterativeL2", "attack_objective"]
 
 LOSSES = ("ce", "margin")
+DEFAULT_EPS = {"inf": 8 / 255, "2": 0.5}
+Loss = Union[str, Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]]
 
 
-def _check_loss(loss: str) -> str:
-    if loss not in LOSSES:
-        raise AdvlabError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+def _check_loss(loss: Loss) -> Loss:
+    if not callable(loss) and loss not in LOSSES:
+        raise AdvlabError(f"loss must be one of {', '.join(LOSSES)} or a callable (logits, y, target) -> (N,), "
+                          f"got {loss!r}")
     return loss
 
 
@@ -44,8 +51,14 @@ def _margin(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
 
 
 def attack_objective(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None,
-                     loss: str = "ce") -> torch.Tensor:
+                     loss: Loss = "ce") -> torch.Tensor:
     """Per-sample objective an attack ascends: larger means closer to (or further past) success."""
+    if callable(loss):
+        out = loss(logits, y, target)
+        if out.shape != (logits.shape[0],):
+            raise AdvlabError(f"a loss callable must return one value per sample, shape ({logits.shape[0]},), "
+                              f"got {tuple(out.shape)}")
+        return out
     if loss == "ce":
         if target is None:
             return F.cross_entropy(logits, y, reduction="none")
@@ -62,8 +75,8 @@ def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class _GradientAttack(Attack):
     supports_targeted = True
 
-    def __init__(self, model: nn.Module, eps: float, loss: str = "ce", seed: Optional[int] = None):
-        super().__init__(model, eps=eps, seed=seed)
+    def __init__(self, model: nn.Module, eps: Optional[float], loss: Loss = "ce", seed: Optional[int] = None):
+        super().__init__(model, eps=DEFAULT_EPS[self.norm] if eps is None else eps, seed=seed)
         self.loss = _check_loss(loss)
 
     def _gradient(self, x_adv: torch.Tensor, y: torch.Tensor,
@@ -85,8 +98,8 @@ class FGSM(_GradientAttack):
 
     norm = "inf"
 
-    def __init__(self, model: nn.Module, eps: float, loss: str = "ce"):
-        super().__init__(model, eps=eps, loss=loss)
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, loss: Loss = "ce", seed: Optional[int] = None):
+        super().__init__(model, eps=eps, loss=loss, seed=seed)
 
     def _perturb(self, x, y, target):
         lo, hi = linf_box(x, self.eps)
@@ -107,7 +120,7 @@ class _Iterative(_GradientAttack):
     norm = "inf"
     _decay: Optional[float] = None  # momentum (MIM) when set
 
-    def __init__(self, model: nn.Module, eps: float, alpha: Optional[float], steps: int, loss: str = "ce",
+    def __init__(self, model: nn.Module, eps: Optional[float], alpha: Optional[float], steps: int, loss: Loss = "ce",
                  early_stop: bool = False, seed: Optional[int] = None, default_alpha: float = 1.0):
         super().__init__(model, eps=eps, loss=loss, seed=seed)
         self.steps = check_positive_int(steps, "steps")
@@ -176,18 +189,18 @@ class BIM(_Iterative):
     """Basic iterative method (Kurakin et al. 2017): from ``x``, ``steps`` signed-gradient steps of
     size ``alpha`` (default ``eps / steps``), each clipped to the L-inf ball and [0, 1]."""
 
-    def __init__(self, model: nn.Module, eps: float, alpha: Optional[float] = None, steps: int = 10,
-                 loss: str = "ce", early_stop: bool = False):
-        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop)
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 10,
+                 loss: Loss = "ce", early_stop: bool = False, seed: Optional[int] = None):
+        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop, seed=seed)
 
 
 class MIM(_Iterative):
     """Momentum iterative method (Dong et al. 2018, PCL eq. 12-13): accumulate
     ``g = decay * g + grad / ||grad||_1`` and step ``alpha * sign(g)`` (default ``alpha = eps / steps``)."""
 
-    def __init__(self, model: nn.Module, eps: float, alpha: Optional[float] = None, steps: int = 10,
-                 decay: float = 1.0, loss: str = "ce", early_stop: bool = False):
-        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop)
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 10,
+                 decay: float = 1.0, loss: Loss = "ce", early_stop: bool = False, seed: Optional[int] = None):
+        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop, seed=seed)
         self.decay = check_nonneg(decay, "decay")
         self._decay = self.decay
 
@@ -202,11 +215,11 @@ class PGD(_Iterative):
     successful restart, or else the one with the highest final loss.
     """
 
-    def __init__(self, model: nn.Module, eps: float, alpha: Optional[float] = None, steps: int = 10,
-                 norm: str = "inf", random_start: bool = True, restarts: int = 1, loss: str = "ce",
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 10,
+                 norm: str = "inf", random_start: bool = True, restarts: int = 1, loss: Loss = "ce",
                  early_stop: bool = False, seed: Optional[int] = None):
-        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop, seed=seed, default_alpha=2.5)
         self.norm = check_norm(norm)
+        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop, seed=seed, default_alpha=2.5)
         self.random_start = bool(random_start)
         self.restarts = check_positive_int(restarts, "restarts")
         if self.restarts > 1 and not self.random_start:
@@ -262,6 +275,6 @@ class IterativeL2(_Iterative):
 
     norm = "2"
 
-    def __init__(self, model: nn.Module, eps: float, alpha: Optional[float] = None, steps: int = 10,
-                 loss: str = "ce", early_stop: bool = False):
-        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop)
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 10,
+                 loss: Loss = "ce", early_stop: bool = False, seed: Optional[int] = None):
+        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop, seed=seed)
