@@ -174,11 +174,12 @@ def _box_matrix(n: int, win: int, device, dtype) -> torch.Tensor:
 
 
 def _box_mean(t: torch.Tensor, win: int) -> torch.Tensor:
-    """Mean over every valid ``win`` x ``win`` window of the last two dims (two small matmuls)."""
+    """Mean over every valid ``win`` x ``win`` window of the last two dims, as two right
+    matrix products (one flat matmul each). The result is transposed: (..., W', H')."""
     h, w = t.shape[-2:]
-    bh = _box_matrix(h, win, t.device, t.dtype)
-    bw = bh if w == h else _box_matrix(w, win, t.device, t.dtype)
-    return bh.transpose(0, 1) @ t @ bw
+    bw = _box_matrix(w, win, t.device, t.dtype)
+    bh = bw if w == h else _box_matrix(h, win, t.device, t.dtype)
+    return (t @ bw).transpose(-1, -2) @ bh
 
 
 class CWSSIM:
