@@ -349,6 +349,16 @@ def test_bad_input(call, match):
         call(m, x, y)
 
 
+class Detached(nn.Module):
+    def forward(self, x):
+        return torch.zeros(x.shape[0], 5) + x.detach().mean()
+
+
+def test_non_differentiable_model_is_reported():
+    with pytest.raises(AdvlabError, match="does not depend differentiably"):
+        PGD(Detached(), eps=0.1, seed=0)(images(2), labels(2))
+
+
 def test_empty_batch():
     m = tiny_model()
     x = torch.zeros(0, 1, 8, 8)

@@ -86,6 +86,11 @@ class _GradientAttack(Attack):
             x_adv.requires_grad_(True)
             logits = self.model(x_adv)
             obj = attack_objective(logits, y, target, self.loss).sum()
+            if not obj.requires_grad:
+                x_adv.requires_grad_(False)
+                raise AdvlabError(f"{type(self).__name__} needs gradients, but the model's output does not depend "
+                                  "differentiably on its input (detached or non-differentiable layers; for "
+                                  "quantizing or clamping defenses use an adaptive attack such as BPDA)")
             (grad,) = torch.autograd.grad(obj, x_adv)
             x_adv.requires_grad_(False)
         return grad, logits.detach()
@@ -135,6 +140,7 @@ class _Iterative(_GradientAttack):
         """In-place update of ``x_adv`` (``grad`` may be overwritten)."""
         if self.norm == "inf":
             if momentum is not None:
+                # mean |g| is ||g||_1 over the (constant) pixel count: the same direction of momentum
                 l1 = grad.abs().flatten(1).mean(dim=1).clamp_min_(1e-12)
                 momentum.mul_(self._decay).add_(grad.div_(_per_sample(l1, grad)))
                 direction = torch.sign(momentum, out=grad)

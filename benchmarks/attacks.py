@@ -1,0 +1,327 @@
+"""Time advlab's attacks on a batch of MNIST test images with a LeNet-5, beside other libraries.
+
+For every attack it prints: seconds for the batch, nominal steps, the ratio
+``seconds / (steps x one plain forward+backward of the same batch)`` (the forward+backward being the
+loss gradient with respect to the input, parameters frozen, which is what one attack step costs;
+it is re-measured just before each attack, so the ratio holds on a machine whose load drifts),
+the forward passes the attack actually made (in full-batch equivalents, counted by a hook), the
+success rate on the images the model classifies correctly, and the median L2 norm of the
+successful perturbations. When torchattacks, foolbox or ART are importable, the same attacks with
+the same parameters run through them on the same model and images (they are never dependencies).
+
+Attacks written in other advlab modules (C&W, DeepFool, L-BFGS, JSMA, K-A3) are included when
+``advlab.attacks`` exports them; the parameters passed are those their constructors accept.
+
+    python benchmarks/attacks.py                        # trains a LeNet-5 for 3 epochs first
+    python benchmarks/attacks.py --checkpoint lenet.pt  # or an advlab checkpoint
+    python benchmarks/attacks.py --attacks PGD,FGSM --others none
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import advlab
+import advlab.attacks
+from advlab._util import frozen_eval
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name shown, advlab class name, parameters, nominal forward+backward passes (None: from the attack)
+SPECS = [
+    ("FGSM", "FGSM", dict(eps=0.3), 1),
+    ("BIM", "BIM", dict(eps=0.3, alpha=0.01, steps=40), 40),
+    ("MIM", "MIM", dict(eps=0.3, alpha=0.01, steps=40, decay=1.0), 40),
+    ("PGD", "PGD", dict(eps=0.3, alpha=0.01, steps=40, norm="inf", random_start=True, seed=0), 40),
+    ("PGD-margin", "PGD", dict(eps=0.3, alpha=0.01, steps=40, norm="inf", loss="margin", seed=0), 40),
+    ("PGD-earlystop", "PGD", dict(eps=0.3, alpha=0.01, steps=40, norm="inf", early_stop=True, seed=0), 40),
+    ("PGD-L2", "PGD", dict(eps=2.0, alpha=0.1, steps=40, norm="2", random_start=True, seed=0), 40),
+    ("IterativeL2", "IterativeL2", dict(eps=2.0, alpha=0.1, steps=40), 40),
+    # minimum-norm attacks of the other modules: their budgets as the papers use them
+    ("CarliniWagnerL2", "CarliniWagnerL2", dict(c=1.0, confidence=0.0, steps=100, lr=0.01, binary_search_steps=9),
+     None),
+    ("DeepFool", "DeepFool", dict(steps=50, overshoot=0.02), None),
+    ("LBFGS", "LBFGS", dict(), None),
+    ("JSMA", "JSMA", dict(theta=1.0, gamma=0.1), None),
+    ("KA3", "KA3", dict(K=5), None),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="advlab checkpoint of a LeNet-5 (default: train one for --epochs)")
+    p.add_argument("--save-checkpoint", help="where to save the model trained here, for later runs")
+    p.add_argument("--data-root", default="../shared/data/mnist-10k", help="folder with the MNIST IDX files")
+    p.add_argument("--n", type=int, default=512, help="batch size (images from the start of the test split)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs when no checkpoint is given")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the reference numbers use 2)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--attacks", default="all", help="comma-separated names from the table (default: all)")
+    p.add_argument("--others", default="torchattacks,foolbox,art",
+                   help="other libraries to run beside (comma-separated, or 'none')")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per attack; the fastest is shown")
+    return p.parse_args(argv)
+
+
+def resolve_root(root: str) -> Path:
+    for base in (Path.cwd(), REPO):
+        cand = (base / root).resolve()
+        if cand.is_dir():
+            return cand
+    sys.exit(f"data folder not found: {root} (pass --data-root)")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def get_model(args, device):
+    from advlab.data import load_dataset
+    from advlab.models import build_model
+    from advlab.train import fit, load_checkpoint, save_checkpoint
+
+    if args.checkpoint:
+        model, _ = load_checkpoint(args.checkpoint, device=device)
+        return model.eval()
+    train = load_dataset("mnist", resolve_root(args.data_root), "train")
+    print(f"training LeNet-5 on {len(train)} images for {args.epochs} epochs (use --checkpoint to skip)...",
+          flush=True)
+    model = build_model("lenet5", 10, (1, 28, 28), mean=0.1307, std=0.3081)
+    fit(model, train, epochs=args.epochs, lr=3e-3, batch_size=64, schedule="onecycle", seed=0, progress=False)
+    if args.save_checkpoint:
+        save_checkpoint(model, args.save_checkpoint)
+    return model.to(device).eval()
+
+
+class ForwardCounter:
+    """Counts images through the model's forward (a pre-hook on the top module)."""
+
+    def __init__(self, model):
+        self.images = 0
+        self.handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, inputs):
+        self.images += int(inputs[0].shape[0])
+
+
+def time_plain_step(model, x, y, device, reps=5):
+    """Median seconds of one forward+backward of the batch w.r.t. the input (parameters frozen),
+    and of one training-style forward+backward w.r.t. the parameters."""
+    def input_grad():
+        xr = x.clone().requires_grad_(True)
+        loss = F.cross_entropy(model(xr), y, reduction="sum")
+        torch.autograd.grad(loss, xr)
+
+    def param_grad():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    out = []
+    for fn, frozen in ((input_grad, True), (param_grad, False)):
+        times = []
+        for i in range(reps + 2):
+            if frozen:
+                with frozen_eval(model):
+                    sync(device); t0 = time.perf_counter(); fn(); sync(device)
+            else:
+                sync(device); t0 = time.perf_counter(); fn(); sync(device)
+            if i >= 2:  # two warm-up runs
+                times.append(time.perf_counter() - t0)
+        out.append(statistics.median(times))
+    model.eval()
+    return out
+
+
+def evaluate(model, x, y, x_adv, ok):
+    with torch.no_grad():
+        pred = model(x_adv).argmax(1)
+    success = (pred != y) & ok
+    rate = float(success.sum()) / max(1, int(ok.sum()))
+    l2 = (x_adv - x).flatten(1).norm(dim=1)[success]
+    med = float(l2.median()) if l2.numel() else float("nan")
+    return rate, med
+
+
+def run_timed(fn, device, repeat):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        sync(device); t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def row(name, seconds, steps, t_step, fwd, rate, med):
+    ratio = f"{seconds / (steps * t_step):6.2f}" if steps else "     -"
+    steps_s = f"{steps:5d}" if steps else "    -"
+    fwd_s = f"{fwd:7.1f}" if fwd is not None else "      -"
+    print(f"{name:<30} {seconds:8.2f} {steps_s} {1e3 * t_step:7.1f} {ratio} {fwd_s} {100 * rate:7.1f}% {med:8.3f}",
+          flush=True)
+
+
+# --------------------------------------------------------------------------- other libraries
+
+def other_library_runs(lib, model, x, y, spec_name, params, device):
+    """A callable running the same attack through ``lib``, or a string saying why not."""
+    eps = params.get("eps")
+    alpha = params.get("alpha")
+    steps = params.get("steps")
+    if lib == "torchattacks":
+        try:
+            import torchattacks as ta
+        except Exception as e:  # ImportError, or a broken torchvision under it
+            return f"not installed ({type(e).__name__})"
+        make = {
+            "FGSM": lambda: ta.FGSM(model, eps=eps),
+            "BIM": lambda: ta.BIM(model, eps=eps, alpha=alpha, steps=steps),
+            "MIM": lambda: ta.MIFGSM(model, eps=eps, alpha=alpha, steps=steps, decay=params.get("decay", 1.0)),
+            "PGD": lambda: ta.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True),
+            "PGD-L2": lambda: ta.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=True),
+        }.get(spec_name)
+        if make is None:
+            return None
+        atk = make()
+        return lambda: atk(x, y)
+    if lib == "foolbox":
+        try:
+            import foolbox as fb
+        except Exception as e:
+            return f"not installed ({type(e).__name__})"
+        make = {
+            "FGSM": lambda: fb.attacks.FGSM(random_start=False),
+            "BIM": lambda: fb.attacks.LinfBasicIterativeAttack(abs_stepsize=alpha, steps=steps, random_start=False),
+            "PGD": lambda: fb.attacks.LinfPGD(abs_stepsize=alpha, steps=steps, random_start=True),
+            "PGD-L2": lambda: fb.attacks.L2PGD(abs_stepsize=alpha, steps=steps, random_start=True),
+            "IterativeL2": lambda: fb.attacks.L2BasicIterativeAttack(abs_stepsize=alpha, steps=steps,
+                                                                      random_start=False),
+        }.get(spec_name)
+        if make is None:
+            return None
+        fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=device)
+        atk = make()
+        return lambda: atk(fmodel, x, y, epsilons=eps)[1]
+    if lib == "art":
+        try:
+            import numpy as np
+            from art.attacks.evasion import (BasicIterativeMethod, FastGradientMethod, MomentumIterativeMethod,
+                                             ProjectedGradientDescentPyTorch)
+            from art.estimators.classification import PyTorchClassifier
+        except Exception as e:
+            return f"not installed ({type(e).__name__})"
+        clf = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
+                                nb_classes=10, clip_values=(0.0, 1.0),
+                                device_type="gpu" if device.type == "cuda" else "cpu")
+        n = x.shape[0]
+        make = {
+            "FGSM": lambda: FastGradientMethod(clf, norm=np.inf, eps=eps, batch_size=n),
+            "BIM": lambda: BasicIterativeMethod(clf, eps=eps, eps_step=alpha, max_iter=steps, batch_size=n,
+                                                verbose=False),
+            "MIM": lambda: MomentumIterativeMethod(clf, norm=np.inf, eps=eps, eps_step=alpha,
+                                                   decay=params.get("decay", 1.0), max_iter=steps, batch_size=n,
+                                                   verbose=False),
+            "PGD": lambda: ProjectedGradientDescentPyTorch(clf, norm=np.inf, eps=eps, eps_step=alpha, max_iter=steps,
+                                                           num_random_init=1, batch_size=n, verbose=False),
+            "PGD-L2": lambda: ProjectedGradientDescentPyTorch(clf, norm=2, eps=eps, eps_step=alpha, max_iter=steps,
+                                                              num_random_init=1, batch_size=n, verbose=False),
+        }.get(spec_name)
+        if make is None:
+            return None
+        atk = make()
+        xn, yn = x.cpu().numpy(), y.cpu().numpy()
+        return lambda: torch.from_numpy(atk.generate(xn, yn)).to(device)
+    return f"unknown library {lib!r}"
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    from advlab.data import load_dataset
+
+    test = load_dataset("mnist", resolve_root(args.data_root), "test")
+    x = test.images[: args.n].to(device)
+    y = test.labels[: args.n].to(device)
+    model = get_model(args, device)
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    t_step, t_train = time_plain_step(model, x, y, device)
+    print(f"advlab {advlab.__version__}, torch {torch.__version__}, device {device}, "
+          f"threads {torch.get_num_threads()}, {x.shape[0]} images, clean accuracy {float(ok.float().mean()):.4f}")
+    print(f"one plain forward+backward of the batch: {1e3 * t_step:.1f} ms w.r.t. the input "
+          f"(the unit below), {1e3 * t_train:.1f} ms w.r.t. the parameters")
+    print("unit = input fwd+bwd in ms, re-measured before each row; ratio = seconds / (steps x unit); "
+          "fwd = forward passes made, in full-batch units;\nsuccess on the correctly classified images; "
+          "median L2 of the successful perturbations\n")
+    print(f"{'attack':<30} {'seconds':>8} {'steps':>5} {'unit ms':>7} {'ratio':>6} {'fwd':>7} {'success':>8} "
+          f"{'med L2':>8}")
+
+    wanted = None if args.attacks == "all" else {a.strip() for a in args.attacks.split(",")}
+    libs = [] if args.others == "none" else [s.strip() for s in args.others.split(",") if s.strip()]
+    missing_libs = {}
+    for name, cls_name, params, steps in SPECS:
+        if wanted is not None and name not in wanted:
+            continue
+        cls = getattr(advlab.attacks, cls_name, None)
+        if cls is None:
+            print(f"{name:<30} (advlab.attacks.{cls_name} not available yet)")
+            continue
+        accepted = inspect.signature(cls.__init__).parameters
+        kwargs = {k: v for k, v in params.items() if k in accepted}
+        atk = cls(model, **kwargs)
+        if steps is None:
+            steps = getattr(atk, "steps", None)
+            if steps is not None:
+                steps *= getattr(atk, "binary_search_steps", 1)
+        atk(x[:8], y[:8])  # warm-up
+        if hasattr(atk, "reset"):
+            atk.reset()
+        t_step = time_plain_step(model, x, y, device)[0]
+        counter = ForwardCounter(model)
+        try:
+            seconds, x_adv = run_timed(lambda: atk(x, y), device, args.repeat)
+        finally:
+            counter.handle.remove()
+        fwd = counter.images / args.repeat / x.shape[0]
+        rate, med = evaluate(model, x, y, x_adv, ok)
+        row(name, seconds, steps, t_step, fwd, rate, med)
+        for lib in libs:
+            if lib in missing_libs:
+                continue
+            fn = other_library_runs(lib, model, x, y, name, params, device)
+            if fn is None:
+                continue
+            if isinstance(fn, str):
+                print(f"  [{lib}] {fn}")
+                missing_libs[lib] = fn
+                continue
+            try:
+                fn_small = other_library_runs(lib, model, x[:8], y[:8], name, params, device)
+                fn_small()  # warm-up
+                t_step = time_plain_step(model, x, y, device)[0]
+                seconds, x_adv = run_timed(fn, device, args.repeat)
+            except Exception as e:  # another library's failure must not stop the benchmark
+                print(f"  [{lib}] failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                continue
+            model.eval()
+            rate, med = evaluate(model, x, y, x_adv.detach().to(x.dtype), ok)
+            row(f"  {name} [{lib}]", seconds, steps, t_step, None, rate, med)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
