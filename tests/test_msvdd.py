@@ -175,8 +175,10 @@ def test_transfer_split_and_full_knowledge_attack(defense, digits_data):
     assert res["success"] > 0.8
     pred = defense.predict(x_adv)
     assert torch.equal(atk.is_success(pred, y, None), (pred != y) & (pred != REJECT))
-    r = torch.tensor([[0.2, -0.5, 0.3]])
-    assert verifier_loss(r, torch.tensor([0]), 0.001, 0.05).item() == pytest.approx(0.3 + 0.049)
+    r = torch.tensor([[0.2, -0.5, 0.3], [0.0, 0.1, 0.3], [0.2, -0.1, -0.2]])
+    loss = verifier_loss(r, torch.tensor([0, 0, 0]), 0.001, 0.05)
+    # target hinge (0.051 - r_t)+ plus the largest other response's hinge (r_o + 0.049)+
+    assert loss.tolist() == pytest.approx([0.349, 0.051 + 0.349, 0.0], abs=1e-6)
     with pytest.raises(AdvlabError, match="MSVDDDefense"):
         MSVDDFullKnowledge(nn.Linear(2, 2))
 

@@ -21,14 +21,16 @@ __all__ = ["MSVDDFullKnowledge", "verifier_loss"]
 
 
 def verifier_loss(r: torch.Tensor, target: torch.Tensor, v_a: float, kappa: float) -> torch.Tensor:
-    """Per-sample loss (minimised) that makes ``target`` the unique verifier: a hinge pushing its
-    response r_t above ``v_a + kappa`` plus hinges pushing every other response below
-    ``v_a - kappa``. Zero exactly when the margins hold."""
+    """Per-sample loss (minimised) that makes ``target`` the unique verifier, in the style of the
+    C&W margin: a hinge pushing its response r_t above ``v_a + kappa`` plus a hinge pushing the
+    largest other response below ``v_a - kappa``. Zero exactly when both margins hold.
+
+    (Summing hinges over all other classes instead drives inputs to where no SVDD answers: far
+    from every centre, where the RBF gradients vanish and the target cannot be reached.)"""
     own = r.gather(1, target[:, None]).squeeze(1)
-    mask = torch.ones_like(r, dtype=torch.bool).scatter_(1, target[:, None], False)
-    up = torch.relu(v_a + kappa - own)
-    down = (torch.relu(r - (v_a - kappa)) * mask).sum(1)
-    return up + down
+    mask = torch.zeros_like(r, dtype=torch.bool).scatter_(1, target[:, None], True)
+    other = r.masked_fill(mask, float("-inf")).amax(1)
+    return torch.relu(v_a + kappa - own) + torch.relu(other - (v_a - kappa))
 
 
 class MSVDDFullKnowledge(Attack):
@@ -45,13 +47,14 @@ class MSVDDFullKnowledge(Attack):
     host/device synchronisation per step). Where no iterate succeeds, the last one is returned.
     ``norm`` is "inf" (signed steps) or "2" (normalised gradient steps); ``alpha`` defaults to
     ``2.5 * eps / steps``; ``random_start`` draws a uniform start in the L-inf ball or a Gaussian
-    direction of radius ``eps / 2`` for L2 (seeded by ``seed``).
+    direction of radius ``eps / 2`` for L2 (seeded by ``seed``). ``kappa`` is the margin (in units
+    of r) by which the target must clear v_a and the others stay below it.
     """
 
     supports_targeted = True
 
     def __init__(self, defense: nn.Module, eps: float = 0.3, alpha: Optional[float] = None, steps: int = 100,
-                 norm: str = "inf", kappa: float = 0.05, random_start: bool = True, seed: Optional[int] = None):
+                 norm: str = "inf", kappa: float = 1e-3, random_start: bool = True, seed: Optional[int] = None):
         for attr in ("responses", "decide", "v_a", "num_classes"):
             if not hasattr(defense, attr):
                 raise AdvlabError(f"defense must be an MSVDDDefense (missing .{attr}), got {type(defense).__name__}")
