@@ -5,3 +5,5 @@ from .gradient import FGSM, BIM, MIM, PGD, IterativeL2
 
 __all__ = ["Attack", "AttackResult", "project"]
 __all__ += ["FGSM", "BIM", "MIM", "PGD", "IterativeL2"]
+from .kanon import KA3, ka3_targets
+__all__ += ["KA3", "ka3_targets"]

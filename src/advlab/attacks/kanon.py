@@ -1,0 +1,294 @@
+"""K-A3, the K-anonymity-inspired adversarial attack (K-A3 paper, section 3.1, eq. 7).
+
+>>> atk = KA3(model, K=5)                       # 5-A3 with the CW-SSIM similarity term
+>>> x_adv = atk(x, y)                           # sample i of the stream gets k = 2 + (i mod K)
+>>> res = atk.run(test_set)                     # res.extras["k"], res.extras["rank"]
+
+Each sample gets a group g in 1..K and k = g + 1; its targets are the k - 1 labels the model
+ranks highest after the true one on the clean image (ranks 2..k for a correctly classified
+image). Per sample the attack minimises::
+
+    ||n||_2 + w_s (1 - s(x, x + n)) + lam * sum_t L(f(x + n), t)
+
+with Adam on the batch and the box [0, 1] kept by projection, and stops a sample as soon as
+every target scores above the true label (which then sits at rank k). Over a stream the groups
+cycle, so the true label's rank spreads evenly over 2..K+1 (eq. 6: p(j) <= 1/K). The trade-off
+weight ``lam`` is searched per sample by continuation: it starts small and is multiplied by
+``growth`` every ``patience`` steps while the sample has not succeeded, so easy samples finish
+with small perturbations. K = 1 without the similarity term is L-BFGS with the rank-2 label as
+target.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._util import AdvlabError, check_nonneg, check_positive_int, frozen_eval, model_device
+from ..metrics.anonymity import label_rank
+from ..metrics.cwssim import CWSSIM, select_reference
+from .base import Attack, AttackResult, num_classes_of
+
+__all__ = ["KA3", "ka3_targets"]
+
+_SIMILARITIES = ("cw-ssim", "ssim", None)
+
+
+def ka3_targets(logits: torch.Tensor, y: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Boolean (N, C) mask of each sample's targets: the ``k - 1`` highest-scoring labels other
+    than ``y`` (ranks 2..k when the clean image is classified correctly)."""
+    z = logits.detach().clone()
+    z.scatter_(1, y.view(-1, 1), float("-inf"))
+    order = z.argsort(1, descending=True)
+    pos = torch.empty_like(order)
+    pos.scatter_(1, order, torch.arange(z.shape[1], device=z.device).expand_as(order).contiguous())
+    return pos < (k - 1).view(-1, 1)
+
+
+def _targets_above(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Every target's logit exceeds the true label's by more than ``margin``."""
+    zt = logits.masked_fill(~mask, float("inf")).amin(1)
+    return zt - logits.gather(1, y.view(-1, 1)).squeeze(1) > margin
+
+
+class KA3(Attack):
+    """K-A3 (eq. 7): minimal L2 perturbations that push the true label below the labels ranked
+    2..k of the clean image, with k = 2..K+1 cycling over the samples.
+
+    Parameters
+    ----------
+    K : anonymity level; groups k = 2..K+1 (needs K + 1 <= number of classes).
+    similarity : "cw-ssim" (default, as in the paper), "ssim", or None (no similarity term).
+    lam : initial weight of the classification term, searched per sample (see ``growth``).
+    steps : maximum optimisation steps per batch.
+    lr : Adam step size in pixel units.
+    growth, patience : a sample that has not succeeded gets ``lam *= growth`` every ``patience``
+        steps.
+    sim_weight : weight ``w_s`` of ``1 - s`` (1 in eq. 7).
+    margin : logit margin by which each target must beat the true label to stop a sample; a
+        hair above 0 keeps the ranking when the result is re-evaluated in another batch.
+    loss : the classification loss towards each target t. "masked-ce" (default): cross-entropy
+        of t among itself and the non-target classes, the other targets masked out, i.e.
+        ``softplus(L - z_t)`` with ``L`` the log-sum-exp of the non-target logits (the true
+        label's included). The targets do not compete for probability mass, so none is left
+        stranded under the label, and the label is pushed below the targets but not below the
+        other classes: it lands at rank k. "ce": cross-entropy of t over all classes (the literal
+        reading of eq. 7, and L-BFGS's loss); summed over several targets it can settle with the
+        weakest target just under the label (2-3% of the 8x8 digits never succeed with it).
+        With one target (K = 1) the two are the same loss.
+    cw_ssim : keyword arguments of :class:`advlab.metrics.CWSSIM` (scales, orientations, window, K).
+    seed : kept for the common attack interface; K-A3 itself is deterministic.
+
+    Groups: without ``groups=``, a running counter assigns sample i of the stream (over calls
+    and over the batches of :meth:`run`) to group ``1 + (i mod K)``; :meth:`reset` restarts it.
+    ``groups=`` (integers in 1..K, one per sample) sets them explicitly.
+    Where a sample does not succeed within ``steps``, the clean image is returned for it.
+    """
+
+    norm = None
+    supports_targeted = False
+    minimum_norm = True
+
+    def __init__(self, model: nn.Module, K: int = 5, similarity: Optional[str] = "cw-ssim", lam: float = 0.05,
+                 steps: int = 1000, lr: float = 0.02, growth: float = 2.0, patience: int = 15,
+                 sim_weight: float = 1.0, margin: float = 1e-3, cw_ssim: Optional[dict] = None,
+                 check_every: int = 5, loss: str = "masked-ce", seed: Optional[int] = 0):
+        super().__init__(model, eps=None, seed=seed)
+        self.K = check_positive_int(K, "K")
+        if isinstance(similarity, str):
+            similarity = similarity.lower().replace("_", "-").replace("cwssim", "cw-ssim")
+            if similarity == "none":
+                similarity = None
+        if similarity not in _SIMILARITIES:
+            raise AdvlabError(f"similarity must be 'cw-ssim', 'ssim' or None, got {similarity!r}")
+        self.similarity = similarity
+        self.lam = check_nonneg(lam, "lam")
+        if self.lam == 0:
+            raise AdvlabError("lam must be > 0, got 0")
+        self.steps = check_positive_int(steps, "steps")
+        self.lr = check_nonneg(lr, "lr")
+        if self.lr == 0:
+            raise AdvlabError("lr must be > 0, got 0")
+        self.growth = float(growth)
+        if not self.growth >= 1.0:
+            raise AdvlabError(f"growth must be >= 1, got {growth}")
+        self.patience = check_positive_int(patience, "patience")
+        self.sim_weight = check_nonneg(sim_weight, "sim_weight")
+        self.margin = check_nonneg(margin, "margin")
+        self.check_every = check_positive_int(check_every, "check_every")
+        if loss not in ("masked-ce", "ce"):
+            raise AdvlabError(f"loss must be 'masked-ce' or 'ce', got {loss!r}")
+        self.loss = loss
+        self._cw = CWSSIM(**(cw_ssim or {})) if similarity == "cw-ssim" else None
+        self._counter = 0
+        self._record = None  # filled by run(): per-batch k, rank, success
+        self._batch_groups = None
+        #: forward+backward passes of the last call, counted per sample (for cost reports)
+        self.last_sample_steps = 0
+        self.last_steps = 0
+
+    # ------------------------------------------------------------------ groups
+    def reset(self) -> None:
+        """Restart the group counter (and the random stream)."""
+        super().reset()
+        self._counter = 0
+
+    def _groups_for(self, n: int, groups, device) -> torch.Tensor:
+        if groups is None:
+            return 1 + (self._counter + torch.arange(n, device=device)) % self.K
+        g = torch.as_tensor(groups, device=device)
+        if g.dim() != 1 or g.shape[0] != n or g.dtype.is_floating_point or g.dtype == torch.bool:
+            raise AdvlabError(f"groups must be an integer tensor of shape ({n},) with values in 1..{self.K}")
+        if n and (int(g.min()) < 1 or int(g.max()) > self.K):
+            raise AdvlabError(f"groups must hold values in 1..{self.K} (k = group + 1), got range "
+                              f"[{int(g.min())}, {int(g.max())}]")
+        return g.long()
+
+    # ------------------------------------------------------------------ attack
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None,
+                groups: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attack one batch. ``groups`` (1..K per sample) overrides the running assignment."""
+        if target is not None:
+            raise AdvlabError("KA3 picks its own targets (the labels ranked 2..k); do not pass target=")
+        n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 4 else 0
+        rec = self._record
+        if rec is not None and groups is None and rec["groups"] is not None:
+            groups = rec["groups"][rec["offset"]: rec["offset"] + n]
+            rec["offset"] += n
+        self._batch_groups = self._groups_for(n, groups, "cpu")
+        try:
+            x_adv = super().perturb(x, y)
+        finally:
+            g = self._batch_groups
+            self._batch_groups = None
+        if groups is None:
+            self._counter += n
+        if rec is not None:
+            rank, success = self.outcome(x, x_adv, y, g)
+            rec["k"].append(g + 1)
+            rec["rank"].append(rank)
+            rec["success"].append(success)
+        return x_adv
+
+    @torch.no_grad()
+    def outcome(self, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, groups: torch.Tensor):
+        """(rank of the true label on ``x_adv``, K-A3 success) per sample, judged by the attacked
+        model; ``groups`` in 1..K as used for the attack."""
+        dev = model_device(self.model)
+        x, x_adv, y = x.to(dev), x_adv.to(dev), y.to(dev)
+        with frozen_eval(self.model):
+            z0 = self.model(x)
+            z = self.model(x_adv)
+        mask = ka3_targets(z0, y, torch.as_tensor(groups, device=dev).long() + 1)
+        return label_rank(z, y).cpu(), _targets_above(z, y, mask).cpu()
+
+    def __call__(self, x, y, target=None, groups=None):
+        return self.perturb(x, y, target=target, groups=groups)
+
+    def _perturb(self, x: torch.Tensor, y: torch.Tensor, target) -> torch.Tensor:
+        dev = x.device
+        n_all = x.shape[0]
+        k = self._batch_groups.to(dev) + 1
+        with torch.no_grad():
+            logits0 = self.model(x)
+        if self.K + 1 > logits0.shape[1]:
+            raise AdvlabError(f"K={self.K} needs at least K + 1 = {self.K + 1} classes; the model has "
+                              f"{logits0.shape[1]}")
+        mask = ka3_targets(logits0, y, k)
+        best = x.clone()
+        best_norm = torch.full((n_all,), float("inf"), device=dev)
+        ref = self._cw.reference(x) if self._cw is not None else None
+
+        idx = torch.arange(n_all, device=dev)  # global rows of the active set
+        xa_ref, ya, ma = x, y, mask
+        ra = ref
+        lam = torch.full((n_all,), self.lam, device=dev)
+        delta = torch.zeros_like(x)
+        m1 = torch.zeros_like(x)
+        m2 = torch.zeros_like(x)
+        done = torch.zeros(n_all, dtype=torch.bool, device=dev)
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        view = (-1,) + (1,) * (x.dim() - 1)
+        sample_steps = 0
+        step = 0
+        for step in range(1, self.steps + 1):
+            delta.requires_grad_(True)
+            x_adv = xa_ref + delta
+            logits = self.model(x_adv)
+            l2 = torch.sqrt(delta.flatten(1).pow(2).sum(1) + 1e-12)
+            with torch.no_grad():  # record the successful iterate with the smallest perturbation
+                ok = _targets_above(logits, ya, ma, self.margin)
+                better = ok & (l2 < best_norm[idx])
+                best[idx] = torch.where(better.view(view), x_adv.detach(), best[idx])
+                best_norm[idx] = torch.where(better, l2.detach(), best_norm[idx])
+                done = done | ok
+            cls = self._class_loss(logits, ya, ma)
+            loss = l2 + lam * cls
+            if self.similarity is not None and self.sim_weight > 0:
+                loss = loss + self.sim_weight * (1.0 - self._similarity(ra, xa_ref, x_adv))
+            grad, = torch.autograd.grad(loss.sum(), delta)
+            sample_steps += delta.shape[0]
+            with torch.no_grad():
+                m1.mul_(b1).add_(grad, alpha=1 - b1)
+                m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                upd = (m1 / (1 - b1 ** step)) / ((m2 / (1 - b2 ** step)).sqrt() + eps)
+                delta = ((xa_ref + delta.detach() - self.lr * upd).clamp(0.0, 1.0) - xa_ref)
+                if step % self.patience == 0:
+                    lam = torch.where(done, lam, lam * self.growth)
+            if step % self.check_every == 0 or step == self.steps:
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                if keep.numel() < done.numel():  # drop finished samples from the active batch
+                    idx, xa_ref, ya, ma = idx[keep], xa_ref[keep], ya[keep], ma[keep]
+                    delta, m1, m2, lam, done = delta[keep], m1[keep], m2[keep], lam[keep], done[keep]
+                    if ra is not None:
+                        ra = select_reference(ra, keep)
+        self.last_steps = step
+        self.last_sample_steps = sample_steps
+        return best
+
+    def _class_loss(self, logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Sum over each sample's targets of the classification loss towards the target."""
+        if self.loss == "ce":
+            return mask.sum(1) * torch.logsumexp(logits, 1) - (logits * mask).sum(1)
+        # cross-entropy of each target among itself and the non-target classes (the other targets
+        # masked out): softplus(L - z_t) with L the log-sum-exp of the non-targets
+        rest = torch.logsumexp(logits.masked_fill(mask, float("-inf")), 1, keepdim=True)
+        return (F.softplus(rest - logits) * mask).sum(1)
+
+    def _similarity(self, ref, x_ref: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        if self.similarity == "cw-ssim":
+            return self._cw.score(ref, x_adv)
+        from ..metrics.similarity import ssim
+
+        return ssim(x_ref, x_adv)
+
+    # ------------------------------------------------------------------ streaming
+    def run(self, data, batch_size: int = 256, targets: Optional[torch.Tensor] = None, keep_adversarials: bool = False,
+            progress: Optional[bool] = None, predict_fn=None, groups: Optional[torch.Tensor] = None) -> AttackResult:
+        """Attack a whole dataset (see :meth:`Attack.run`). ``success`` is K-A3's own criterion
+        (every target above the true label, judged by the attacked model's logits);
+        ``extras["k"]`` holds each sample's k and ``extras["rank"]`` the true label's rank on
+        the adversarial. ``groups`` (1..K for the whole stream) overrides the running counter."""
+        if targets is not None:
+            raise AdvlabError("KA3 picks its own targets (the labels ranked 2..k); do not pass targets=")
+        self._record = {"k": [], "rank": [], "success": [], "offset": 0,
+                        "groups": None if groups is None else torch.as_tensor(groups)}
+        try:
+            res = super().run(data, batch_size=batch_size, targets=None, keep_adversarials=keep_adversarials,
+                              progress=progress, predict_fn=predict_fn)
+            rec = self._record
+        finally:
+            self._record = None
+        if rec["k"]:
+            res.extras["k"] = torch.cat(rec["k"]).cpu()
+            res.extras["rank"] = torch.cat(rec["rank"]).cpu()
+            res.success = torch.cat(rec["success"]).cpu()
+        else:
+            res.extras["k"] = torch.empty(0, dtype=torch.long)
+            res.extras["rank"] = torch.empty(0, dtype=torch.long)
+        return res
