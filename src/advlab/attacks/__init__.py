@@ -7,3 +7,8 @@ __all__ = ["Attack", "AttackResult", "project"]
 __all__ += ["FGSM", "BIM", "MIM", "PGD", "IterativeL2"]
 from .kanon import KA3, ka3_targets
 __all__ += ["KA3", "ka3_targets"]
+from .cw import CarliniWagnerL2
+from .deepfool import DeepFool
+from .lbfgs import LBFGS
+from .jsma import JSMA
+__all__ += ["CarliniWagnerL2", "DeepFool", "LBFGS", "JSMA"]

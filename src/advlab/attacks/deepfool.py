@@ -1,0 +1,106 @@
+"""DeepFool (Moosavi-Dezfooli et al. 2016), multi-class L2 version, batched over samples and over
+the candidate classes."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from .._util import AdvlabError, check_nonneg, check_positive_int
+from .base import Attack
+from .cw import keep_if_adversarial
+
+
+def logit_grads(model, x: torch.Tensor, weights) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logits of ``x`` (N, C) and the K input gradients ``d(weights[k] . logits) / dx`` (K, N, ...),
+    from one forward and one vmapped backward (``is_grads_batched``). ``weights`` is a (K, N, C)
+    tensor or a function of the (detached) logits returning one. Models whose ops have no
+    batching rule fall back to one backward of a K-times replicated batch."""
+    xg = x.detach().requires_grad_(True)
+    logits = model(xg)
+    w = weights(logits.detach()) if callable(weights) else weights
+    if w.shape[0] == 1:
+        (g,) = torch.autograd.grad(logits, xg, w[0])
+        return logits.detach(), g[None]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # vmap's "performance drop" notes for ops without a rule
+            (g,) = torch.autograd.grad(logits, xg, w, is_grads_batched=True)
+        return logits.detach(), g
+    except RuntimeError:
+        pass
+    k = w.shape[0]
+    xr = x.detach().repeat(k, *([1] * (x.dim() - 1))).requires_grad_(True)
+    (g,) = torch.autograd.grad((model(xr) * w.reshape(-1, w.shape[-1])).sum(), xr)
+    return logits.detach(), g.view(k, *x.shape)
+
+
+class DeepFool(Attack):
+    """DeepFool L2: linearise the decision boundaries of the ``num_candidates`` top classes of the
+    clean logits, step to the nearest one, repeat until the prediction changes (at most ``steps``
+    steps). The total perturbation is scaled by ``1 + overshoot`` and the image clamped to [0, 1]
+    at every step. Per step: one forward and the gradients of all K-1 logit differences for the
+    whole active batch at once; samples that are fooled leave the batch. Untargeted only.
+    """
+
+    norm = None
+    supports_targeted = False
+    minimum_norm = True
+
+    def __init__(self, model, steps: int = 50, overshoot: float = 0.02, num_candidates: int = 10):
+        super().__init__(model)
+        self.steps = check_positive_int(steps, "steps")
+        self.overshoot = check_nonneg(overshoot, "overshoot")
+        self.num_candidates = check_positive_int(num_candidates, "num_candidates", minimum=2)
+
+    def _perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+        n = x.shape[0]
+        view = (-1,) + (1,) * (x.dim() - 1)
+        out = x.clone()
+        # active set
+        idx = torch.arange(n, device=x.device)
+        x0, xa, lab = x, x.clone(), y
+        cand = None
+        r_tot = torch.zeros_like(x)
+
+        def weights(logits):
+            # the candidates: the top num_candidates - 1 clean classes other than y (set at step 0);
+            # weights[j, i] = e_{cand[i, j]} - e_{y_i}: the gradients of the logit differences
+            nonlocal cand
+            if cand is None:
+                k = min(self.num_candidates, logits.shape[1]) - 1
+                if k < 1:
+                    raise AdvlabError("DeepFool needs a model with at least 2 classes")
+                cand = logits.scatter(1, lab[:, None], float("-inf")).topk(k, dim=1).indices
+            eye = torch.eye(logits.shape[1], device=x.device, dtype=x.dtype)
+            return (eye[cand] - eye[lab][:, None]).transpose(0, 1)
+
+        for step in range(self.steps + 1):
+            if step == self.steps:  # only the check of the last iterate remains
+                with torch.no_grad():
+                    fooled = self.model(xa).argmax(1) != lab
+                out[idx[fooled]] = xa[fooled]
+                break
+            logits, grads = logit_grads(self.model, xa, weights)
+            fooled = logits.argmax(1) != lab
+            keep = ~fooled
+            if not bool(keep.all()):
+                out[idx[fooled]] = xa[fooled]
+                k_ = keep.nonzero().squeeze(1)
+                if k_.numel() == 0:
+                    break
+                idx, x0, xa, lab, cand, r_tot = idx[k_], x0[k_], xa[k_], lab[k_], cand[k_], r_tot[k_]
+                logits, grads = logits[k_], grads[:, k_]
+            m = idx.shape[0]
+            f = logits.gather(1, cand) - logits.gather(1, lab[:, None])         # (m, K-1), < 0
+            gn = grads.flatten(2).norm(dim=2).t()                               # (m, K-1)
+            best = (f.abs() / (gn + 1e-8)).argmin(1)                            # nearest boundary
+            ar = torch.arange(m, device=x.device)
+            g_best = grads[best, ar]                                            # (m, ...)
+            f_best = f[ar, best].abs()
+            n_best = gn[ar, best]
+            r_tot = r_tot + ((f_best + 1e-4) / (n_best + 1e-8) ** 2).view(view) * g_best
+            xa = (x0 + (1 + self.overshoot) * r_tot).clamp_(0.0, 1.0)
+        return keep_if_adversarial(self.model, out, x, y, None)
