@@ -149,7 +149,7 @@ def test_full_1000_images(lenet_mnist, mnist_correct):
 KINDS = ["FGSM", "BIM", "MIM", "PGD", "IterativeL2"]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(KINDS), norm=st.sampled_from(["inf", "2"]),
        eps=st.one_of(st.sampled_from([0.0, 8 / 255, 0.1, 0.3, 1.0]), st.floats(0.0, 2.0, allow_subnormal=False)),
        steps=st.integers(1, 4), n=st.integers(1, 5), c=st.sampled_from([1, 3]), h=st.integers(3, 10),
