@@ -175,6 +175,13 @@ def test_transfer_split_and_full_knowledge_attack(defense, digits_data):
     assert res["success"] > 0.8
     pred = defense.predict(x_adv)
     assert torch.equal(atk.is_success(pred, y, None), (pred != y) & (pred != REJECT))
+    # extra fixed-target passes only add successes; a fixed target is reached or the sample fails
+    one = defended_asr(defense, x, y, MSVDDFullKnowledge(defense, eps=0.1, steps=10, seed=0)(x, y))
+    three = defended_asr(defense, x, y, MSVDDFullKnowledge(defense, eps=0.1, steps=10, seed=0, targets=3)(x, y))
+    assert three["success"] >= one["success"]
+    t = (y + 1) % 10
+    pred_t = defense.predict(MSVDDFullKnowledge(defense, eps=0.3, steps=30, seed=0)(x, y, target=t))
+    assert float((pred_t == t).float().mean()) > 0.5
     r = torch.tensor([[0.2, -0.5, 0.3], [0.0, 0.1, 0.3], [0.2, -0.1, -0.2]])
     loss = verifier_loss(r, torch.tensor([0, 0, 0]), 0.001, 0.05)
     # target hinge (0.051 - r_t)+ plus the largest other response's hinge (r_o + 0.049)+

@@ -40,7 +40,10 @@ class MSVDDFullKnowledge(Attack):
     clamp after the SVDD layer are replaced by the identity (BPDA / straight-through, Athalye et
     al. 2018), so the loss is written on the pre-ReLU responses r of :meth:`MSVDDDefense.responses`
     (:func:`verifier_loss`). Untargeted, the target class is re-chosen at every step as the
-    wrong class with the largest response; ``target=`` fixes it.
+    wrong class with the largest response; ``target=`` fixes it. With ``targets=k > 1``
+    (untargeted only), the samples still not fooled are attacked again with a fixed target, the
+    wrong classes ranked 1..k-1 by their clean response in turn (k - 1 more passes at most, each
+    on the remaining samples only).
 
     Each sample keeps the first iterate that the defense assigns to a wrong class (not REJECT),
     judged by the defense's own :meth:`decide`; samples that succeeded leave the batch (one
@@ -54,7 +57,8 @@ class MSVDDFullKnowledge(Attack):
     supports_targeted = True
 
     def __init__(self, defense: nn.Module, eps: float = 0.3, alpha: Optional[float] = None, steps: int = 100,
-                 norm: str = "inf", kappa: float = 1e-3, random_start: bool = True, seed: Optional[int] = None):
+                 norm: str = "inf", kappa: float = 1e-3, random_start: bool = True, targets: int = 1,
+                 seed: Optional[int] = None):
         for attr in ("responses", "decide", "v_a", "num_classes"):
             if not hasattr(defense, attr):
                 raise AdvlabError(f"defense must be an MSVDDDefense (missing .{attr}), got {type(defense).__name__}")
@@ -64,6 +68,7 @@ class MSVDDFullKnowledge(Attack):
         self.alpha = 2.5 * self.eps / self.steps if alpha is None else check_nonneg(alpha, "alpha")
         self.kappa = check_nonneg(kappa, "kappa")
         self.random_start = bool(random_start)
+        self.targets = check_positive_int(targets, "targets")
 
     def is_success(self, pred, y, target):
         ok = pred == target if target is not None else pred != y
@@ -80,11 +85,31 @@ class MSVDDFullKnowledge(Attack):
         return (x + 0.5 * self.eps * d).clamp_(0.0, 1.0)
 
     def _perturb(self, x, y, target):
+        out, ok = self._pgd(x, y, target)
+        if target is not None or self.targets == 1:
+            return out
+        defense = self.model
+        with torch.no_grad():
+            r = defense.responses(x)
+        ranked = r.masked_fill(torch.nn.functional.one_hot(y, defense.num_classes).bool(),
+                               float("-inf")).argsort(1, descending=True)
+        for k in range(1, min(self.targets, defense.num_classes - 1)):
+            todo = torch.nonzero(~ok).squeeze(1)
+            if todo.numel() == 0:
+                break
+            cand, cand_ok = self._pgd(x[todo], y[todo], ranked[todo, k])
+            out[todo[cand_ok]] = cand[cand_ok]
+            ok[todo[cand_ok]] = True
+        return out
+
+    def _pgd(self, x, y, target):
+        """One PGD run; returns (adversarials, success mask)."""
         defense = self.model
         c = defense.num_classes
         lo, hi = linf_box(x, self.eps) if self.norm == "inf" else (None, None)
         x_adv = self._start(x)
         out = x_adv.clone()
+        ok = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         idx = torch.arange(x.shape[0], device=x.device)
         for step in range(self.steps + 1):
             with torch.enable_grad():
@@ -103,9 +128,10 @@ class MSVDDFullKnowledge(Attack):
             x_adv = x_adv.detach()
             if bool(done.any()):
                 out[idx[done]] = x_adv[done]
+                ok[idx[done]] = True
                 keep = ~done
                 if not bool(keep.any()):
-                    return out
+                    return out, ok
                 idx, x, y, x_adv, grad = idx[keep], x[keep], y[keep], x_adv[keep], grad[keep]
                 target = None if target is None else target[keep]
                 lo = None if lo is None else lo[keep]
@@ -121,4 +147,4 @@ class MSVDDFullKnowledge(Attack):
                 delta = delta * torch.clamp(self.eps / n, max=1.0).view(-1, 1, 1, 1)
                 x_adv = (x + delta).clamp_(0.0, 1.0)
         out[idx] = x_adv
-        return out
+        return out, ok
