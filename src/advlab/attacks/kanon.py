@@ -92,8 +92,8 @@ class KA3(Attack):
     supports_targeted = False
     minimum_norm = True
 
-    def __init__(self, model: nn.Module, K: int = 5, similarity: Optional[str] = "cw-ssim", lam: float = 0.05,
-                 steps: int = 1000, lr: float = 0.02, growth: float = 2.0, patience: int = 15,
+    def __init__(self, model: nn.Module, K: int = 5, similarity: Optional[str] = "cw-ssim", lam: float = 0.1,
+                 steps: int = 500, lr: float = 0.02, growth: float = 1.5, patience: int = 10,
                  sim_weight: float = 1.0, margin: float = 1e-3, cw_ssim: Optional[dict] = None,
                  check_every: int = 5, loss: str = "masked-ce", seed: Optional[int] = 0):
         super().__init__(model, eps=None, seed=seed)
@@ -126,15 +126,19 @@ class KA3(Attack):
         self._counter = 0
         self._record = None  # filled by run(): per-batch k, rank, success
         self._batch_groups = None
-        #: forward+backward passes of the last call, counted per sample (for cost reports)
+        #: cost of the last call: steps run, and forward+backward passes counted per sample (a
+        #: step over an active batch of m samples counts m); ``total_sample_steps`` sums the
+        #: latter over calls since construction or :meth:`reset`
         self.last_sample_steps = 0
         self.last_steps = 0
+        self.total_sample_steps = 0
 
     # ------------------------------------------------------------------ groups
     def reset(self) -> None:
-        """Restart the group counter (and the random stream)."""
+        """Restart the group counter, the cost counter (and the random stream)."""
         super().reset()
         self._counter = 0
+        self.total_sample_steps = 0
 
     def _groups_for(self, n: int, groups, device) -> torch.Tensor:
         if groups is None:
@@ -249,6 +253,7 @@ class KA3(Attack):
                         ra = select_reference(ra, keep)
         self.last_steps = step
         self.last_sample_steps = sample_steps
+        self.total_sample_steps += sample_steps
         return best
 
     def _class_loss(self, logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
