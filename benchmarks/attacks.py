@@ -10,7 +10,9 @@ successful perturbations. When torchattacks, foolbox or ART are importable, the 
 the same parameters run through them on the same model and images (they are never dependencies).
 
 Attacks written in other advlab modules (C&W, DeepFool, L-BFGS, JSMA, K-A3) are included when
-``advlab.attacks`` exports them; the parameters passed are those their constructors accept.
+``advlab.attacks`` exports them, with their constructors' defaults; their nominal steps are
+``steps x binary_search_steps`` where they have those attributes, and the forward count shows
+what they really did.
 
     python benchmarks/attacks.py                        # trains a LeNet-5 for 3 epochs first
     python benchmarks/attacks.py --checkpoint lenet.pt  # or an advlab checkpoint
@@ -45,13 +47,12 @@ SPECS = [
     ("PGD-earlystop", "PGD", dict(eps=0.3, alpha=0.01, steps=40, norm="inf", early_stop=True, seed=0), 40),
     ("PGD-L2", "PGD", dict(eps=2.0, alpha=0.1, steps=40, norm="2", random_start=True, seed=0), 40),
     ("IterativeL2", "IterativeL2", dict(eps=2.0, alpha=0.1, steps=40), 40),
-    # minimum-norm attacks of the other modules: their budgets as the papers use them
-    ("CarliniWagnerL2", "CarliniWagnerL2", dict(c=1.0, confidence=0.0, steps=100, lr=0.01, binary_search_steps=9),
-     None),
-    ("DeepFool", "DeepFool", dict(steps=50, overshoot=0.02), None),
+    # the attacks of the other modules run with their own defaults (set there from the papers)
+    ("CarliniWagnerL2", "CarliniWagnerL2", dict(), None),
+    ("DeepFool", "DeepFool", dict(), None),
     ("LBFGS", "LBFGS", dict(), None),
-    ("JSMA", "JSMA", dict(theta=1.0, gamma=0.1), None),
-    ("KA3", "KA3", dict(K=5), None),
+    ("JSMA", "JSMA", dict(), None),
+    ("KA3", "KA3", dict(), None),
 ]
 
 
