@@ -124,3 +124,18 @@ def test_bad_arguments():
         layer(torch.zeros(5, 4))
     with pytest.raises(AdvlabError, match="no training samples"):
         layer.init_from_features(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
+
+
+def test_gradcheck_through_features_and_parameters():
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    layer = SVDDLayer(2, 3, projections=3, gamma=0.7).double()
+    with torch.no_grad():
+        layer.u.normal_()
+    args = [torch.randn(4, 3, dtype=torch.float64)] + [t.detach().clone() for t in (layer.O, layer.u, layer.R)]
+    args = [a.requires_grad_(True) for a in args]
+
+    def fn(f, O, u, R):
+        return functional_call(layer, {"O": O, "u": u, "R": R}, (f,))
+    assert torch.autograd.gradcheck(fn, tuple(args), eps=1e-6, atol=1e-5)

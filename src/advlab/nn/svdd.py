@@ -29,8 +29,8 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``b`` (C, M, D): shape (N, C, M). One matrix product over all classes at once."""
     c, m, d = b.shape
     bf = b.reshape(c * m, d)
-    d2 = torch.addmm((bf * bf).sum(-1)[None], a, bf.T, alpha=-2.0) + (a * a).sum(-1, keepdim=True)
-    return d2.clamp_min(0.0).view(a.shape[0], c, m)
+    d2 = torch.addmm((bf * bf).sum(-1)[None], a, bf.T, alpha=-2.0)
+    return d2.add_((a * a).sum(-1, keepdim=True)).clamp_min_(0.0).view(a.shape[0], c, m)
 
 
 def median_gamma(features: torch.Tensor, labels: Optional[torch.Tensor] = None, max_points: int = 2000,
@@ -110,7 +110,7 @@ class SVDDLayer(nn.Module):
 
     def kernel_vectors(self, f: torch.Tensor) -> torch.Tensor:
         """k~ for every class: (N, C, M) with entries exp(-gamma ||f_n - O_cm||^2)."""
-        return torch.exp(-self.gamma * _sq_dists(self._check(f), self.O))
+        return _sq_dists(self._check(f), self.O).mul_(-self.gamma).exp_()
 
     def kernel_matrices(self) -> torch.Tensor:
         """K~ for every class: (C, M, M)."""
@@ -136,7 +136,7 @@ class SVDDLayer(nn.Module):
     def sq_distance(self, f: torch.Tensor) -> torch.Tensor:
         """d_c^2(f) = k(f,f) - 2 k~^T u_c + u_c^T K~ u_c for all classes: (N, C)."""
         kt = self.kernel_vectors(f)                                            # (N, C, M)
-        ku = torch.bmm(kt.transpose(0, 1), self.u[:, :, None]).squeeze(-1).T   # k~^T u_c: (N, C)
+        ku = (kt * self.u).sum(-1)                                             # k~^T u_c: (N, C)
         return 1.0 - 2.0 * ku + self.quadratic()[None]
 
     def svdd(self, f: torch.Tensor) -> torch.Tensor:
