@@ -355,6 +355,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     threads = torch.get_num_threads()
     if spec.get("threads"):   # e.g. 1 on a busy 2-core machine, where 2 OpenMP threads thrash
         torch.set_num_threads(int(spec["threads"]))
+    rep.results["torch_threads"] = torch.get_num_threads()
     try:
         for exp in spec["experiments"]:
             results.append(run_experiment(exp, spec, data_root, device, log))
@@ -372,7 +373,8 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
         "the defended model itself (BPDA through the ReLU/clamp, unique-verifier loss); the paper has no such row.\n\n"
         f"Scale (smaller than the paper's): W trained {spec.get('train', {}).get('epochs')} epochs on the fit split; "
         f"SVDDs {dcfg.get('positive_epochs')} positive-only + {dcfg.get('svdd_epochs')} joint epochs (paper: 20-50), "
-        f"fine-tuning {dcfg.get('finetune_epochs')} epochs (paper: 15); {spec.get('n')} attacked images per model.")
+        f"fine-tuning {dcfg.get('finetune_epochs')} epochs (paper: 15); {spec.get('n')} attacked images per model; "
+        f"{rep.results['torch_threads']} torch thread(s), {time.perf_counter() - t0:.0f} s for {len(results)} model(s).")
     rows1 = []
     for r in results:
         row = {"experiment": r["name"], "model": r["model"], "M": r["projections"],
