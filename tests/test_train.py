@@ -17,6 +17,8 @@ def test_fit_learns_digits_and_is_deterministic(digits_data):
     assert accs[0] == accs[1] and losses[0] == losses[1]
     assert accs[0] > 0.85
     assert len(losses[0]) == 4 and losses[0][-1] < losses[0][0]
+    # no gradients left on the trained model (attacks and defenses start from a clean model)
+    assert all(p.grad is None for p in m.parameters()) and not m.training
 
 
 def test_fit_callbacks_custom_loss_and_early_stop(digits_data):

@@ -192,6 +192,8 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
             stop = bool(cb(epoch, metrics, model)) or stop
         if stop:
             break
+    # leave no gradients behind: a trained model handed to an attack or a defense starts clean
+    opt.zero_grad(set_to_none=True)
     model.eval()
     return history
 

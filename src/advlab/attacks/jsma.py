@@ -85,8 +85,9 @@ class JSMA(Attack):
     """Targeted JSMA with pairs of features (Papernot et al., 2016).
 
     Per iteration and sample: one forward and the input gradients of the target output (alpha)
-    and of the sum of the other outputs (beta), then the pair (p, q) of the search domain with the largest ``(a_p + a_q) * |b_p + b_q|`` among pairs with
-    ``a_p + a_q > 0`` and ``b_p + b_q < 0`` (signs flipped for ``theta < 0``); both features get
+    and of the sum of the other outputs (beta), then the pair (p, q) of the search domain with
+    the largest ``(a_p + a_q) * |b_p + b_q|`` among pairs with ``a_p + a_q > 0`` and
+    ``b_p + b_q < 0`` (signs flipped for ``theta < 0``); both features get
     ``+theta`` (clamped to [0, 1]) and leave the domain. The domain starts as the features that
     can still move in theta's direction. A sample stops when it is classified as the target,
     when ``gamma`` of its features (values over all channels) would be exceeded, or when no pair

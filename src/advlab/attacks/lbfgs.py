@@ -101,18 +101,18 @@ class LBFGS(Attack):
             d = torch.where(has[:, None], -r, steep)
             # not a descent direction (curvature pairs gone stale at the bounds): steepest descent
             bad = (d * gf).sum(1) >= 0
-            return torch.where(bad[:, None], steep, d), has & ~bad
+            return torch.where(bad[:, None], steep, d)
 
         idx = torch.arange(n, device=dev)
         xa, tgt, ca = x0, target, c
         l2_a, adv_a, succ_a = best_l2.clone(), best_adv.clone(), succ.clone()
         z = x0.clone()
-        f, g, ok, l2 = evaluate(z, xa, tgt, ca)
+        f, g, _, _ = evaluate(z, xa, tgt, ca)
         S = torch.zeros(n, h, dim, device=dev, dtype=dt)
         Y = torch.zeros_like(S)
         rho = torch.zeros(n, h, device=dev, dtype=dt)
         fr = free_mask(z, g)
-        d, _ = direction(g * fr, S, Y, rho)
+        d = direction(g * fr, S, Y, rho)
         t = torch.ones(n, device=dev, dtype=dt)
         done = torch.zeros(n, dtype=torch.bool, device=dev)
 
@@ -150,7 +150,7 @@ class LBFGS(Attack):
                 rho = torch.where(stall[:, None], torch.zeros_like(rho), rho)
                 t = torch.where(stall, torch.ones_like(t), t)
                 new = acc | stall
-                d_new, _ = direction(g * free_mask(z, g), S, Y, rho)
+                d_new = direction(g * free_mask(z, g), S, Y, rho)
                 d = torch.where(new[:, None], d_new, d)
                 if (it + 1) % 10 == 0 and it + 1 < self.steps and bool(done.any()):
                     write_back()
