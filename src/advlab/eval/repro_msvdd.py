@@ -352,16 +352,11 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
             print(msg, flush=True)
 
     results = []
-    threads = torch.get_num_threads()
-    if spec.get("threads"):   # e.g. 1 on a busy 2-core machine, where 2 OpenMP threads thrash
-        torch.set_num_threads(int(spec["threads"]))
-    rep.results["torch_threads"] = torch.get_num_threads()
-    try:
+    # e.g. 1 thread on a busy 2-core machine, where 2 OpenMP threads thrash
+    with rep.use_threads(spec.get("threads")):
         for exp in spec["experiments"]:
             results.append(run_experiment(exp, spec, data_root, device, log))
             rep.time(exp["name"], results[-1]["seconds"]["total"])
-    finally:
-        torch.set_num_threads(threads)
     dcfg = spec.get("defense", {})
     rep.add_text(
         "Threat model of Table 2 (as in the paper): attacks are crafted white-box on W~-LC (the fine-tuned "
