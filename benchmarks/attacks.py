@@ -49,11 +49,21 @@ SPECS = [
     ("IterativeL2", "IterativeL2", dict(eps=2.0, alpha=0.1, steps=40), 40),
     # the attacks of the other modules run with their own defaults (set there from the papers)
     ("CarliniWagnerL2", "CarliniWagnerL2", dict(), None),
-    ("DeepFool", "DeepFool", dict(), None),
+    # one C&W run of 100 steps, no binary search: the setting the other libraries are timed with
+    ("CW-100", "CarliniWagnerL2", dict(c=1.0, steps=100, lr=0.1, binary_search_steps=1), None),
+    ("DeepFool", "DeepFool", dict(steps=50, overshoot=0.02, num_candidates=10), None),
     ("LBFGS", "LBFGS", dict(), None),
-    ("JSMA", "JSMA", dict(), None),
+    ("JSMA", "JSMA", dict(theta=1.0, gamma=0.1), None),
+    # torchattacks' JSMA loops over images: the comparison runs on the first 64
+    ("JSMA-64", "JSMA", dict(theta=1.0, gamma=0.1, _n=64), None),
     ("KA3", "KA3", dict(), None),
 ]
+
+
+def second_ranked(model, x, y):
+    """The class each clean image ranks second (JSMA's default target in advlab)."""
+    with torch.no_grad():
+        return model(x).scatter(1, y[:, None], float("-inf")).argmax(1)
 
 
 def parse_args(argv=None):
@@ -190,10 +200,17 @@ def other_library_runs(lib, model, x, y, spec_name, params, device):
             "MIM": lambda: ta.MIFGSM(model, eps=eps, alpha=alpha, steps=steps, decay=params.get("decay", 1.0)),
             "PGD": lambda: ta.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True),
             "PGD-L2": lambda: ta.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=True),
+            "CW-100": lambda: ta.CW(model, c=params["c"], kappa=0, steps=steps, lr=params["lr"]),
+            "DeepFool": lambda: ta.DeepFool(model, steps=steps, overshoot=params["overshoot"]),
+            "JSMA-64": lambda: ta.JSMA(model, theta=params["theta"], gamma=params["gamma"]),
         }.get(spec_name)
         if make is None:
             return None
         atk = make()
+        if spec_name.startswith("JSMA"):  # the same targets as advlab's (second-ranked class)
+            atk.set_mode_targeted_by_label(quiet=True)
+            t = second_ranked(model, x, y)
+            return lambda: atk(x, t)
         return lambda: atk(x, y)
     if lib == "foolbox":
         try:
@@ -207,6 +224,11 @@ def other_library_runs(lib, model, x, y, spec_name, params, device):
             "PGD-L2": lambda: fb.attacks.L2PGD(abs_stepsize=alpha, steps=steps, random_start=True),
             "IterativeL2": lambda: fb.attacks.L2BasicIterativeAttack(abs_stepsize=alpha, steps=steps,
                                                                       random_start=False),
+            "CW-100": lambda: fb.attacks.L2CarliniWagnerAttack(binary_search_steps=1, steps=steps,
+                                                               stepsize=params["lr"], confidence=0,
+                                                               initial_const=params["c"], abort_early=True),
+            "DeepFool": lambda: fb.attacks.L2DeepFoolAttack(steps=steps, candidates=params["num_candidates"],
+                                                            overshoot=params["overshoot"]),
         }.get(spec_name)
         if make is None:
             return None
@@ -216,8 +238,9 @@ def other_library_runs(lib, model, x, y, spec_name, params, device):
     if lib == "art":
         try:
             import numpy as np
-            from art.attacks.evasion import (BasicIterativeMethod, FastGradientMethod, MomentumIterativeMethod,
-                                             ProjectedGradientDescentPyTorch)
+            from art.attacks.evasion import (BasicIterativeMethod, CarliniL2Method, DeepFool, FastGradientMethod,
+                                             MomentumIterativeMethod, ProjectedGradientDescentPyTorch,
+                                             SaliencyMapMethod)
             from art.estimators.classification import PyTorchClassifier
         except Exception as e:
             return f"not installed ({type(e).__name__})"
@@ -236,11 +259,22 @@ def other_library_runs(lib, model, x, y, spec_name, params, device):
                                                            num_random_init=1, batch_size=n, verbose=False),
             "PGD-L2": lambda: ProjectedGradientDescentPyTorch(clf, norm=2, eps=eps, eps_step=alpha, max_iter=steps,
                                                               num_random_init=1, batch_size=n, verbose=False),
+            "CW-100": lambda: CarliniL2Method(clf, confidence=0.0, learning_rate=params["lr"], binary_search_steps=1,
+                                              max_iter=steps, initial_const=params["c"], batch_size=n,
+                                              verbose=False),
+            "DeepFool": lambda: DeepFool(clf, max_iter=steps, epsilon=params["overshoot"],
+                                         nb_grads=params["num_candidates"], batch_size=n, verbose=False),
+            "JSMA-64": lambda: SaliencyMapMethod(clf, theta=params["theta"], gamma=params["gamma"], batch_size=n,
+                                                 verbose=False),
         }.get(spec_name)
         if make is None:
             return None
         atk = make()
         xn, yn = x.cpu().numpy(), y.cpu().numpy()
+        if spec_name.startswith("JSMA"):  # targeted, one-hot targets: advlab's second-ranked class
+            yn = np.eye(10, dtype=np.float32)[second_ranked(model, x, y).cpu().numpy()]
+        elif spec_name in ("CW-100", "DeepFool"):
+            yn = None  # untargeted, against the model's own prediction
         return lambda: torch.from_numpy(atk.generate(xn, yn)).to(device)
     return f"unknown library {lib!r}"
 
@@ -280,6 +314,9 @@ def main(argv=None):
         if cls is None:
             print(f"{name:<30} (advlab.attacks.{cls_name} not available yet)")
             continue
+        params = dict(params)
+        n_row = params.pop("_n", None)
+        xs, ys, oks = (x, y, ok) if n_row is None else (x[:n_row], y[:n_row], ok[:n_row])
         accepted = inspect.signature(cls.__init__).parameters
         kwargs = {k: v for k, v in params.items() if k in accepted}
         atk = cls(model, **kwargs)
@@ -287,22 +324,22 @@ def main(argv=None):
             steps = getattr(atk, "steps", None)
             if steps is not None:
                 steps *= getattr(atk, "binary_search_steps", 1)
-        atk(x[:8], y[:8])  # warm-up
+        atk(xs[:8], ys[:8])  # warm-up
         if hasattr(atk, "reset"):
             atk.reset()
-        t_step = time_plain_step(model, x, y, device)[0]
+        t_step = time_plain_step(model, xs, ys, device)[0]
         counter = ForwardCounter(model)
         try:
-            seconds, x_adv = run_timed(lambda: atk(x, y), device, args.repeat)
+            seconds, x_adv = run_timed(lambda: atk(xs, ys), device, args.repeat)
         finally:
             counter.handle.remove()
-        fwd = counter.images / args.repeat / x.shape[0]
-        rate, med = evaluate(model, x, y, x_adv, ok)
+        fwd = counter.images / args.repeat / xs.shape[0]
+        rate, med = evaluate(model, xs, ys, x_adv, oks)
         row(name, seconds, steps, t_step, fwd, rate, med)
         for lib in libs:
             if lib in missing_libs:
                 continue
-            fn = other_library_runs(lib, model, x, y, name, params, device)
+            fn = other_library_runs(lib, model, xs, ys, name, params, device)
             if fn is None:
                 continue
             if isinstance(fn, str):
@@ -310,15 +347,15 @@ def main(argv=None):
                 missing_libs[lib] = fn
                 continue
             try:
-                fn_small = other_library_runs(lib, model, x[:8], y[:8], name, params, device)
+                fn_small = other_library_runs(lib, model, xs[:8], ys[:8], name, params, device)
                 fn_small()  # warm-up
-                t_step = time_plain_step(model, x, y, device)[0]
+                t_step = time_plain_step(model, xs, ys, device)[0]
                 seconds, x_adv = run_timed(fn, device, args.repeat)
             except Exception as e:  # another library's failure must not stop the benchmark
                 print(f"  [{lib}] failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 continue
             model.eval()
-            rate, med = evaluate(model, x, y, x_adv.detach().to(x.dtype), ok)
+            rate, med = evaluate(model, xs, ys, x_adv.detach().to(x.dtype), oks)
             row(f"  {name} [{lib}]", seconds, steps, t_step, None, rate, med)
     return 0
 
