@@ -1,9 +1,9 @@
 """Attacks: ``atk = PGD(model, eps=0.3); x_adv = atk(x, y)``."""
 
-from .base import Attack, AttackResult, project
+from .base import Attack, AttackResult, project, runner_up
 from .gradient import FGSM, BIM, MIM, PGD, IterativeL2
 
-__all__ = ["Attack", "AttackResult", "project"]
+__all__ = ["Attack", "AttackResult", "project", "runner_up"]
 __all__ += ["FGSM", "BIM", "MIM", "PGD", "IterativeL2"]
 from .kanon import KA3, ka3_targets
 __all__ += ["KA3", "ka3_targets"]

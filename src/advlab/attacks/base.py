@@ -71,6 +71,12 @@ def check_norm(norm) -> str:
     raise AdvlabError(f"norm must be 'inf' or '2', got {norm!r}")
 
 
+def runner_up(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The highest-scoring class other than ``y`` per sample: the default target of the targeted
+    minimum-norm attacks (L-BFGS, JSMA), the class ranked second on a correctly classified image."""
+    return logits.detach().scatter(1, y[:, None], float("-inf")).argmax(1)
+
+
 def num_classes_of(model: nn.Module, x: torch.Tensor) -> int:
     with torch.no_grad():
         return int(model(x[:1]).shape[1])

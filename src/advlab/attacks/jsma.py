@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._util import AdvlabError, check_positive_int
-from .base import Attack
+from .base import Attack, runner_up
 from .cw import check_positive, keep_if_adversarial
 from .deepfool import logit_grads
 
@@ -135,7 +135,7 @@ class JSMA(Attack):
             # without target= the target is the best clean class other than y (set at iteration 0)
             nonlocal tgt
             if tgt is None:
-                tgt = logits.scatter(1, y[:, None], float("-inf")).argmax(1)
+                tgt = runner_up(logits, y)
             onehot = torch.zeros_like(logits).scatter_(1, tgt[:, None], 1.0)
             if self.use_logits:
                 # alpha = d Z_t / dx, beta = d sum_{j != t} Z_j / dx

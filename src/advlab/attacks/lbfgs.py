@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .._util import check_positive_int
-from .base import Attack
+from .base import Attack, runner_up
 from .cw import check_positive, keep_if_adversarial
 
 
@@ -49,7 +49,7 @@ class LBFGS(Attack):
         n = x.shape[0]
         if target is None:
             with torch.no_grad():
-                target = self.model(x).scatter(1, y[:, None], float("-inf")).argmax(1)
+                target = runner_up(self.model(x), y)
         c = torch.full((n,), 1.0 if self.c is None else self.c, device=x.device, dtype=x.dtype)
         lo = torch.zeros_like(c)
         hi = torch.full_like(c, float("inf"))

@@ -109,7 +109,6 @@ class Report:
         self.tables: Dict[str, dict] = {}
         self.figures: Dict[str, bytes] = {}
         self.timings: Dict[str, float] = {}
-        self.threads: Optional[int] = None  # torch threads the work ran with (see use_threads)
         self._t0 = time.perf_counter()
 
     @contextlib.contextmanager
@@ -119,10 +118,9 @@ class Report:
         before = torch.get_num_threads()
         if n:
             torch.set_num_threads(int(n))
-        self.threads = torch.get_num_threads()
-        self.results["torch_threads"] = self.threads
+        self.results["torch_threads"] = torch.get_num_threads()
         try:
-            yield self.threads
+            yield self.results["torch_threads"]
         finally:
             torch.set_num_threads(before)
 
@@ -177,8 +175,8 @@ class Report:
                 fname, caption = payload
                 lines.append(f"![{caption}]({fname})\n")
         env = environment()
-        if self.threads is not None:
-            env["threads"] = str(self.threads)
+        if "torch_threads" in self.results:  # what the work ran with, not the restored setting
+            env["threads"] = str(self.results["torch_threads"])
         lines.append("---\n")
         lines.append(f"advlab {env['advlab']}, torch {env['torch']}, {env['platform']}, "
                      f"{env['threads']} threads; total {time.perf_counter() - self._t0:.1f} s.\n")
