@@ -71,10 +71,10 @@ def lenet_mnist(model_cache, mnist_data):
     train, test = mnist_data
 
     def build():
-        m = build_model("lenet5", 10, (1, 28, 28), mean=0.1307, std=0.3081)
+        m = build_model("lenet5", 10, (1, 28, 28), mean=0.1307, std=0.3081, seed=0)
         fit(m, train, epochs=10, lr=3e-3, batch_size=64, schedule="onecycle", seed=0)
         return m
-    return _trained(model_cache, "lenet5-mnist10k-e10", build).eval()
+    return _trained(model_cache, "lenet5-mnist10k-e10-s0", build).eval()
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +93,7 @@ def lenet_digits(model_cache, digits_data):
     train, _ = digits_data
 
     def build():
-        m = build_model("lenet5", 10, (1, 8, 8))
+        m = build_model("lenet5", 10, (1, 8, 8), seed=0)
         fit(m, train, epochs=20, lr=3e-3, batch_size=64, schedule="onecycle", seed=0)
         return m
-    return _trained(model_cache, "lenet5-digits-e20", build).eval()
+    return _trained(model_cache, "lenet5-digits-e20-s0", build).eval()
