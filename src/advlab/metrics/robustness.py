@@ -6,7 +6,23 @@ from typing import Dict, Optional
 
 import torch
 
-REJECT = -1
+from .. import REJECT
+
+
+def is_success(pred: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The one success rule of advlab, per sample: the prediction is the target (targeted) or any
+    class other than ``y`` (untargeted), and never ``advlab.REJECT``. A rejected adversarial is
+    a *detection*, not a success, everywhere: attacks' early stopping, ``AttackResult``, metrics
+    and reports all call this function."""
+    ok = pred == target if target is not None else pred != y
+    return ok & (pred != REJECT)
+
+
+def outcome(adv_pred: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """Per-sample ``success`` / ``failed`` / ``detected`` masks (exactly one is true per sample)."""
+    success = is_success(adv_pred, y, target)
+    detected = adv_pred == REJECT
+    return {"success": success, "failed": ~success & ~detected, "detected": detected}
 
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
@@ -36,14 +52,8 @@ def attack_success_rate(adv_pred: torch.Tensor, y: torch.Tensor, target: Optiona
     n = int(y.numel())
     if n == 0:
         return {"success": float("nan"), "failed": float("nan"), "detected": float("nan"), "n": 0}
-    detected = adv_pred == REJECT
-    if target is not None:
-        success = (adv_pred == target[keep]) & ~detected
-    else:
-        success = (adv_pred != y) & ~detected
-    failed = ~success & ~detected
-    return {"success": float(success.float().mean()), "failed": float(failed.float().mean()),
-            "detected": float(detected.float().mean()), "n": n}
+    out = outcome(adv_pred, y, None if target is None else target[keep])
+    return {k: float(v.float().mean()) for k, v in out.items()} | {"n": n}
 
 
 def l0_norm(delta: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
