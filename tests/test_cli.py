@@ -61,10 +61,12 @@ def test_train_then_attack_writes_checkpoint_and_report(tmp_path, capsys):
     assert "| fgsm |" in printed and "| pgd |" in printed
     res = json.loads((out / "results.json").read_text())
     rows = res["tables"]["attack-results"]["rows"]
-    assert [r["attack"] for r in rows] == ["fgsm", "pgd"]
+    assert [r["attack"] for r in rows] == ["fgsm", "pgd", "worst case"]
     for r in rows:
         assert r["n"] == 40 and 0 <= r["asr"] <= 1 and r["mean_linf"] <= 0.2 + 1e-6
     assert rows[1]["robust_acc"] <= rows[0]["robust_acc"]  # PGD at least as strong as FGSM
+    # per-sample worst case: never more robust than any single attack
+    assert rows[2]["robust_acc"] <= min(rows[0]["robust_acc"], rows[1]["robust_acc"])
     assert (out / "report.md").is_file() and (out / "examples.png").is_file() and (out / "attack-results.csv").is_file()
     # a parameter the attack does not take is refused by name
     assert main(["attack", "--checkpoint", str(ckpt), "--attack", "fgsm", "--steps", "3", "--out", str(out)]) == 2

@@ -5,7 +5,6 @@ Errors print one line and exit non-zero; ``--debug`` shows the traceback."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -15,20 +14,7 @@ from typing import Dict, List, Optional
 from . import __version__
 from ._util import AdvlabError
 
-#: CLI attack name -> (class name in advlab.attacks, fixed keyword arguments)
-ATTACKS = {
-    "fgsm": ("FGSM", {}),
-    "bim": ("BIM", {}),
-    "mim": ("MIM", {}),
-    "pgd": ("PGD", {"norm": "inf"}),
-    "pgd-l2": ("PGD", {"norm": "2"}),
-    "l2": ("IterativeL2", {}),
-    "cw": ("CarliniWagnerL2", {}),
-    "deepfool": ("DeepFool", {}),
-    "lbfgs": ("LBFGS", {}),
-    "jsma": ("JSMA", {}),
-    "ka3": ("KA3", {}),
-}
+from .attacks.registry import ATTACKS, attack_parameters, build_attack
 
 #: attack parameters exposed as flags: flag -> (type, help)
 ATTACK_FLAGS = {
@@ -56,45 +42,24 @@ def _err(msg: str) -> AdvlabError:
     return AdvlabError(msg)
 
 
-def attack_class(name: str):
-    import advlab.attacks as attacks
-
-    if name not in ATTACKS:
-        raise _err(f"unknown attack {name!r}; valid names: {', '.join(ATTACKS)}")
-    cls_name, fixed = ATTACKS[name]
-    cls = getattr(attacks, cls_name, None)
-    if cls is None:
-        raise _err(f"attack {name!r} ({cls_name}) is not available in this build of advlab")
-    return cls, fixed
-
-
 def build_attacks(names: List[str], model, **params) -> Dict[str, object]:
-    """Build several CLI-named attacks sharing the flags: each takes the flags it accepts; a flag
+    """Build several registered attacks sharing the flags: each takes the flags it accepts; a flag
     that none of them accepts is an error."""
     if len(names) == 1:
-        return {names[0]: build_attack(names[0], model, **params)}
-    accepted = {n: set(inspect.signature(attack_class(n)[0].__init__).parameters) for n in names}
+        return {names[0]: _flag_errors(build_attack, names[0], model, **params)}
+    accepted = {n: attack_parameters(n) for n in names}
     for k, v in params.items():
         if v is not None and not any(k in a for a in accepted.values()):
             raise _err(f"none of the attacks {', '.join(names)} takes --{k.replace('_', '-')}")
     return {n: build_attack(n, model, **{k: v for k, v in params.items() if k in accepted[n]}) for n in names}
 
 
-def build_attack(name: str, model, **params):
-    """Build a CLI-named attack with the given parameters (unset ones keep the class defaults)."""
-    cls, fixed = attack_class(name)
-    accepted = inspect.signature(cls.__init__).parameters
-    kwargs = dict(fixed)
-    for k, v in params.items():
-        if v is None:
-            continue
-        if k not in accepted:
-            raise _err(f"attack {name!r} does not take --{k.replace('_', '-')}; it takes: "
-                       + ", ".join(f"--{p.replace('_', '-')}" for p in accepted if p not in ("self", "model")))
-        if k == "similarity" and str(v).lower() == "none":
-            v = None
-        kwargs[k] = v
-    return cls(model, **kwargs)
+def _flag_errors(fn, name, model, **params):
+    bad = [k for k, v in params.items() if v is not None and k not in attack_parameters(name)]
+    if bad:
+        raise _err(f"attack {name!r} does not take --{bad[0].replace('_', '-')}; it takes: "
+                   + ", ".join(f"--{p.replace('_', '-')}" for p in sorted(attack_parameters(name))))
+    return fn(name, model, **params)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -166,7 +131,7 @@ def cmd_train(args) -> int:
 def cmd_attack(args) -> int:
     from .eval.figures import example_grid
     from .eval.report import Report, markdown_table
-    from .eval.runner import evaluate_attacks, pick_images
+    from .eval.runner import AttackRun, pick_images, run_attacks
     from .train import load_checkpoint
 
     model, meta = load_checkpoint(args.checkpoint, device=args.device)
@@ -178,7 +143,11 @@ def cmd_attack(args) -> int:
     params = {k: getattr(args, k) for k in ATTACK_FLAGS}
     names = [a.strip() for a in args.attack.split(",") if a.strip()]
     attacks = build_attacks(names, model, **params)
-    rows, results = evaluate_attacks(model, x, y, attacks, batch_size=args.batch_size, progress=not args.quiet)
+    ev = run_attacks([AttackRun(n, a) for n, a in attacks.items()], x, y, batch_size=args.batch_size,
+                     progress=not args.quiet)
+    rows, results = ev.rows, ev.results
+    if len(rows) > 1:
+        rows.append(ev.worst_row())
     rep = Report(args.out, f"advlab attack: {', '.join(names)} on {dataset}",
                  spec={"command": "attack", **{k: v for k, v in vars(args).items() if k != "func"}}, seed=args.seed)
     cols = ["attack", "n", "clean_acc", "robust_acc", "asr", "mean_l2", "median_l2", "mean_linf", "mean_l0", "ssim",

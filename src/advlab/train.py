@@ -3,6 +3,7 @@ checkpoints, a tqdm progress bar, per-epoch history, deterministic with a seed."
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -57,6 +58,17 @@ def resolve_device(device=None, model: nn.Module | None = None) -> torch.device:
     if model is not None:
         return model_device(model)
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device=None):
+    """Run a block with torch's global RNG seeded with ``seed``, inside a fork: the caller's
+    random state is restored afterwards (library code never reseeds the user's global RNG)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def _progress(enabled: Optional[bool]) -> bool:
@@ -141,7 +153,6 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
         raise AdvlabError(f"lr must be > 0, got {lr}")
     dev = resolve_device(device, model)
     model.to(dev)
-    torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     loader = _TensorBatches(dataset, batch_size, g) if hasattr(dataset, "images") else \
         DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=False)
@@ -152,46 +163,49 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
     show = _progress(progress)
     from tqdm.auto import tqdm
 
-    for epoch in range(1, epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        tot_loss, tot_correct, tot_n = 0.0, 0, 0
-        bar = tqdm(loader, desc=f"{desc} {epoch}/{epochs}", disable=not show, leave=False, file=sys.stderr)
-        for x, y in bar:
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            if batch_transform is not None:
-                x, y = batch_transform(x, y)
-                model.train()
-            if loss is None:
-                logits = model(x)
-                lval = F.cross_entropy(logits, y)
-            else:
-                lval, logits = loss(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            lval.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            n = y.shape[0]
-            tot_loss += float(lval.detach()) * n
-            if logits is not None:
-                tot_correct += int((logits.detach().argmax(1) == y).sum())
-            tot_n += n
+    # dropout and other layers draw from torch's global RNG: seeded inside a fork, so the
+    # caller's random state is left as it was
+    with seeded_rng(seed, dev):
+        for epoch in range(1, epochs + 1):
+            model.train()
+            t0 = time.perf_counter()
+            tot_loss, tot_correct, tot_n = 0.0, 0, 0
+            bar = tqdm(loader, desc=f"{desc} {epoch}/{epochs}", disable=not show, leave=False, file=sys.stderr)
+            for x, y in bar:
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                if batch_transform is not None:
+                    x, y = batch_transform(x, y)
+                    model.train()
+                if loss is None:
+                    logits = model(x)
+                    lval = F.cross_entropy(logits, y)
+                else:
+                    lval, logits = loss(model, x, y)
+                opt.zero_grad(set_to_none=True)
+                lval.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                n = y.shape[0]
+                tot_loss += float(lval.detach()) * n
+                if logits is not None:
+                    tot_correct += int((logits.detach().argmax(1) == y).sum())
+                tot_n += n
+                if show:
+                    bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}")
+            metrics = {"epoch": epoch, "loss": tot_loss / max(tot_n, 1), "train_acc": tot_correct / max(tot_n, 1),
+                       "seconds": time.perf_counter() - t0, "images_per_s": tot_n / max(time.perf_counter() - t0, 1e-9)}
+            if eval_dataset is not None:
+                metrics["test_acc"] = evaluate(model, eval_dataset)
+            history.epochs.append(metrics)
             if show:
-                bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}")
-        metrics = {"epoch": epoch, "loss": tot_loss / max(tot_n, 1), "train_acc": tot_correct / max(tot_n, 1),
-                   "seconds": time.perf_counter() - t0, "images_per_s": tot_n / max(time.perf_counter() - t0, 1e-9)}
-        if eval_dataset is not None:
-            metrics["test_acc"] = evaluate(model, eval_dataset)
-        history.epochs.append(metrics)
-        if show:
-            msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-            tqdm.write(f"{desc} {msg}", file=sys.stderr)
-        stop = False
-        for cb in callbacks:
-            stop = bool(cb(epoch, metrics, model)) or stop
-        if stop:
-            break
+                msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+                tqdm.write(f"{desc} {msg}", file=sys.stderr)
+            stop = False
+            for cb in callbacks:
+                stop = bool(cb(epoch, metrics, model)) or stop
+            if stop:
+                break
     # leave no gradients behind: a trained model handed to an attack or a defense starts clean
     opt.zero_grad(set_to_none=True)
     model.eval()
@@ -200,35 +214,61 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
 
 # --------------------------------------------------------------------------- checkpoints
 
+CHECKPOINT_FORMAT = "advlab-checkpoint-1"
+
+
+def write_checkpoint(path, state_dict: Dict[str, torch.Tensor], metadata: Dict, format: str = CHECKPOINT_FORMAT) -> Path:
+    """The one checkpoint writer: ``{"format", "metadata", "state_dict"}`` with plain CPU tensors
+    and JSON-like metadata (versions added), written atomically. Models (:func:`save_checkpoint`)
+    and defenses (:meth:`advlab.defenses.Defense.save`) both go through it."""
+    meta = {"advlab_version": __version__, "torch_version": str(torch.__version__)}
+    meta.update(metadata)
+    state = {k: v.detach().cpu() for k, v in state_dict.items()}
+    buf = io.BytesIO()
+    torch.save({"format": format, "metadata": meta, "state_dict": state}, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def save_checkpoint(model: nn.Module, path, **metadata) -> Path:
     """Write the model's weights plus metadata (model spec, versions, anything passed) atomically.
 
     A zoo model (from :func:`advlab.models.build_model`) is rebuilt by :func:`load_checkpoint`
     from its spec; extra metadata (dataset, accuracy...) is stored as plain JSON-like values."""
-    meta = {"advlab_version": __version__, "torch_version": str(torch.__version__)}
+    meta = {}
     spec = getattr(model, "advlab_spec", None)
     if spec is not None:
         meta["model"] = spec
     meta.update(metadata)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save({"format": "advlab-checkpoint-1", "metadata": meta, "state_dict": state}, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    return write_checkpoint(path, model.state_dict(), meta)
 
 
-def read_checkpoint(path) -> dict:
-    """Load a checkpoint file safely (``weights_only=True``) and check its layout."""
+def read_checkpoint(path, format: Optional[str] = None, what: str = "checkpoint") -> dict:
+    """Load a checkpoint file safely (``weights_only=True``: loading never executes code from the
+    file) and check its layout, and its ``format`` tag when given."""
     path = Path(path)
     if not path.is_file():
-        raise AdvlabError(f"checkpoint not found: {path}")
+        raise AdvlabError(f"{what} not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt zip, truncated file, or a pickle that is not weights-only
-        raise AdvlabError(f"cannot read checkpoint {path}: corrupt or not an advlab checkpoint "
+        raise AdvlabError(f"cannot read {what} {path}: corrupt or not an advlab file "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(obj, dict) or "state_dict" not in obj or "metadata" not in obj:
-        raise AdvlabError(f"{path} is not an advlab checkpoint (no state_dict/metadata)")
+        raise AdvlabError(f"{path} is not an advlab {what} (no state_dict/metadata)")
+    if format is not None and obj.get("format") != format:
+        raise AdvlabError(f"{path} is not an advlab {what} file (format {format!r} expected, found "
+                          f"{obj.get('format')!r})")
     return obj
+
+
+def build_from_spec(spec: Optional[Dict], path) -> nn.Module:
+    """Rebuild a zoo model from the spec stored in a checkpoint's metadata."""
+    if not spec:
+        raise AdvlabError(f"{path} has no model spec (not a zoo model); pass model= (an untrained instance of the architecture) to fill")
+    from .models import build_model
+
+    return build_model(spec["name"], spec["num_classes"], spec["in_shape"], spec.get("mean"), spec.get("std"),
+                       **spec.get("kwargs", {}))
 
 
 def load_checkpoint(path, model: nn.Module | None = None, device=None):
@@ -237,13 +277,7 @@ def load_checkpoint(path, model: nn.Module | None = None, device=None):
     obj = read_checkpoint(path)
     meta = obj["metadata"]
     if model is None:
-        spec = meta.get("model")
-        if not spec:
-            raise AdvlabError(f"{path} has no model spec; pass the model to fill")
-        from .models import build_model
-
-        model = build_model(spec["name"], spec["num_classes"], spec["in_shape"], spec.get("mean"),
-                            spec.get("std"), **spec.get("kwargs", {}))
+        model = build_from_spec(meta.get("model"), path)
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as e:

@@ -13,9 +13,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import REJECT
 from .._util import AdvlabError, check_nonneg, check_positive_int
-from ..attacks.base import Attack, check_norm, linf_box
+from ..attacks.base import Attack, check_norm, runner_up
+from ..attacks.loop import ActiveSet, AttackLoop, ball_projection, step_rule
+from ..metrics.robustness import is_success
 
 __all__ = ["MSVDDFullKnowledge", "verifier_loss"]
 
@@ -49,8 +50,8 @@ class MSVDDFullKnowledge(Attack):
     judged by the defense's own :meth:`decide`; samples that succeeded leave the batch (one
     host/device synchronisation per step). Where no iterate succeeds, the last one is returned.
     ``norm`` is "inf" (signed steps) or "2" (normalised gradient steps); ``alpha`` defaults to
-    ``2.5 * eps / steps``; ``random_start`` draws a uniform start in the L-inf ball or a Gaussian
-    direction of radius ``eps / 2`` for L2 (seeded by ``seed``). ``kappa`` is the margin (in units
+    ``2.5 * eps / steps``; ``random_start`` draws a uniform start in the ball, as PGD does
+    (seeded by ``seed``). ``kappa`` is the margin (in units
     of r) by which the target must clear v_a and the others stay below it.
     """
 
@@ -70,20 +71,6 @@ class MSVDDFullKnowledge(Attack):
         self.random_start = bool(random_start)
         self.targets = check_positive_int(targets, "targets")
 
-    def is_success(self, pred, y, target):
-        ok = pred == target if target is not None else pred != y
-        return ok & (pred != REJECT)
-
-    def _start(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.random_start or self.eps == 0:
-            return x.clone()
-        if self.norm == "inf":
-            lo, hi = linf_box(x, self.eps)
-            return (x + (2 * self._rand(x.shape, x.device).to(x.dtype) - 1) * self.eps).clamp_(lo, hi)
-        d = self._randn(x.shape, x.device).to(x.dtype)
-        d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        return (x + 0.5 * self.eps * d).clamp_(0.0, 1.0)
-
     def _perturb(self, x, y, target):
         out, ok = self._pgd(x, y, target)
         if target is not None or self.targets == 1:
@@ -91,8 +78,7 @@ class MSVDDFullKnowledge(Attack):
         defense = self.model
         with torch.no_grad():
             r = defense.responses(x)
-        ranked = r.masked_fill(torch.nn.functional.one_hot(y, defense.num_classes).bool(),
-                               float("-inf")).argsort(1, descending=True)
+        ranked = r.scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
         for k in range(1, min(self.targets, defense.num_classes - 1)):
             todo = torch.nonzero(~ok).squeeze(1)
             if todo.numel() == 0:
@@ -103,48 +89,24 @@ class MSVDDFullKnowledge(Attack):
         return out
 
     def _pgd(self, x, y, target):
-        """One PGD run; returns (adversarials, success mask)."""
+        """One PGD run on the shared attack loop; returns (adversarials, success mask). Each
+        sample leaves at the first iterate the defense assigns to a wrong class (not REJECT)."""
         defense = self.model
-        c = defense.num_classes
-        lo, hi = linf_box(x, self.eps) if self.norm == "inf" else (None, None)
-        x_adv = self._start(x)
-        out = x_adv.clone()
-        ok = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        idx = torch.arange(x.shape[0], device=x.device)
-        for step in range(self.steps + 1):
-            with torch.enable_grad():
-                x_adv.requires_grad_(True)
-                r = defense.responses(x_adv)
-                with torch.no_grad():
-                    pred = defense.decide(r)
-                    done = (pred == target) if target is not None else (pred != y)
-                    done &= pred != REJECT
-                    if target is None:
-                        t = r.masked_fill(torch.nn.functional.one_hot(y, c).bool(), float("-inf")).argmax(1)
-                    else:
-                        t = target
-                loss = verifier_loss(r, t, defense.v_a, self.kappa).sum()
-                (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = x_adv.detach()
-            if bool(done.any()):
-                out[idx[done]] = x_adv[done]
-                ok[idx[done]] = True
-                keep = ~done
-                if not bool(keep.any()):
-                    return out, ok
-                idx, x, y, x_adv, grad = idx[keep], x[keep], y[keep], x_adv[keep], grad[keep]
-                target = None if target is None else target[keep]
-                lo = None if lo is None else lo[keep]
-                hi = None if hi is None else hi[keep]
-            if step == self.steps:
-                break
-            if self.norm == "inf":
-                x_adv = (x_adv - self.alpha * grad.sign()).clamp_(lo, hi)
-            else:
-                g = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-                delta = x_adv - self.alpha * g - x
-                n = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-                delta = delta * torch.clamp(self.eps / n, max=1.0).view(-1, 1, 1, 1)
-                x_adv = (x + delta).clamp_(0.0, 1.0)
-        out[idx] = x_adv
-        return out, ok
+        start = self._random_start(x, self.norm, self.eps) if self.random_start else x.clone()
+        s = ActiveSet(x.shape[0], x.device, outputs=("v", "ok"), v=start, x=x, y=y, target=target,
+                      ok=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+
+        def objective(r, s, v):
+            # untargeted: the wrong class with the largest response, re-chosen at every step
+            t = s.target if s.target is not None else runner_up(r, s.y)
+            return verifier_loss(r, t, defense.v_a, self.kappa)
+
+        def observe(r, loss, s, t):
+            s.ok = is_success(defense.decide(r), s.y, s.target)
+            return s.ok
+
+        loop = AttackLoop(forward=lambda s, v: defense.responses(v), objective=objective, observe=observe,
+                          step=step_rule(self.norm, self.alpha), project=ball_projection(self.norm, self.eps),
+                          final_observe=True)
+        loop.run(s, self.steps)
+        return s.outputs["v"], s.outputs["ok"]

@@ -12,3 +12,5 @@ from .deepfool import DeepFool
 from .lbfgs import LBFGS
 from .jsma import JSMA
 __all__ += ["CarliniWagnerL2", "DeepFool", "LBFGS", "JSMA"]
+from .registry import ATTACKS, attack_class, build_attack
+__all__ += ["ATTACKS", "attack_class", "build_attack"]

@@ -13,7 +13,9 @@ from torch import nn
 
 from .._util import (AdvlabError, check_images, check_labels, check_nonneg, frozen_eval, make_generator,
                      model_device)
-from ..metrics.robustness import perturbation_norms
+from .. import REJECT
+from ..metrics.robustness import is_success, perturbation_norms
+from .loop import per_sample
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | None, norm: str | None) -> torch.Tensor:
@@ -84,9 +86,17 @@ def num_classes_of(model: nn.Module, x: torch.Tensor) -> int:
 
 @dataclass
 class AttackResult:
-    """Per-sample outcome of :meth:`Attack.run`, on the CPU. ``success`` follows the attack's goal
-    (misclassification, or the target when targeted); ``detected`` marks samples a defended model
-    rejected (prediction ``advlab.REJECT``)."""
+    """Per-sample outcome of :meth:`Attack.run`, on the CPU.
+
+    ``success`` follows the one success rule (:func:`advlab.metrics.is_success`: misclassified,
+    or the target when targeted, and never ``advlab.REJECT``) unless an attack defines its own
+    goal (K-A3: every target above the true label); ``detected`` marks the samples a defended
+    model rejected; ``failed`` is neither. A detected sample is never a success, whatever the
+    attack's criterion says.
+
+    Rates (``success_rate``, ``summary()``) are over the samples the judge classified correctly
+    when clean, as in the papers' tables; norms over the true successes among them.
+    ``robust_accuracy`` is over all samples (a rejection is not a correct prediction)."""
 
     labels: torch.Tensor
     clean_pred: torch.Tensor
@@ -101,31 +111,64 @@ class AttackResult:
     adversarials: Optional[torch.Tensor] = None
     extras: Dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.detected is None:
+            self.detected = self.adv_pred == REJECT
+        self.success = self.success.bool() & ~self.detected
+
+    def __setattr__(self, name, value):
+        # an attack-specific criterion set later (K-A3) still cannot count a rejection as a success
+        if name == "success" and getattr(self, "detected", None) is not None:
+            value = value.bool() & ~self.detected
+        object.__setattr__(self, name, value)
+
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     @property
+    def failed(self) -> torch.Tensor:
+        return ~self.success & ~self.detected
+
+    @property
+    def counted(self) -> torch.Tensor:
+        """The samples the rates are over: classified correctly when clean."""
+        return self.clean_pred == self.labels
+
+    @property
     def clean_accuracy(self) -> float:
-        return float((self.clean_pred == self.labels).float().mean()) if len(self) else float("nan")
+        return float(self.counted.float().mean()) if len(self) else float("nan")
 
     @property
     def robust_accuracy(self) -> float:
         return float((self.adv_pred == self.labels).float().mean()) if len(self) else float("nan")
 
+    def _rate(self, mask: torch.Tensor) -> float:
+        keep = self.counted
+        return float(mask[keep].float().mean()) if bool(keep.any()) else float("nan")
+
     @property
     def success_rate(self) -> float:
-        return float(self.success.float().mean()) if len(self) else float("nan")
+        return self._rate(self.success)
+
+    @property
+    def detected_rate(self) -> float:
+        return self._rate(self.detected)
+
+    @property
+    def failed_rate(self) -> float:
+        return self._rate(self.failed)
 
     def summary(self) -> Dict[str, float]:
-        ok = self.success
+        ok = self.success & self.counted
         def med(t):
             return float(t[ok].median()) if bool(ok.any()) else float("nan")
         def mean(t):
-            return float(t[ok].mean()) if bool(ok.any()) else float("nan")
+            return float(t[ok].double().mean()) if bool(ok.any()) else float("nan")
         return {
             "n": len(self), "clean_acc": self.clean_accuracy, "robust_acc": self.robust_accuracy,
-            "asr": self.success_rate, "mean_l2": mean(self.l2), "median_l2": med(self.l2),
-            "mean_linf": mean(self.linf), "mean_l0": mean(self.l0.float()), "seconds": self.seconds,
+            "asr": self.success_rate, "failed": self.failed_rate, "detected": self.detected_rate,
+            "mean_l2": mean(self.l2), "median_l2": med(self.l2), "mean_linf": mean(self.linf),
+            "mean_l0": mean(self.l0), "seconds": self.seconds,
         }
 
 
@@ -140,8 +183,6 @@ class Attack:
 
     norm: Optional[str] = None
     supports_targeted: bool = False
-    #: minimum-norm attacks return the clean image where they fail
-    minimum_norm: bool = False
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, seed: Optional[int] = None):
         if not isinstance(model, nn.Module):
@@ -190,8 +231,21 @@ class Attack:
     def _randn(self, shape, device) -> torch.Tensor:
         return torch.randn(shape, generator=self._generator, device=device)
 
-    def is_success(self, pred: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
-        return pred == target if target is not None else pred != y
+    def _random_start(self, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+        """A uniform random point of the ``norm`` ball of radius ``eps`` around ``x`` (clipped to
+        [0, 1]), from the attack's seeded generator: uniform per pixel for L-inf; for L2 a
+        Gaussian direction with radius ``eps * u^(1/d)``, uniform in the ball's volume."""
+        if eps == 0:
+            return x.clone()
+        if norm == "inf":
+            noise = self._rand(x.shape, x.device).to(x.dtype).mul_(2 * eps).sub_(eps)
+            lo, hi = linf_box(x, eps)
+            return noise.add_(x).clamp_(lo, hi)
+        d = x[0].numel()
+        direction = self._randn(x.shape, x.device).to(x.dtype)
+        direction.div_(per_sample(direction.flatten(1).norm(dim=1).clamp_min_(1e-12), x))
+        radius = self._rand((x.shape[0],), x.device).to(x.dtype).pow_(1.0 / d).mul_(eps)
+        return direction.mul_(per_sample(radius, x)).add_(x).clamp_(0.0, 1.0)
 
     def run(self, data, batch_size: int = 256, targets: Optional[torch.Tensor] = None, keep_adversarials: bool = False,
             progress: Optional[bool] = None, predict_fn=None) -> AttackResult:
@@ -199,7 +253,8 @@ class Attack:
         iterable of (x, y) batches) batch by batch and return an :class:`AttackResult`.
 
         ``predict_fn(x) -> labels`` judges the adversarials (default: the attacked model's argmax,
-        or its ``predict`` method); a defended model may return ``advlab.REJECT`` there.
+        or its ``predict`` method); a defended model may return ``advlab.REJECT`` there, which
+        counts as detected, never as a success.
         """
         from tqdm.auto import tqdm
         from ..train import predict as _predict
@@ -224,11 +279,11 @@ class Attack:
             adv = judge(xa).cpu()
             yc = yb.cpu()
             tc = None if tb is None else tb.cpu()
-            success = self.is_success(adv, yc, tc)
+            success = is_success(adv, yc, tc)
             norms = perturbation_norms(xa.cpu() - xb.cpu())
             acc["labels"].append(yc); acc["clean_pred"].append(clean); acc["adv_pred"].append(adv)
             acc["success"].append(success); acc["l0"].append(norms["l0"]); acc["l2"].append(norms["l2"])
-            acc["linf"].append(norms["linf"]); acc["detected"].append(adv == -1)
+            acc["linf"].append(norms["linf"]); acc["detected"].append(adv == REJECT)
             if tc is not None:
                 acc["targets"].append(tc)
             if keep_adversarials:

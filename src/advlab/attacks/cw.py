@@ -8,7 +8,9 @@ from typing import Optional
 import torch
 
 from .._util import AdvlabError, check_nonneg, check_positive_int
+from ..metrics.robustness import is_success
 from .base import Attack
+from .loop import ActiveSet, AdamStep, AttackLoop
 
 
 def check_positive(value, name: str) -> float:
@@ -48,8 +50,7 @@ def keep_if_adversarial(model, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Te
     the boundary can flip with float rounding) get the clean image back, so a failure is always
     returned unchanged."""
     with torch.no_grad():
-        pred = model(x_adv.clamp(0.0, 1.0)).argmax(1)
-    ok = pred == target if target is not None else pred != y
+        ok = is_success(model(x_adv.clamp(0.0, 1.0)).argmax(1), y, target)
     return torch.where(ok.view(-1, *([1] * (x.dim() - 1))), x_adv, x)
 
 
@@ -70,7 +71,6 @@ class CarliniWagnerL2(Attack):
 
     norm = None
     supports_targeted = True
-    minimum_norm = True
 
     def __init__(self, model, c: float = 1.0, confidence: float = 0.0, steps: int = 100, lr: float = 0.1,
                  binary_search_steps: int = 9, abort_early: bool = True):
@@ -101,60 +101,40 @@ class CarliniWagnerL2(Attack):
         return keep_if_adversarial(self.model, best_adv, x, y, target)
 
     def _round(self, x, w0, labels, c, targeted, best_l2, best_adv) -> torch.Tensor:
-        """One optimisation at fixed per-sample ``c``; updates ``best_l2``/``best_adv`` in place and
-        returns which samples succeeded in this round."""
-        b1, b2, eps = 0.9, 0.999, 1e-8
+        """One optimisation at fixed per-sample ``c`` on the shared attack loop (Adam in tanh
+        space); updates ``best_l2``/``best_adv`` in place and returns which samples succeeded in
+        this round."""
         n = x.shape[0]
         view = (-1,) + (1,) * (x.dim() - 1)
-        succ = torch.zeros(n, dtype=torch.bool, device=x.device)
-        # active-set state (compacted when samples stop early)
-        idx = torch.arange(n, device=x.device)
-        xa, lab, ca = x, labels, c
-        w = w0.clone()
-        m = torch.zeros_like(w)
-        v = torch.zeros_like(w)
-        l2_a, adv_a, succ_a = best_l2.clone(), best_adv.clone(), succ.clone()
-        best_loss = torch.full_like(c, float("inf"))
-        stale = torch.zeros(n, dtype=torch.long, device=x.device)   # steps since the last improvement
         check_every = max(1, self.steps // 10)
+        s = ActiveSet(n, x.device, outputs=("best_l2", "best_adv", "succ"), v=w0.clone(), x=x, lab=labels, c=c,
+                      best_l2=best_l2.clone(), best_adv=best_adv.clone(),
+                      succ=torch.zeros(n, dtype=torch.bool, device=x.device),
+                      best_loss=torch.full_like(c, float("inf")),
+                      stale=torch.zeros(n, dtype=torch.long, device=x.device))  # steps since the last improvement
 
-        def write_back():
-            best_l2[idx] = l2_a
-            best_adv[idx] = adv_a
-            succ[idx] = succ_a
-
-        for t in range(1, self.steps + 1):
-            w.requires_grad_(True)
+        def forward(s, w):
             x_adv = (torch.tanh(w) + 1) / 2
-            logits = self.model(x_adv)
-            l2 = (x_adv - xa).flatten(1).pow(2).sum(1)
-            loss = l2 + ca * cw_margin(logits, lab, targeted, self.confidence)
-            (g,) = torch.autograd.grad(loss.sum(), w)
-            with torch.no_grad():
-                x_adv = x_adv.detach()
-                loss = loss.detach()
-                l2 = l2.detach()
-                ok = cw_success(logits.detach(), lab, targeted, self.confidence)
-                better = ok & (l2 < l2_a)
-                l2_a = torch.where(better, l2, l2_a)
-                adv_a = torch.where(better.view(view), x_adv, adv_a)
-                succ_a = succ_a | ok
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                step = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt_().add_(eps))
-                w = w.detach().sub_(step, alpha=self.lr)
-                improved = torch.isinf(best_loss) | (loss < best_loss - 1e-4 * best_loss.abs())
-                best_loss = torch.minimum(best_loss, loss)
-                stale = torch.where(improved, torch.zeros_like(stale), stale + 1)
-                if self.abort_early and t % check_every == 0 and t < self.steps:
-                    keep = stale < check_every
-                    if not bool(keep.all()):
-                        write_back()
-                        k = keep.nonzero().squeeze(1)
-                        if k.numel() == 0:
-                            return succ
-                        idx, xa, lab, ca, best_loss, stale = idx[k], xa[k], lab[k], ca[k], best_loss[k], stale[k]
-                        w, m, v = w[k], m[k], v[k]
-                        l2_a, adv_a, succ_a = l2_a[k], adv_a[k], succ_a[k]
-        write_back()
-        return succ
+            return self.model(x_adv), x_adv
+
+        def objective(out, s, w):
+            logits, x_adv = out
+            return (x_adv - s.x).flatten(1).pow(2).sum(1) + s.c * cw_margin(logits, s.lab, targeted, self.confidence)
+
+        def observe(out, loss, s, t):
+            logits, x_adv = out
+            l2 = (x_adv - s.x).flatten(1).pow(2).sum(1)
+            ok = cw_success(logits, s.lab, targeted, self.confidence)
+            better = ok & (l2 < s.best_l2)
+            s.best_l2 = torch.where(better, l2, s.best_l2)
+            s.best_adv = torch.where(better.view(view), x_adv, s.best_adv)
+            s.succ = s.succ | ok
+            improved = torch.isinf(s.best_loss) | (loss < s.best_loss - 1e-4 * s.best_loss.abs())
+            s.best_loss = torch.minimum(s.best_loss, loss)
+            s.stale = torch.where(improved, torch.zeros_like(s.stale), s.stale + 1)
+            return s.stale >= check_every if self.abort_early else None
+
+        AttackLoop(forward, objective, AdamStep(self.lr), observe=observe, check_every=check_every).run(s, self.steps)
+        best_l2.copy_(s.outputs["best_l2"])
+        best_adv.copy_(s.outputs["best_adv"])
+        return s.outputs["succ"]

@@ -47,7 +47,6 @@ class DeepFool(Attack):
 
     norm = None
     supports_targeted = False
-    minimum_norm = True
 
     def __init__(self, model, steps: int = 50, overshoot: float = 0.02, num_candidates: int = 10):
         super().__init__(model)

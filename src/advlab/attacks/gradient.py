@@ -19,14 +19,16 @@ attack for a common interface; only PGD's random start uses it.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .._util import AdvlabError, check_nonneg, check_positive_int
-from .base import Attack, check_norm, linf_box
+from ..metrics.robustness import is_success
+from .base import Attack, check_norm
+from .loop import ActiveSet, AttackLoop, ball_projection, step_rule
 
 __all__ = ["FGSM", "BIM", "MIM", "PGD", "IterativeL2", "attack_objective"]
 
@@ -68,32 +70,31 @@ def attack_objective(logits: torch.Tensor, y: torch.Tensor, target: Optional[tor
     raise AdvlabError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
 
 
-def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
 class _GradientAttack(Attack):
+    """A fixed-budget attack on the shared :class:`~advlab.attacks.loop.AttackLoop`: the
+    objective is :func:`attack_objective` (ascended), the step the norm's steepest ascent, the
+    projection the threat model's ball."""
+
     supports_targeted = True
+    norm = "inf"
+    _decay: Optional[float] = None  # momentum (MIM) when set
 
     def __init__(self, model: nn.Module, eps: Optional[float], loss: Loss = "ce", seed: Optional[int] = None):
         super().__init__(model, eps=DEFAULT_EPS[self.norm] if eps is None else eps, seed=seed)
         self.loss = _check_loss(loss)
 
-    def _gradient(self, x_adv: torch.Tensor, y: torch.Tensor,
-                  target: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Gradient of the summed objective w.r.t. ``x_adv`` (a leaf without grad), and the logits."""
-        with torch.enable_grad():
-            x_adv.requires_grad_(True)
-            logits = self.model(x_adv)
-            obj = attack_objective(logits, y, target, self.loss).sum()
-            if not obj.requires_grad:
-                x_adv.requires_grad_(False)
-                raise AdvlabError(f"{type(self).__name__} needs gradients, but the model's output does not depend "
-                                  "differentiably on its input (detached or non-differentiable layers; for "
-                                  "quantizing or clamping defenses use an adaptive attack such as BPDA)")
-            (grad,) = torch.autograd.grad(obj, x_adv)
-            x_adv.requires_grad_(False)
-        return grad, logits.detach()
+    def _loop(self, alpha: float, early_stop: bool) -> AttackLoop:
+        return AttackLoop(
+            forward=lambda s, v: self.model(v),
+            objective=lambda out, s, v: -attack_objective(out, s.y, s.get("target"), self.loss),
+            observe=(lambda out, obj, s, t: is_success(out.argmax(1), s.y, s.get("target"))) if early_stop else None,
+            step=step_rule(self.norm, alpha, self._decay), project=ball_projection(self.norm, self.eps))
+
+    def _iterate(self, x, y, target, x_adv, steps: int, alpha: float, early_stop: bool = False) -> torch.Tensor:
+        """Run the loop from ``x_adv``; with ``early_stop`` a sample returns the first iterate
+        that reaches the goal (misclassified, or classified as the target)."""
+        s = ActiveSet(x.shape[0], x.device, outputs=("v",), v=x_adv, x=x, y=y, target=target)
+        return self._loop(alpha, early_stop).run(s, steps).outputs["v"]
 
 
 class FGSM(_GradientAttack):
@@ -101,29 +102,21 @@ class FGSM(_GradientAttack):
 
     Targeted (``target=``): ``x - eps * sign(grad CE(target))``."""
 
-    norm = "inf"
-
     def __init__(self, model: nn.Module, eps: Optional[float] = None, loss: Loss = "ce", seed: Optional[int] = None):
         super().__init__(model, eps=eps, loss=loss, seed=seed)
 
     def _perturb(self, x, y, target):
-        lo, hi = linf_box(x, self.eps)
-        x_adv = x.clone()
-        grad, _ = self._gradient(x_adv, y, target)
-        return x_adv.add_(grad.sign_(), alpha=self.eps).clamp_(lo, hi)
+        return self._iterate(x, y, target, x.clone(), steps=1, alpha=self.eps)
 
 
 class _Iterative(_GradientAttack):
-    """Shared loop of the iterative attacks: ``steps`` times, take a step from the gradient and
-    project onto the ball and the box.
+    """The iterative attacks: ``steps`` times, a step from the gradient, then the projection onto
+    the ball and the box.
 
     With ``early_stop=True`` a sample leaves the batch at the first iterate that reaches the goal
     (misclassified, or classified as the target) and that iterate is returned: the attack then
     costs less and never loses a success it found, at the price of one synchronisation per step.
     """
-
-    norm = "inf"
-    _decay: Optional[float] = None  # momentum (MIM) when set
 
     def __init__(self, model: nn.Module, eps: Optional[float], alpha: Optional[float], steps: int, loss: Loss = "ce",
                  early_stop: bool = False, seed: Optional[int] = None, default_alpha: float = 1.0):
@@ -132,63 +125,11 @@ class _Iterative(_GradientAttack):
         self.alpha = default_alpha * self.eps / self.steps if alpha is None else check_nonneg(alpha, "alpha")
         self.early_stop = bool(early_stop)
 
-    # ---- pieces the subclasses choose
     def _start(self, x: torch.Tensor) -> torch.Tensor:
         return x.clone()
 
-    def _step_(self, x_adv, grad, x, lo, hi, momentum) -> None:
-        """In-place update of ``x_adv`` (``grad`` may be overwritten)."""
-        if self.norm == "inf":
-            if momentum is not None:
-                # mean |g| is ||g||_1 over the (constant) pixel count: the same direction of momentum
-                l1 = grad.abs().flatten(1).mean(dim=1).clamp_min_(1e-12)
-                momentum.mul_(self._decay).add_(grad.div_(_per_sample(l1, grad)))
-                direction = torch.sign(momentum, out=grad)
-            else:
-                direction = grad.sign_()
-            x_adv.add_(direction, alpha=self.alpha).clamp_(lo, hi)
-        else:
-            l2 = grad.flatten(1).norm(dim=1).clamp_min_(1e-12)
-            x_adv.addcdiv_(grad, _per_sample(l2, grad), value=self.alpha)
-            delta = x_adv.sub_(x)  # reuse the buffer for the perturbation
-            n = delta.flatten(1).norm(dim=1).clamp_min_(1e-12)
-            delta.mul_(_per_sample(torch.clamp(self.eps / n, max=1.0), delta))
-            delta.add_(x).clamp_(0.0, 1.0)
-
-    # ---- the loop
     def _perturb(self, x, y, target):
-        return self._iterate(x, y, target, self._start(x))
-
-    def _iterate(self, x, y, target, x_adv):
-        if self.norm == "inf":
-            lo, hi = linf_box(x, self.eps)
-        else:
-            lo = hi = None
-        momentum = torch.zeros_like(x) if self._decay is not None else None
-        if not self.early_stop:
-            for _ in range(self.steps):
-                grad, _ = self._gradient(x_adv, y, target)
-                self._step_(x_adv, grad, x, lo, hi, momentum)
-            return x_adv
-        out = x_adv.clone()
-        idx = torch.arange(x.shape[0], device=x.device)
-        for _ in range(self.steps):
-            grad, logits = self._gradient(x_adv, y, target)
-            pred = logits.argmax(dim=1)
-            done = pred == target if target is not None else pred != y
-            if bool(done.any()):
-                out[idx[done]] = x_adv[done]
-                keep = ~done
-                if not bool(keep.any()):
-                    return out
-                idx, x, y, x_adv, grad = idx[keep], x[keep], y[keep], x_adv[keep], grad[keep]
-                target = None if target is None else target[keep]
-                lo = None if lo is None else lo[keep]
-                hi = None if hi is None else hi[keep]
-                momentum = None if momentum is None else momentum[keep]
-            self._step_(x_adv, grad, x, lo, hi, momentum)
-        out[idx] = x_adv
-        return out
+        return self._iterate(x, y, target, self._start(x), self.steps, self.alpha, self.early_stop)
 
 
 class BIM(_Iterative):
@@ -232,40 +173,27 @@ class PGD(_Iterative):
             raise AdvlabError("restarts > 1 needs random_start=True (every restart would repeat the first)")
 
     def _start(self, x):
-        if not self.random_start or self.eps == 0:
-            return x.clone()
-        if self.norm == "inf":
-            noise = self._rand(x.shape, x.device).to(x.dtype).mul_(2 * self.eps).sub_(self.eps)
-            lo, hi = linf_box(x, self.eps)
-            return noise.add_(x).clamp_(lo, hi)
-        # uniform in the L2 ball: a Gaussian direction and radius eps * u^(1/d)
-        d = x[0].numel()
-        direction = self._randn(x.shape, x.device).to(x.dtype)
-        direction.div_(_per_sample(direction.flatten(1).norm(dim=1).clamp_min_(1e-12), x))
-        radius = self._rand((x.shape[0],), x.device).to(x.dtype).pow_(1.0 / d).mul_(self.eps)
-        return direction.mul_(_per_sample(radius, x)).add_(x).clamp_(0.0, 1.0)
+        return self._random_start(x, self.norm, self.eps) if self.random_start else x.clone()
 
     def _perturb(self, x, y, target):
-        best = self._iterate(x, y, target, self._start(x))
+        best = super()._perturb(x, y, target)
         if self.restarts == 1:
             return best
         with torch.no_grad():
             logits = self.model(best)
         best_obj = attack_objective(logits, y, target, self.loss)
-        pred = logits.argmax(dim=1)
-        fooled = pred == target if target is not None else pred != y
+        fooled = is_success(logits.argmax(dim=1), y, target)
         for _ in range(self.restarts - 1):
             todo = torch.nonzero(~fooled).squeeze(1)
             if todo.numel() == 0:
                 break
             xs, ys = x[todo], y[todo]
             ts = None if target is None else target[todo]
-            cand = self._iterate(xs, ys, ts, self._start(xs))
+            cand = super()._perturb(xs, ys, ts)
             with torch.no_grad():
                 logits = self.model(cand)
             obj = attack_objective(logits, ys, ts, self.loss)
-            pred = logits.argmax(dim=1)
-            ok = pred == ts if ts is not None else pred != ys
+            ok = is_success(logits.argmax(dim=1), ys, ts)
             better = ok | (obj > best_obj[todo])
             sel = todo[better]
             best[sel] = cand[better]

@@ -105,7 +105,6 @@ class JSMA(Attack):
 
     norm = None
     supports_targeted = True
-    minimum_norm = True
 
     def __init__(self, model, theta: float = 1.0, gamma: float = 0.1, use_logits: bool = False,
                  max_memory: int = 64 * 2 ** 20):

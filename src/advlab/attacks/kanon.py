@@ -31,6 +31,7 @@ from .._util import AdvlabError, check_nonneg, check_positive_int, frozen_eval, 
 from ..metrics.anonymity import label_rank
 from ..metrics.cwssim import CWSSIM, select_reference
 from .base import Attack, AttackResult, num_classes_of
+from .loop import ActiveSet, AdamStep, AttackLoop, BoxProjection
 
 __all__ = ["KA3", "ka3_targets"]
 
@@ -98,7 +99,6 @@ class KA3(Attack):
 
     norm = None
     supports_targeted = False
-    minimum_norm = True
 
     def __init__(self, model: nn.Module, K: int = 5, similarity: Optional[str] = "cw-ssim", lam: float = 0.1,
                  steps: int = 500, lr: float = 0.02, growth: float = 1.5, patience: int = 10,
@@ -211,70 +211,54 @@ class KA3(Attack):
             raise AdvlabError(f"K={self.K} needs at least K + 1 = {self.K + 1} classes; the model has "
                               f"{logits0.shape[1]}")
         mask = ka3_targets(logits0, y, k)
-        best = x.clone()
-        best_norm = torch.full((n_all,), float("inf"), device=dev)
-        ref = self._cw.reference(x) if self._cw is not None else None
-
-        idx = torch.arange(n_all, device=dev)  # global rows of the active set
-        xa_ref, ya, ma, ka = x, y, mask, k
-        ra = ref
-        lam = torch.full((n_all,), self.lam, device=dev)
-        delta = torch.zeros_like(x)
-        m1 = torch.zeros_like(x)
-        m2 = torch.zeros_like(x)
-        done = torch.zeros(n_all, dtype=torch.bool, device=dev)
-        first_ok = torch.full((n_all,), self.steps + 1, device=dev)  # step of the first success
-        best_exact = torch.zeros(n_all, dtype=torch.bool, device=dev)
-        b1, b2, eps = 0.9, 0.999, 1e-8
         view = (-1,) + (1,) * (x.dim() - 1)
-        sample_steps = 0
-        step = 0
-        for step in range(1, self.steps + 1):
-            delta.requires_grad_(True)
-            x_adv = xa_ref + delta
-            logits = self.model(x_adv)
-            l2 = torch.sqrt(delta.flatten(1).pow(2).sum(1) + 1e-12)
-            with torch.no_grad():
-                # success: every target above the label; exact: the label at rank k, not below
-                ok = _targets_above(logits, ya, ma, self.margin)
-                exact = ok & (label_rank(logits, ya) == ka)
-                # keep the smallest successful perturbation, preferring those with the label at rank k
-                cur = best_exact[idx]
-                better = ok & ((exact & ~cur) | ((exact == cur) & (l2 < best_norm[idx])))
-                best[idx] = torch.where(better.view(view), x_adv.detach(), best[idx])
-                best_norm[idx] = torch.where(better, l2.detach(), best_norm[idx])
-                best_exact[idx] = cur | (better & exact)
-                first_ok = torch.where(ok & (first_ok > step), torch.full_like(first_ok, step), first_ok)
-                # stop at the first exact success, or ``settle`` steps after a first success
-                # that left the label below rank k
-                done = done | exact | (step - first_ok >= self.settle)
-            cls = self._class_loss(logits, ya, ma)
-            loss = l2 + lam * cls
+        s = ActiveSet(n_all, dev, outputs=("best",), slicers={"ref": select_reference},
+                      v=torch.zeros_like(x), x=x, y=y, mask=mask, k=k,
+                      ref=self._cw.reference(x) if self._cw is not None else None,
+                      lam=torch.full((n_all,), self.lam, device=dev),
+                      best=x.clone(), best_norm=torch.full((n_all,), float("inf"), device=dev),
+                      best_exact=torch.zeros(n_all, dtype=torch.bool, device=dev),
+                      done=torch.zeros(n_all, dtype=torch.bool, device=dev),
+                      first_ok=torch.full((n_all,), self.steps + 1, device=dev))  # step of the first success
+        cost = {"sample_steps": 0, "steps": 0}
+
+        def objective(logits, s, delta):
+            loss = torch.sqrt(delta.flatten(1).pow(2).sum(1) + 1e-12) + s.lam * self._class_loss(logits, s.y, s.mask)
             if self.similarity is not None and self.sim_weight > 0:
-                loss = loss + self.sim_weight * (1.0 - self._similarity(ra, xa_ref, x_adv))
-            grad, = torch.autograd.grad(loss.sum(), delta)
-            sample_steps += delta.shape[0]
-            with torch.no_grad():
-                m1.mul_(b1).add_(grad, alpha=1 - b1)
-                m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                upd = (m1 / (1 - b1 ** step)) / ((m2 / (1 - b2 ** step)).sqrt() + eps)
-                delta = ((xa_ref + delta.detach() - self.lr * upd).clamp(0.0, 1.0) - xa_ref)
-                if step % self.patience == 0:
-                    lam = torch.where(done | (first_ok <= step), lam, lam * self.growth)
-            if step % self.check_every == 0 or step == self.steps:
-                keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
-                if keep.numel() < done.numel():  # drop finished samples from the active batch
-                    idx, xa_ref, ya, ma, ka = idx[keep], xa_ref[keep], ya[keep], ma[keep], ka[keep]
-                    delta, m1, m2, lam, done = delta[keep], m1[keep], m2[keep], lam[keep], done[keep]
-                    first_ok = first_ok[keep]
-                    if ra is not None:
-                        ra = select_reference(ra, keep)
-        self.last_steps = step
-        self.last_sample_steps = sample_steps
-        self.total_sample_steps += sample_steps
-        return best
+                loss = loss + self.sim_weight * (1.0 - self._similarity(s.ref, s.x, s.x + delta))
+            return loss
+
+        def observe(logits, loss, s, t):
+            cost["sample_steps"] += len(s)
+            cost["steps"] = t
+            l2 = s.v.flatten(1).norm(dim=1)
+            # success: every target above the label; exact: the label at rank k, not below
+            ok = _targets_above(logits, s.y, s.mask, self.margin)
+            exact = ok & (label_rank(logits, s.y) == s.k)
+            # keep the smallest successful perturbation, preferring those with the label at rank k
+            cur = s.best_exact
+            better = ok & ((exact & ~cur) | ((exact == cur) & (l2 < s.best_norm)))
+            s.best = torch.where(better.view(view), s.x + s.v, s.best)
+            s.best_norm = torch.where(better, l2, s.best_norm)
+            s.best_exact = cur | (better & exact)
+            s.first_ok = torch.where(ok & (s.first_ok > t), torch.full_like(s.first_ok, t), s.first_ok)
+            # stop at the first exact success, or ``settle`` steps after a first success that left
+            # the label below rank k
+            s.done = s.done | exact | (t - s.first_ok >= self.settle)
+            return s.done
+
+        def after_step(s, t):
+            # lam continuation: samples that have not succeeded yet weigh the classification more
+            if t % self.patience == 0:
+                s.lam = torch.where(s.done | (s.first_ok <= t), s.lam, s.lam * self.growth)
+
+        AttackLoop(forward=lambda s, delta: self.model(s.x + delta), objective=objective, step=AdamStep(self.lr),
+                   project=BoxProjection(delta=True), observe=observe, after_step=after_step,
+                   check_every=self.check_every).run(s, self.steps)
+        self.last_steps = cost["steps"]
+        self.last_sample_steps = cost["sample_steps"]
+        self.total_sample_steps += cost["sample_steps"]
+        return s.outputs["best"]
 
     def _class_loss(self, logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Sum over each sample's targets of the classification loss towards the target."""

@@ -35,7 +35,6 @@ class LBFGS(Attack):
 
     norm = None
     supports_targeted = True
-    minimum_norm = True
 
     def __init__(self, model, c: Optional[float] = None, steps: int = 50, binary_search_steps: int = 5,
                  history: int = 10):

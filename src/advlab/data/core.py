@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -57,6 +57,57 @@ class TensorImageDataset(Dataset):
     def __repr__(self) -> str:
         return (f"TensorImageDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
                 f"shape={tuple(self.images.shape[1:])}, classes={self.num_classes})")
+
+
+def dataset_tensors(dataset) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of a dataset with ``.images``/``.labels``, an ``(x, y)`` tuple of tensors,
+    or any map-style dataset of (x, y) pairs."""
+    if hasattr(dataset, "images") and hasattr(dataset, "labels"):
+        return dataset.images, dataset.labels
+    if isinstance(dataset, tuple) and len(dataset) == 2 and isinstance(dataset[0], torch.Tensor):
+        return dataset
+    if len(dataset) == 0:
+        raise AdvlabError("dataset is empty")
+    xs, ys = zip(*[dataset[i] for i in range(len(dataset))])
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
+def split_validation(dataset, fraction: float = 0.15, seed: int = 0):
+    """Seeded (fit, validation) split of a dataset, e.g. to tune a defense's threshold on data
+    it was not fitted on. Returns two datasets of the same kind (``.subset``) or two tuples."""
+    x, y = dataset_tensors(dataset)
+    if not (0.0 < fraction < 1.0):
+        raise AdvlabError(f"fraction must be in (0, 1), got {fraction}")
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(fraction * len(y))))
+    if hasattr(dataset, "subset"):
+        return dataset.subset(indices=perm[n_val:]), dataset.subset(indices=perm[:n_val])
+    return (x[perm[n_val:]], y[perm[n_val:]]), (x[perm[:n_val]], y[perm[:n_val]])
+
+
+def shared_data_root(data_root: str | os.PathLike | None = None) -> Path:
+    """The folder holding the benchmark datasets (``mnist-10k/``, ``fashion-mnist/``): the given
+    ``data_root`` (``--data-root``), else ``$ADVLAB_SHARED_DATA``, else ``../shared/data`` from
+    the current directory. A clear error names the options when none exists."""
+    cands = [data_root] if data_root is not None else \
+        [os.environ.get("ADVLAB_SHARED_DATA"), Path.cwd().parent / "shared" / "data"]
+    for c in cands:
+        if c and Path(c).is_dir():
+            return Path(c)
+    tried = ", ".join(str(c) for c in cands if c)
+    raise AdvlabError(f"no data folder found (tried {tried}); pass --data-root DIR or set ADVLAB_SHARED_DATA to the "
+                      "folder holding mnist-10k/ and fashion-mnist/")
+
+
+#: the folder of each dataset inside the shared data root
+SHARED_FOLDERS = {"mnist": "mnist-10k", "fashion-mnist": "fashion-mnist"}
+
+
+def shared_folder(root, dataset: str, folder: str | None = None) -> Path | None:
+    """The folder of ``dataset`` inside the shared data ``root`` (None for the embedded digits)."""
+    if dataset == "digits":
+        return None
+    return Path(root) / (folder or SHARED_FOLDERS.get(dataset, dataset))
 
 
 def _check_split(split: str, allowed=("train", "test")) -> str:

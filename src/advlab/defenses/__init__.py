@@ -1,5 +1,8 @@
-"""advlab.defenses"""
+"""Defenses: each a :class:`Defense` (``forward`` scores for attackers, ``predict`` with
+``advlab.REJECT``, optional ``detect`` and ``surrogate``, ``fit``, weights-only ``save``/``load``),
+registered by name in :data:`DEFENSES`."""
 
+from .base import DEFENSES, Defense, build_defense, defense_class, register_defense
 from .msvdd import MSVDDDefense
 
-__all__ = ["MSVDDDefense"]
+__all__ = ["Defense", "DEFENSES", "register_defense", "defense_class", "build_defense", "MSVDDDefense"]

@@ -8,7 +8,8 @@ input, and the extra "adversarial" class (``advlab.REJECT``) otherwise.
 >>> defense = MSVDDDefense.fit(model, train_set, projections=256, svdd_epochs=20, finetune_epochs=5)
 >>> defense.tune_beta(val_set, goal="defense")      # beta = O_d; goal="classification" gives O_c
 >>> defense.predict(x)                              # class indices or advlab.REJECT (-1)
->>> defense(x)                                      # (N, C+1) responses r~ of eq. 13
+>>> defense(x)                                      # (N, C+1) scores [r, v_a] for attackers (no clamp)
+>>> defense.verified(x)                             # (N, C+1) r~ of eq. 13 (clamped: no gradient)
 >>> defense.surrogate                               # W~-LC: fine-tuned backbone + original linear head
 
 Readings of the paper settled here (see also DESIGN.md):
@@ -39,20 +40,18 @@ Readings of the paper settled here (see also DESIGN.md):
 from __future__ import annotations
 
 import copy
-import io
 import time
-from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .. import REJECT, __version__
-from .._util import AdvlabError, atomic_write_bytes, check_images, check_positive_int, make_generator, model_device
+from .. import REJECT
+from .._util import AdvlabError, check_images, check_positive_int, make_generator, model_device
+from ..data import dataset_tensors
 from ..nn import SVDDLayer, find_module, last_linear_name, taps
-
-FORMAT = "advlab-msvdd-1"
+from .base import Defense, register_defense
 
 
 def resolve_head(model: nn.Module, head: Optional[str] = None) -> str:
@@ -100,22 +99,22 @@ def extract_features(model: nn.Module, head: str, images: torch.Tensor, batch_si
     return torch.cat(out) if out else torch.empty(0, device=dev)
 
 
-def _xy(dataset):
-    if hasattr(dataset, "images") and hasattr(dataset, "labels"):
-        return dataset.images, dataset.labels
-    if isinstance(dataset, tuple) and len(dataset) == 2:
-        return dataset
-    xs, ys = zip(*[dataset[i] for i in range(len(dataset))])
-    return torch.stack(xs), torch.as_tensor(ys)
-
-
-class MSVDDDefense(nn.Module):
+@register_defense("msvdd", "M-SVDD-D: one SVDD per class plus an adversarial class (K-A3 paper, section 4.2)")
+class MSVDDDefense(Defense):
     """A classifier defended by M-SVDD-D. Build it with :meth:`fit` (or :meth:`load`).
 
-    ``forward(x)`` / :meth:`logits` give r~ (N, C+1) of eq. 13; :meth:`predict` gives class
-    indices or ``advlab.REJECT``; :meth:`responses` the raw normalised responses r (N, C);
-    ``.surrogate`` is W~-LC; ``.net`` is W~-SVDD (images -> r).
+    ``forward(x)`` gives the scores an attacker should use by default: the raw normalised SVDD
+    responses r (N, C) with the adversarial class's constant v_a as column C, i.e. eq. 13
+    *without* the ReLU and the min(v_p, .) clamp, whose gradient is exactly zero wherever a
+    response is clamped (85% of the digits test images: a white-box attack on r~ would report a
+    robustness that is only masked gradients). :meth:`verified` gives r~ of eq. 13 itself;
+    :meth:`predict` gives class indices or ``advlab.REJECT`` (the unique-verifier rule);
+    :meth:`responses` the raw responses r (N, C); ``.surrogate`` is W~-LC; ``.net`` is W~-SVDD
+    (images -> r).
     """
+
+    format = "advlab-msvdd-1"
+    title = "M-SVDD-D"
 
     def __init__(self, model: nn.Module, head: Optional[str] = None, projections: int = 128,
                  gamma: Optional[float] = None, v_a: float = 1e-3, v_p: float = 1e-2, beta: float = 1.0):
@@ -173,18 +172,20 @@ class MSVDDDefense(nn.Module):
         return torch.where(unique, accepted.to(torch.uint8).argmax(1), torch.full_like(unique, REJECT, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.verify(self.net(x))
+        """Differentiable scores (N, C+1): [r_1..r_C, v_a]; their argmax is the defended decision
+        wherever at most one SVDD verifies the input."""
+        r = self.net(x)
+        return torch.cat([r, r.new_full((r.shape[0], 1), self.v_a)], 1)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The (C+1)-column response r~ of eq. 13 (column C is the adversarial class)."""
-        return self.forward(x)
+    def verified(self, x: torch.Tensor) -> torch.Tensor:
+        """The (C+1)-column response r~ of eq. 13 (column C is the adversarial class); clamped,
+        so its input gradient vanishes wherever a response is clamped."""
+        return self.verify(self.net(x))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Class indices, or ``advlab.REJECT`` (-1) where no single SVDD verifies the input."""
-        dev = model_device(self)
-        out = [self.decide(self.net(x[i: i + batch_size].to(dev))) for i in range(0, x.shape[0], batch_size)]
-        return torch.cat(out).to(x.device) if out else torch.empty(0, dtype=torch.long, device=x.device)
+        return self._batched(lambda xb: self.decide(self.net(xb)), x, batch_size)
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -210,7 +211,7 @@ class MSVDDDefense(nn.Module):
                                                                                            "positive_epochs", 0)
         batch_size = check_positive_int(batch_size, "batch_size")
         svdd_batch_size = check_positive_int(svdd_batch_size, "svdd_batch_size")
-        x, y = _xy(dataset)
+        x, y = dataset_tensors(dataset)
         check_images(x, "dataset images")
         model = model if device is None else copy.deepcopy(model).to(device)
         defense = cls(model, head=head, projections=projections, gamma=gamma, v_a=v_a, v_p=v_p)
@@ -218,7 +219,6 @@ class MSVDDDefense(nn.Module):
         y = y.to(torch.long)
         if int(y.min()) < 0 or int(y.max()) >= defense.num_classes:
             raise AdvlabError(f"dataset labels must lie in [0, {defense.num_classes - 1}]")
-        torch.manual_seed(seed)
         g = make_generator(seed)
         t0 = time.perf_counter()
         feats = extract_features(model, defense.head_name, x)
@@ -339,7 +339,7 @@ class MSVDDDefense(nn.Module):
             raise AdvlabError(f"goal must be 'classification' or 'defense', got {goal!r}")
         if not (0.0 <= float(max_accuracy_drop) <= 1.0):
             raise AdvlabError(f"max_accuracy_drop must be in [0, 1], got {max_accuracy_drop}")
-        x, y = _xy(val_dataset)
+        x, y = dataset_tensors(val_dataset)
         check_images(x, "val_dataset images")
         if x.shape[0] == 0:
             raise AdvlabError("val_dataset is empty")
@@ -365,115 +365,11 @@ class MSVDDDefense(nn.Module):
                 "grid": g.tolist(), "curve": curve.tolist()}
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path, **metadata) -> Path:
-        """Write the defense (weights, beta, settings; both W~-SVDD and W~-LC) atomically."""
-        layer = self.svdd
-        meta = {"advlab_version": __version__, "torch_version": str(torch.__version__), "head": self.head_name,
-                "num_classes": self.num_classes, "feature_dim": self.feature_dim,
-                "projections": layer.projections, "v_a": self.v_a, "v_p": self.v_p, "model": self.model_spec}
-        meta.update(metadata)
-        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        buf = io.BytesIO()
-        torch.save({"format": FORMAT, "metadata": meta, "state_dict": state}, buf)
-        return atomic_write_bytes(path, buf.getvalue())
+    def config(self) -> Dict[str, Any]:
+        return {"head": self.head_name, "projections": self.svdd.projections, "v_a": self.v_a, "v_p": self.v_p}
 
     @classmethod
-    def load(cls, path, model: Optional[nn.Module] = None, device=None) -> "MSVDDDefense":
-        """Rebuild a saved defense. A zoo model is rebuilt from the file's spec; for another
-        architecture pass an (untrained) instance as ``model``. Never executes code from the file."""
-        path = Path(path)
-        if not path.is_file():
-            raise AdvlabError(f"M-SVDD-D file not found: {path}")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise AdvlabError(f"cannot read M-SVDD-D file {path}: corrupt or not an advlab file "
-                              f"({type(e).__name__})") from None
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT or "state_dict" not in obj:
-            raise AdvlabError(f"{path} is not an M-SVDD-D defense file (format {FORMAT!r} expected)")
-        meta = obj.get("metadata") or {}
-        if model is None:
-            spec = meta.get("model")
-            if not spec:
-                raise AdvlabError(f"{path} holds no model spec (not a zoo model); pass model= to fill")
-            from ..models import build_model
-
-            model = build_model(spec["name"], spec["num_classes"], spec["in_shape"], spec.get("mean"),
-                                spec.get("std"), **spec.get("kwargs", {}))
-        try:
-            defense = cls(model, head=meta["head"], projections=int(meta["projections"]), gamma=1.0,
-                          v_a=float(meta["v_a"]), v_p=float(meta["v_p"]))
-            defense.load_state_dict(obj["state_dict"])
-        except (KeyError, RuntimeError, AdvlabError) as e:
-            raise AdvlabError(f"M-SVDD-D file {path} does not fit the model: {str(e).splitlines()[0]}") from None
-        defense.metadata = meta
-        if device is not None:
-            defense.to(device)
-        return defense.eval()
-
-
-# ---------------------------------------------------------------------------- evaluation helpers
-
-def defended_asr(defense: MSVDDDefense, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> Dict[str, float]:
-    """ASR of adversarials ``x_adv`` (crafted anywhere, e.g. on ``defense.surrogate``) against the
-    defended model at its current beta, split into success / failed / detected, over the images
-    the defended model classifies correctly when clean (as :func:`advlab.metrics.attack_success_rate`)."""
-    from ..metrics.robustness import attack_success_rate
-
-    clean = defense.predict(x).cpu()
-    adv = defense.predict(x_adv).cpu()
-    out = attack_success_rate(adv, y.cpu(), clean_pred=clean)
-    out["clean_acc"] = float((clean == y.cpu()).float().mean()) if len(y) else float("nan")
-    return out
-
-
-def split_validation(dataset, fraction: float = 0.15, seed: int = 0):
-    """Seeded (fit, validation) split of a dataset with ``.images``/``.labels``, for beta tuning."""
-    x, y = _xy(dataset)
-    if not (0.0 < fraction < 1.0):
-        raise AdvlabError(f"fraction must be in (0, 1), got {fraction}")
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(fraction * len(y))))
-    if hasattr(dataset, "subset"):
-        return dataset.subset(indices=perm[n_val:]), dataset.subset(indices=perm[:n_val])
-    return (x[perm[n_val:]], y[perm[n_val:]]), (x[perm[:n_val]], y[perm[:n_val]])
-
-
-def demo_row(model: nn.Module, train, x: torch.Tensor, y: torch.Tensor, eps: float, quick: bool = False,
-             seed: int = 0, projections: int = 64) -> Dict[str, Any]:
-    """The demo's M-SVDD-D row: fit the defense on ``train`` (15% held out to tune beta = O_d),
-    craft L-inf PGD (``eps``) on the surrogate W~-LC, judge with the defended model.
-
-    Returns a row with ``attack``, ``threat model``, ``n``, ``clean_acc`` (defended model on x),
-    ``robust_acc``, ``asr`` / ``failed`` / ``detected``, norms, ``ssim``/``mse`` of the transferred
-    adversarials that fool the defended model, ``seconds`` (fit + tune + attack), and ``beta``.
-    Under 10 s on the 8x8 digits on one CPU core."""
-    from ..attacks import PGD
-    from ..metrics import similarity as sim
-    from ..metrics.robustness import perturbation_norms
-
-    t0 = time.perf_counter()
-    fit_set, val_set = split_validation(train, 0.15, seed)
-    defense = MSVDDDefense.fit(model, fit_set, projections=projections, svdd_epochs=4 if quick else 10,
-                               positive_epochs=4 if quick else 10, finetune_epochs=3 if quick else 5, seed=seed,
-                               progress=False)
-    beta = defense.tune_beta(val_set, goal="defense")["beta"]
-    steps = 10 if quick else 40
-    atk = PGD(defense.surrogate, eps=eps, alpha=2.5 * eps / steps, steps=steps, seed=seed)
-    x_adv = atk(x, y)
-    split = defended_asr(defense, x, y, x_adv)
-    clean = defense.predict(x).cpu()
-    adv = defense.predict(x_adv).cpu()
-    ok = (clean == y.cpu()) & (adv != y.cpu()) & (adv != REJECT)
-    norms = perturbation_norms((x_adv - x).cpu())
-    row = {"attack": "PGD -> M-SVDD-D", "threat model": f"transfer from W~-LC, L-inf {eps:g}, beta=O_d={beta:.2f}",
-           "n": int(len(y)), "clean_acc": split["clean_acc"], "robust_acc": float((adv == y.cpu()).float().mean()),
-           "asr": split["success"], "failed": split["failed"], "detected": split["detected"], "beta": beta}
-    if bool(ok.any()):
-        row.update({"mean_l2": float(norms["l2"][ok].mean()), "mean_linf": float(norms["linf"][ok].mean()),
-                    "ssim": float(sim.ssim(x.cpu()[ok], x_adv.cpu()[ok]).mean()),
-                    "mse": float(sim.mse(x.cpu()[ok], x_adv.cpu()[ok]).mean())})
-    else:
-        row.update({k: float("nan") for k in ("mean_l2", "mean_linf", "ssim", "mse")})
-    row["seconds"] = time.perf_counter() - t0
-    return row
+    def from_config(cls, model: nn.Module, config: Dict[str, Any]) -> "MSVDDDefense":
+        # gamma and beta are buffers: the saved values replace these placeholders
+        return cls(model, head=config["head"], projections=int(config["projections"]), gamma=1.0,
+                   v_a=float(config["v_a"]), v_p=float(config["v_p"]))

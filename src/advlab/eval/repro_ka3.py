@@ -22,7 +22,6 @@ Protocol (written into every report):
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from pathlib import Path
@@ -31,40 +30,15 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .._util import AdvlabError
-from ..data import load_dataset
-from ..metrics import label_rank, ms_ssim, mse, rank_pmf, ssim
+from ..attacks import KA3, build_attack
+from ..data import load_dataset, shared_data_root, shared_folder
+from ..metrics import is_success, label_rank, rank_pmf
 from ..models import build_model
 from ..train import evaluate, fit, resolve_device
 from .report import Report, with_paper
+from .runner import pick_images, random_targets, similarity_scores
 
-__all__ = ["run", "rank_pmf_figure", "attack_row", "PAPER_UNDEFENDED", "default_data_root"]
-
-# --------------------------------------------------------------------------- the paper's numbers
-
-#: "Undefended" columns of Tables 2-3: (similarity x100, MSE x10^mse_exp, ASR %) per attack
-PAPER_UNDEFENDED = {
-    "MNIST-FC1": {"similarity": "SSIM", "mse_exp": 4, "accuracy": 98.64, "rows": {
-        "L-BFGS": (60.30, 26.25, 99.75), "DeepFool": (70.74, 12.96, 98.70), "C&W": (59.40, 27.27, 99.99),
-        "1-A3": (76.76, 13.70, 100.0), "5-A3": (63.92, 34.10, 100.0), "9-A3": (58.85, 53.51, 100.0)}},
-    "MNIST-LeNet": {"similarity": "SSIM", "mse_exp": 3, "accuracy": 99.12, "rows": {
-        "L-BFGS": (73.75, 2.42, 99.98), "DeepFool": (80.35, 1.57, 99.92), "C&W": (80.12, 1.45, 99.93),
-        "1-A3": (84.64, 1.87, 100.0), "5-A3": (72.72, 5.37, 100.0), "9-A3": (61.69, 15.15, 100.0)}},
-    "CIFAR10-MobileNetV2": {"similarity": "MS-SSIM", "mse_exp": 5, "accuracy": 87.28, "rows": {
-        "L-BFGS": (99.84, 5.35, 98.53), "DeepFool": (99.99, 2.04, 99.74), "C&W": (99.99, 3.65, 99.96),
-        "1-A3": (99.99, 1.65, 99.95), "5-A3": (99.99, 4.96, 99.77), "9-A3": (99.98, 8.08, 99.85)}},
-}
-
-_MODULES = {"LBFGS": "lbfgs", "DeepFool": "deepfool", "CarliniWagnerL2": "cw", "KA3": "kanon"}
-_FOLDERS = {"mnist": "mnist-10k", "fashion-mnist": "fashion-mnist"}
-
-
-def default_data_root() -> Path:
-    root = Path(__file__).resolve().parents[3].parent / "shared" / "data"
-    if not root.is_dir():
-        raise AdvlabError(f"no data folder at {root}; pass --data-root DIR (the folder holding mnist-10k/ "
-                          f"and fashion-mnist/)")
-    return root
-
+__all__ = ["run", "rank_pmf_figure", "attack_row"]
 
 # --------------------------------------------------------------------------- figure
 
@@ -105,18 +79,6 @@ def rank_pmf_figure(pmfs: Dict[str, Sequence[float]], max_rank: int = 10, title:
 
 # --------------------------------------------------------------------------- one attack
 
-def _attack_class(kind: str):
-    import advlab.attacks as attacks
-
-    cls = getattr(attacks, kind, None)
-    if cls is None and kind in _MODULES:
-        try:
-            cls = getattr(importlib.import_module(f"advlab.attacks.{_MODULES[kind]}"), kind, None)
-        except ModuleNotFoundError:
-            cls = None
-    return cls
-
-
 @torch.no_grad()
 def _logits(model, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     dev = resolve_device(None, model)
@@ -128,27 +90,20 @@ def attack_row(model, atk, x: torch.Tensor, y: torch.Tensor, targets: Optional[t
     """Attack (x, y) and measure it as in Tables 2-4 and Fig. 4: ASR (%), SSIM and MS-SSIM (x100)
     and MSE over the successful adversarials, the rank pmf over all, seconds, and for K-A3 its cost
     in forward+backward passes. ``rgb_metric`` selects MS-SSIM as the table's similarity."""
-    is_ka3 = hasattr(atk, "total_sample_steps")
+    is_ka3 = isinstance(atk, KA3)
     if is_ka3:
         atk.reset()
     res = atk.run((x, y), batch_size=batch_size, targets=targets, keep_adversarials=True, progress=False)
     adv = res.adversarials
     if is_ka3:
-        ranks, success = res.extras["rank"], res.success
+        ranks, ok = res.extras["rank"], res.success
     else:
-        ranks = label_rank(_logits(model, adv), y)
-        success = ranks > 1
-    ok = success.bool()
-    s_ssim = ssim(x, adv)
-    s_ms = ms_ssim(x, adv)
-    s_mse = mse(x, adv)
-
-    def mean_ok(t):
-        return float(t[ok].double().mean()) if bool(ok.any()) else float("nan")
-
+        # the paper's ASR is "a wrong class", for the targeted attacks too
+        ranks, ok = label_rank(_logits(model, adv), y), is_success(res.adv_pred, res.labels)
+    sim = similarity_scores(x, adv, ok)
     pmf = rank_pmf(ranks, num_classes)
-    row = {"asr": 100.0 * float(ok.double().mean()), "ssim": 100.0 * mean_ok(s_ssim), "ms_ssim": 100.0 * mean_ok(s_ms),
-           "mse": mean_ok(s_mse), "median_l2": float(res.l2[ok].median()) if bool(ok.any()) else float("nan"),
+    row = {"asr": 100.0 * float(ok.double().mean()), "ssim": 100.0 * sim["ssim"], "ms_ssim": 100.0 * sim["ms_ssim"],
+           "mse": sim["mse"], "median_l2": float(res.l2[ok].median()) if bool(ok.any()) else float("nan"),
            "pmf": [float(v) for v in pmf], "seconds": res.seconds, "n": len(res)}
     row["similarity"] = row["ms_ssim"] if rgb_metric else row["ssim"]
     if targets is not None:
@@ -184,18 +139,10 @@ def _time_fwd_bwd(model, x: torch.Tensor, repeats: int = 5) -> float:
 
 # --------------------------------------------------------------------------- one model
 
-def _correct_subset(model, test, n: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(test), generator=g)
-    pred = _logits(model, test.images[perm]).argmax(1)
-    keep = perm[pred == test.labels[perm]][:n]
-    return test.images[keep], test.labels[keep]
-
-
 def run_model(mspec: Dict[str, Any], spec: Dict[str, Any], data_root: Path, device=None, log=print) -> Dict[str, Any]:
     seed = int(spec.get("seed", 0))
     ds = mspec["dataset"]
-    folder = data_root / mspec.get("folder", _FOLDERS.get(ds, ds))
+    folder = shared_folder(data_root, ds, mspec.get("folder"))
     train = load_dataset(ds, folder, "train")
     test = load_dataset(ds, folder, "test")
     train_n = mspec.get("train_n", spec.get("train_n"))
@@ -216,20 +163,14 @@ def run_model(mspec: Dict[str, Any], spec: Dict[str, Any], data_root: Path, devi
     model.eval()
     log(f"[ka3] {mspec['name']}: trained in {train_s:.0f} s, test accuracy {acc:.4f}")
 
-    x, y = _correct_subset(model, test, int(spec["n"]), seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    targets = (y + torch.randint(1, train.num_classes, y.shape, generator=g)) % train.num_classes
+    x, y = pick_images(model, test, int(spec["n"]), only_correct=True, seed=seed)
+    targets = random_targets(y, train.num_classes, seed + 1)
     bs = int(spec.get("batch_size", 500))
     t_fb = _time_fwd_bwd(model, x[:bs])
     rgb = mspec.get("similarity", "ssim").lower() == "ms-ssim"
     rows, advs = [], {}
     for a in spec["attacks"]:
-        cls = _attack_class(a["kind"])
-        if cls is None:
-            log(f"[ka3] {a['name']}: advlab.attacks.{a['kind']} is not available; row skipped")
-            continue
-        params = dict(a.get("params", {}))
-        atk = cls(model, **params)
+        atk = build_attack(a["kind"], model, **a.get("params", {}))
         row = attack_row(model, atk, x, y, targets if a.get("targeted") else None, bs, rgb, train.num_classes)
         advs[a["name"]] = row.pop("_adv")
         row = {"model": mspec["name"], "attack": a["name"], **row}
@@ -313,7 +254,8 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     from .figures import example_grid
 
     seed = int(spec.get("seed", 0))
-    data_root = Path(data_root) if data_root is not None else default_data_root()
+    data_root = shared_data_root(data_root)
+    papers = spec.get("paper", {})
     rep = Report(out_dir, "ka3-attack", spec=spec, seed=seed)
     results = []
     with rep.use_threads(spec.get("threads")):
@@ -326,13 +268,13 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     rep.add_table("Models: clean test accuracy (%)", [
         {"model": r["name"], "dataset": r["dataset"], "architecture": r["model"],
          "accuracy": 100 * r["accuracy"],
-         "accuracy (paper)": PAPER_UNDEFENDED.get(r["paper"] or "", {}).get("accuracy"),
+         "accuracy (paper)": papers.get(r["paper"] or "", {}).get("accuracy"),
          "paper row": r["paper"] or "-", "train s": r["train_seconds"], "attacked images": r["n"]}
         for r in results])
 
     all_rows = []
     for res in results:
-        paper = PAPER_UNDEFENDED.get(res["paper"] or "")
+        paper = papers.get(res["paper"] or "")
         exp = paper["mse_exp"] if paper else 3
         metric = "MS-SSIM" if res["rgb_metric"] else "SSIM"
         table = []

@@ -1,19 +1,37 @@
-"""Run attacks against a model on a set of images and turn the outcome into table rows.
+"""The one evaluation runner: attacks under named threat models, one row definition, the
+per-sample worst case.
 
-Used by ``advlab attack``, the demo and the reproductions, so every report computes its numbers
-the same way."""
+Used by ``advlab attack``, the demo, ``advlab defend`` and every reproduction, so every report
+computes its numbers the same way:
+
+- an :class:`AttackRun` is an attack built on its *source* model plus the name of its threat
+  model: ``white-box`` (the attacked model itself), ``transfer`` (crafted on another model, e.g.
+  a defense's surrogate, and fed to the attacked one), ``full-knowledge`` / ``adaptive`` (an
+  attack that knows the defense, e.g. :class:`advlab.adaptive.MSVDDFullKnowledge`);
+- :func:`run_attacks` runs each through :meth:`Attack.run`, judged by the attacked model's own
+  decision (``predict``, which may return ``advlab.REJECT``: a detection, never a success), and
+  keeps the per-sample worst case: a sample counts as robust only if every attack failed on it;
+- :func:`result_row` is the one table row: clean and robust accuracy, ASR split into success /
+  failed / detected over the clean-correct samples, norms and SSIM / MS-SSIM / MSE over the true
+  successes.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .._util import AdvlabError
 from ..attacks.base import Attack, AttackResult
-from ..metrics.robustness import attack_success_rate
+from ..metrics.robustness import is_success, perturbation_norms
 from ..train import predict
+
+#: threat-model labels used in reports
+THREATS = ("white-box", "transfer", "full-knowledge", "adaptive", "black-box")
 
 
 def pick_images(model: nn.Module, dataset, n: Optional[int] = None, only_correct: bool = False, seed: int = 0,
@@ -34,47 +52,134 @@ def pick_images(model: nn.Module, dataset, n: Optional[int] = None, only_correct
     return x, y
 
 
-def _similarity(x: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> Dict[str, float]:
+def random_targets(y: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
+    """One seeded random target != y per sample (the papers' targeted protocol)."""
+    g = torch.Generator().manual_seed(seed)
+    return (y.cpu() + torch.randint(1, num_classes, y.shape, generator=g)) % num_classes
+
+
+def similarity_scores(x: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> Dict[str, float]:
+    """Mean SSIM, MS-SSIM (inputs of 32 px or more) and per-pixel MSE over the ``mask`` rows."""
     from ..metrics import similarity as sim
 
     if not bool(mask.any()):
-        return {"ssim": float("nan"), "mse": float("nan")}
+        return {"ssim": float("nan"), "ms_ssim": float("nan"), "mse": float("nan")}
     xs, xa = x[mask], adv[mask]
-    out = {"mse": float(sim.mse(xs, xa).mean())}
-    if x.shape[1] == 3 and min(x.shape[-2:]) >= 32 and hasattr(sim, "ms_ssim"):
-        out["ms_ssim"] = float(sim.ms_ssim(xs, xa).mean())
-    out["ssim"] = float(sim.ssim(xs, xa).mean())
+    out = {"ssim": float(sim.ssim(xs, xa).double().mean()), "mse": float(sim.mse(xs, xa).double().mean())}
+    out["ms_ssim"] = float(sim.ms_ssim(xs, xa).double().mean()) if min(x.shape[-2:]) >= 11 else float("nan")
     return out
 
 
-def result_row(name: str, res: AttackResult, x: torch.Tensor) -> Dict[str, float]:
-    """One table row: clean accuracy, robust accuracy, ASR (with failed/detected split over the
-    clean-correct samples), mean L2 / L-inf / L0 and SSIM / MSE of the successful adversarials."""
-    split = attack_success_rate(res.adv_pred, res.labels, res.targets, clean_pred=res.clean_pred)
-    ok = res.success & (res.clean_pred == res.labels)
-    row = {"attack": name, "n": len(res), "clean_acc": res.clean_accuracy, "robust_acc": res.robust_accuracy,
-           "asr": split["success"], "failed": split["failed"], "detected": split["detected"]}
-    if bool(ok.any()):
-        row.update({"mean_l2": float(res.l2[ok].mean()), "median_l2": float(res.l2[ok].median()),
-                    "mean_linf": float(res.linf[ok].mean()), "mean_l0": float(res.l0[ok].float().mean())})
-    else:
-        row.update({"mean_l2": float("nan"), "median_l2": float("nan"), "mean_linf": float("nan"),
-                    "mean_l0": float("nan")})
-    if res.adversarials is not None:
-        row.update(_similarity(x, res.adversarials, ok))
-    row["seconds"] = res.seconds
+def result_row(name: str, res: AttackResult, x: Optional[torch.Tensor] = None,
+               threat: str = "white-box") -> Dict[str, float]:
+    """One table row: clean accuracy, robust accuracy, ASR with its failed / detected split over the
+    clean-correct samples, mean / median L2, mean L-inf / L0 and (with ``x`` and the kept
+    adversarials) SSIM / MS-SSIM / MSE, all over the true successes among them."""
+    row = {"attack": name, "threat model": threat, **res.summary()}
+    if x is not None and res.adversarials is not None:
+        row.update(similarity_scores(x, res.adversarials, res.success & res.counted))
     return row
 
 
-def evaluate_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Dict[str, Attack],
-                     batch_size: int = 256, predict_fn: Optional[Callable] = None, progress: Optional[bool] = None,
-                     targets: Optional[Dict[str, torch.Tensor]] = None):
-    """Run each attack on (x, y); returns (rows, {name: AttackResult}). ``predict_fn`` judges the
-    adversarials (a defended model's ``predict`` may return REJECT)."""
+def rejudge(res: AttackResult, x: torch.Tensor, judge: Callable[[torch.Tensor], torch.Tensor],
+            untargeted: bool = False) -> AttackResult:
+    """The same adversarials judged by another decision (e.g. a defense at another threshold, or
+    the defended model after crafting on its surrogate): predictions and success recomputed.
+    ``untargeted``: success is "a wrong class" even for a targeted attack (the papers' ASR)."""
+    if res.adversarials is None:
+        raise AdvlabError("rejudge needs the adversarials: run the attack with keep_adversarials=True")
+    targets = None if untargeted else res.targets
+    clean, adv = judge(x).cpu(), judge(res.adversarials).cpu()
+    return AttackResult(labels=res.labels, clean_pred=clean, adv_pred=adv,
+                        success=is_success(adv, res.labels, targets), l0=res.l0, l2=res.l2, linf=res.linf,
+                        seconds=res.seconds, targets=targets, adversarials=res.adversarials,
+                        extras=dict(res.extras))
+
+
+def adversarial_result(x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, judge: Callable,
+                       seconds: float = 0.0, targets: Optional[torch.Tensor] = None) -> AttackResult:
+    """An :class:`AttackResult` for adversarials made elsewhere (a transfer set, another tool)."""
+    norms = perturbation_norms((x_adv - x).cpu())
+    clean, adv = judge(x).cpu(), judge(x_adv).cpu()
+    return AttackResult(labels=y.cpu(), clean_pred=clean, adv_pred=adv, success=is_success(adv, y.cpu(), targets),
+                        seconds=seconds, targets=targets, adversarials=x_adv.cpu(), **norms)
+
+
+@dataclass
+class AttackRun:
+    """One attack of an evaluation: built on its source model, labelled with its threat model."""
+
+    name: str
+    attack: Attack
+    threat: str = "white-box"
+    targets: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.threat not in THREATS:
+            raise AdvlabError(f"threat must be one of {', '.join(THREATS)}, got {self.threat!r}")
+
+
+@dataclass
+class Evaluation:
+    """Rows and results of :func:`run_attacks`, plus the per-sample worst case."""
+
+    rows: List[Dict[str, float]]
+    results: Dict[str, AttackResult]
+    seconds: float = 0.0
+    worst: Optional[AttackResult] = None
+    extras: Dict[str, object] = field(default_factory=dict)
+
+    def worst_row(self, name: str = "worst case", threat: str = "all of the above") -> Dict[str, float]:
+        return result_row(name, self.worst, threat=threat)
+
+
+def worst_case(results: Sequence[AttackResult]) -> AttackResult:
+    """Per-sample worst case over several attacks on the same images: a sample is a success if any
+    attack succeeded on it (that attack's adversarial is kept), robust only if every attack left it
+    correctly classified, detected if no attack succeeded and one was rejected."""
+    results = list(results)
+    if not results:
+        raise AdvlabError("worst_case needs at least one result")
+    base = results[0]
+    success = torch.stack([r.success for r in results])
+    wrong = torch.stack([r.adv_pred != r.labels for r in results])
+    detected = torch.stack([r.detected for r in results])
+    # per sample, the attack whose outcome is the worst for the defender: a success first, then a
+    # wrong (e.g. missed-target) prediction, then a rejection, else the first attack
+    score = 4 * success.int() + 2 * (wrong & ~detected).int() + detected.int()
+    pick = score.argmax(0)
+    rows = torch.arange(len(base))
+
+    def take(name):
+        vals = [getattr(r, name) for r in results]
+        if any(v is None for v in vals):
+            return None
+        return torch.stack(vals)[pick, rows]
+
+    return AttackResult(labels=base.labels, clean_pred=base.clean_pred, adv_pred=take("adv_pred"),
+                        success=success.any(0), l0=take("l0"), l2=take("l2"), linf=take("linf"),
+                        seconds=sum(r.seconds for r in results), detected=take("detected") & ~success.any(0),
+                        adversarials=take("adversarials"), extras={"attack_index": pick})
+
+
+def run_attacks(runs: Sequence[AttackRun], x: torch.Tensor, y: torch.Tensor, judge: Optional[Callable] = None,
+                batch_size: int = 256, progress: Optional[bool] = None, keep_adversarials: bool = True,
+                log: Callable[[str], None] = lambda msg: None) -> Evaluation:
+    """Run every attack on (x, y), judged by ``judge(x) -> labels`` (the attacked model's decision,
+    ``advlab.REJECT`` allowed; default: each attack's own model). Returns an :class:`Evaluation`
+    with one :func:`result_row` per attack and the per-sample worst case over all of them."""
     rows, results = [], {}
-    for name, atk in attacks.items():
-        res = atk.run((x, y), batch_size=batch_size, keep_adversarials=True, progress=progress,
-                      predict_fn=predict_fn, targets=None if targets is None else targets.get(name))
-        results[name] = res
-        rows.append(result_row(name, res, x))
-    return rows, results
+    t0 = time.perf_counter()
+    for run in runs:
+        if run.name in results:
+            raise AdvlabError(f"two attacks are named {run.name!r}")
+        res = run.attack.run((x, y), batch_size=batch_size, targets=run.targets, keep_adversarials=keep_adversarials,
+                             progress=progress, predict_fn=judge)
+        results[run.name] = res
+        rows.append(result_row(run.name, res, x if keep_adversarials else None, run.threat))
+        log(f"  {run.name} ({run.threat}): ASR {100 * rows[-1]['asr']:.1f}%, robust accuracy "
+            f"{100 * rows[-1]['robust_acc']:.1f}%, {res.seconds:.1f} s")
+    ev = Evaluation(rows, results, time.perf_counter() - t0)
+    if results:
+        ev.worst = worst_case(results.values())
+    return ev

@@ -2,13 +2,13 @@
 similarity (MSE, SSIM, MS-SSIM, CW-SSIM), anonymity (rank pmf), detection (ROC, AUC), bound (VIB)."""
 
 from .robustness import (accuracy, robust_accuracy, attack_success_rate, perturbation_norms, l0_norm, l2_norm,
-                         linf_norm)
+                         linf_norm, is_success, outcome)
 from .cwssim import cw_ssim, CWSSIM, SteerablePyramid
 from .similarity import mse, ssim, ms_ssim
 from .anonymity import label_rank, rank_pmf, satisfies_k_anonymity, k_anonymity_violation
 
 __all__ = ["accuracy", "robust_accuracy", "attack_success_rate", "perturbation_norms", "l0_norm", "l2_norm",
-           "linf_norm"]
+           "linf_norm", "is_success", "outcome"]
 __all__ += ["cw_ssim", "CWSSIM", "SteerablePyramid", "label_rank", "rank_pmf", "satisfies_k_anonymity",
             "k_anonymity_violation"]
 __all__ += ["mse", "ssim", "ms_ssim"]

@@ -1,0 +1,60 @@
+"""The one attack registry: the names the CLI, the experiment specs and the benchmarks use.
+
+>>> from advlab.attacks import ATTACKS, build_attack
+>>> atk = build_attack("pgd", model, eps=0.3, steps=40)
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, Tuple
+
+from torch import nn
+
+from .._util import AdvlabError, unknown_name
+
+#: name -> (class name in advlab.attacks, fixed keyword arguments)
+ATTACKS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "fgsm": ("FGSM", {}),
+    "bim": ("BIM", {}),
+    "mim": ("MIM", {}),
+    "pgd": ("PGD", {"norm": "inf"}),
+    "pgd-l2": ("PGD", {"norm": "2"}),
+    "l2": ("IterativeL2", {}),
+    "cw": ("CarliniWagnerL2", {}),
+    "deepfool": ("DeepFool", {}),
+    "lbfgs": ("LBFGS", {}),
+    "jsma": ("JSMA", {}),
+    "ka3": ("KA3", {}),
+}
+
+
+def attack_class(name: str) -> Tuple[type, Dict[str, Any]]:
+    """(class, fixed keyword arguments) of a registered attack name; an unknown name is an error."""
+    from .. import attacks
+
+    if name not in ATTACKS:
+        raise unknown_name("attack", name, ATTACKS)
+    cls_name, fixed = ATTACKS[name]
+    return getattr(attacks, cls_name), dict(fixed)
+
+
+def attack_parameters(name: str) -> set:
+    cls, _ = attack_class(name)
+    return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model")}
+
+
+def build_attack(name: str, model: nn.Module, **params):
+    """Build a registered attack; parameters left at None keep the class defaults, and a
+    parameter the attack does not take is an error naming the ones it does."""
+    cls, kwargs = attack_class(name)
+    accepted = attack_parameters(name)
+    for k, v in params.items():
+        if v is None:
+            continue
+        if k not in accepted:
+            raise AdvlabError(f"attack {name!r} does not take {k!r}; it takes: {', '.join(sorted(accepted))}")
+        if k == "similarity" and str(v).lower() == "none":
+            v = None
+        kwargs[k] = v
+    return cls(model, **kwargs)

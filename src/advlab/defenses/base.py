@@ -1,0 +1,145 @@
+"""The Defense contract every advlab defense implements, and the one registry of defenses.
+
+A defense is an ``nn.Module`` (so attacks, ``fit`` and devices work on it unchanged) with:
+
+- ``forward(x)``: the differentiable scores an attacker should use by default, (N, C) or
+  (N, C + 1) with a last "adversarial" column. Never a clamped or otherwise gradient-free
+  quantity: a white-box attack on ``forward`` must see real gradients, or the number it gives
+  is an illusion (advlab's masking checks look for exactly that);
+- ``predict(x)``: class indices, or ``advlab.REJECT`` where the defense abstains;
+- ``detect(x)`` (optional): a per-sample score, larger meaning "more likely adversarial";
+- ``surrogate`` (optional): the undefended model an attacker without access to the defense
+  would craft on (transfer threat model);
+- ``randomized``: True when ``forward``/``predict`` draw random numbers at test time (the
+  evaluation then averages gradients over draws, EoT);
+- ``fit(model, dataset, ...)`` (classmethod): build the defense from a trained model;
+- ``save(path)`` / ``load(path)``: through the one weights-only checkpoint path of
+  :mod:`advlab.train` (``weights_only=True``; loading never executes code from the file).
+
+>>> from advlab.defenses import DEFENSES, build_defense
+>>> DEFENSES["msvdd"].description
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from .._util import AdvlabError, model_device, unknown_name
+
+
+class Defense(nn.Module):
+    """Base class of the defenses (see the module docstring for the contract)."""
+
+    #: registry name and checkpoint format tag, set by subclasses
+    name: str = ""
+    format: str = ""
+    #: the name used in messages and reports
+    title: str = ""
+    #: True when the defense draws random numbers at test time
+    randomized: bool = False
+    # ``surrogate`` (the undefended model an attacker without access to the defense would use) is
+    # a submodule set by the defenses that have one: no class attribute here, since it would
+    # shadow nn.Module's submodule lookup; read it with ``getattr(defense, "surrogate", None)``
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """Class indices or ``advlab.REJECT``; by default the argmax of :meth:`forward`."""
+        return self._batched(lambda xb: self(xb).argmax(1), x, batch_size)
+
+    def detect(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample detection score (larger: more likely adversarial). Defenses without a
+        detector do not override this."""
+        raise AdvlabError(f"{type(self).__name__} has no detector (detect)")
+
+    @property
+    def has_detector(self) -> bool:
+        return type(self).detect is not Defense.detect
+
+    def _batched(self, fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        dev = model_device(self)
+        was = self.training
+        self.eval()
+        try:
+            out = [fn(x[i: i + batch_size].to(dev)) for i in range(0, x.shape[0], batch_size)]
+        finally:
+            self.train(was)
+        return torch.cat(out).to(x.device) if out else torch.empty(0, dtype=torch.long, device=x.device)
+
+    # ------------------------------------------------------------------ persistence
+    def config(self) -> Dict[str, Any]:
+        """Constructor settings stored with the weights, enough to rebuild the module."""
+        return {}
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config: Dict[str, Any]) -> "Defense":
+        return cls(model, **config)
+
+    def save(self, path, **metadata) -> Path:
+        """Write the defense (weights and :meth:`config`) atomically through the one checkpoint path."""
+        from ..train import write_checkpoint
+
+        meta = {"defense": self.name, "config": self.config(),
+                "model": copy.deepcopy(getattr(self, "model_spec", None))}
+        meta.update(metadata)
+        return write_checkpoint(path, self.state_dict(), meta, format=self.format)
+
+    @classmethod
+    def load(cls, path, model: Optional[nn.Module] = None, device=None) -> "Defense":
+        """Rebuild a saved defense. A zoo model is rebuilt from the file's spec; for another
+        architecture pass an (untrained) instance as ``model``. Never executes code from the file."""
+        from ..train import build_from_spec, read_checkpoint
+
+        obj = read_checkpoint(path, format=cls.format, what=f"{cls.title or cls.name or cls.__name__} defense")
+        meta = obj["metadata"]
+        if model is None:
+            model = build_from_spec(meta.get("model"), path)
+        try:
+            defense = cls.from_config(model, meta.get("config") or {})
+            defense.load_state_dict(obj["state_dict"])
+        except (KeyError, TypeError, RuntimeError, AdvlabError) as e:
+            raise AdvlabError(f"defense file {path} does not fit the model: {str(e).splitlines()[0]}") from None
+        defense.metadata = meta
+        if device is not None:
+            defense.to(device)
+        return defense.eval()
+
+
+@dataclass
+class DefenseEntry:
+    cls: type
+    description: str
+
+
+#: name -> defense class and description; the CLI (``advlab defend NAME``) and specs use it
+DEFENSES: Dict[str, DefenseEntry] = {}
+
+
+def register_defense(name: str, description: str):
+    """Class decorator adding a :class:`Defense` subclass to :data:`DEFENSES` under ``name``."""
+    def deco(cls):
+        if not issubclass(cls, Defense):
+            raise TypeError(f"{cls.__name__} must subclass advlab.defenses.Defense")
+        cls.name = name
+        DEFENSES[name] = DefenseEntry(cls, description)
+        return cls
+    return deco
+
+
+def defense_class(name: str) -> type:
+    if name not in DEFENSES:
+        raise unknown_name("defense", name, DEFENSES)
+    return DEFENSES[name].cls
+
+
+def build_defense(name: str, model: nn.Module, dataset, **params) -> Defense:
+    """Fit the defense ``name`` on a trained ``model`` and its training ``dataset``."""
+    return defense_class(name).fit(model, dataset, **params)
