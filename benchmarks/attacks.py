@@ -144,9 +144,15 @@ def time_plain_step(model, x, y, device, reps=5):
         for i in range(reps + 2):
             if frozen:
                 with frozen_eval(model):
-                    sync(device); t0 = time.perf_counter(); fn(); sync(device)
+                    sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
             else:
-                sync(device); t0 = time.perf_counter(); fn(); sync(device)
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
             if i >= 2:  # two warm-up runs
                 times.append(time.perf_counter() - t0)
         out.append(statistics.median(times))
@@ -167,7 +173,8 @@ def evaluate(model, x, y, x_adv, ok):
 def run_timed(fn, device, repeat):
     best, out = float("inf"), None
     for _ in range(repeat):
-        sync(device); t0 = time.perf_counter()
+        sync(device)
+        t0 = time.perf_counter()
         out = fn()
         sync(device)
         best = min(best, time.perf_counter() - t0)

@@ -209,7 +209,7 @@ def test_mnist_lenet_k_anonymity(lenet_mnist, mnist_data, K):
 
 
 def test_rank_pmf_figure():
-    from advlab.eval.repro_ka3 import rank_pmf_figure
+    from advlab.eval.figures import rank_pmf_figure
 
     pmfs = {"L-BFGS": rank_pmf(torch.tensor([2] * 9 + [3]), 10), "5-A3": rank_pmf(torch.arange(2, 7), 10)}
     fig = rank_pmf_figure(pmfs, max_rank=10)

@@ -54,7 +54,7 @@ def test_taps_capture_named_activations_and_remove_hooks():
     m = build_model("cnn6").eval()
     x = torch.rand(2, 1, 28, 28)
     with taps(m, list(m.feature_layers)) as feats:
-        logits = m(x)
+        m(x)
     assert feats["gap"].shape == (2, 128) and feats["act_fc1"].shape == (2, 512) and feats["act_fc2"].shape == (2, 64)
     # gradients flow through taps
     feats["act_fc2"].sum().backward()

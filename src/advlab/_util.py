@@ -61,6 +61,12 @@ def check_nonneg(value: float, name: str) -> float:
     return float(value)
 
 
+def check_positive(value, name: str) -> float:
+    if isinstance(value, bool) or value is None or not (float(value) > 0.0) or float(value) == float("inf"):
+        raise AdvlabError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
 def check_positive_int(value: int, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or int(value) != value or int(value) < minimum:
         raise AdvlabError(f"{name} must be an integer >= {minimum}, got {value}")

@@ -175,7 +175,7 @@ def _ka3_extras(rep, name, res) -> None:
     pmf = rank_pmf(res.extras["rank"], 10)
     rep.results[f"{name}_rank_pmf"] = pmf
     try:
-        from .eval.repro_ka3 import rank_pmf_figure
+        from .eval.figures import rank_pmf_figure
 
         rep.add_figure(f"{name}-rank-pmf", rank_pmf_figure({name: pmf}), "rank pmf of the true label (Fig. 4)")
     except ImportError:
@@ -200,7 +200,7 @@ def cmd_reproduce(args) -> int:
         for name, desc in list_reproductions():
             print(f"{name:<16} {desc}")
         return 0
-    out = args.out or os.path.join("results", args.name + ("-quick" if args.quick else ""))
+    out = args.out or os.path.join("results", Path(args.name).stem + ("-quick" if args.quick else ""))
     rep = reproduce(args.name, out, quick=args.quick, data_root=args.data_root, device=args.device)
     print(Path(rep.out_dir, "report.md").read_text())
     print(f"report: {rep.out_dir}")
@@ -292,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s)
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("reproduce", help="run a bundled paper reproduction (--list shows them)")
-    s.add_argument("name", nargs="?", help="reproduction name")
+    s = sub.add_parser("reproduce", help="run a bundled paper reproduction (--list shows them) or your own "
+                       "experiment spec (a YAML path)")
+    s.add_argument("name", nargs="?", help="reproduction name, or the path of an experiment YAML")
     s.add_argument("--list", action="store_true", help="list the bundled reproductions")
     s.add_argument("--quick", action="store_true", help="small settings, a few minutes")
     s.add_argument("--out", default=None, help="report folder (default results/NAME)")

@@ -264,7 +264,8 @@ def read_checkpoint(path, format: Optional[str] = None, what: str = "checkpoint"
 def build_from_spec(spec: Optional[Dict], path) -> nn.Module:
     """Rebuild a zoo model from the spec stored in a checkpoint's metadata."""
     if not spec:
-        raise AdvlabError(f"{path} has no model spec (not a zoo model); pass model= (an untrained instance of the architecture) to fill")
+        raise AdvlabError(f"{path} has no model spec (not a zoo model); pass model= (an untrained instance of the "
+                          "architecture) to fill")
     from .models import build_model
 
     return build_model(spec["name"], spec["num_classes"], spec["in_shape"], spec.get("mean"), spec.get("std"),

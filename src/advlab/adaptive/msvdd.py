@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .._util import AdvlabError, check_nonneg, check_positive_int
-from ..attacks.base import Attack, check_norm, runner_up
+from ..attacks.base import Attack, best_other, check_norm, runner_up
 from ..attacks.loop import ActiveSet, AttackLoop, ball_projection, step_rule
 from ..metrics.robustness import is_success
 
@@ -29,8 +29,7 @@ def verifier_loss(r: torch.Tensor, target: torch.Tensor, v_a: float, kappa: floa
     (Summing hinges over all other classes instead drives inputs to where no SVDD answers: far
     from every centre, where the RBF gradients vanish and the target cannot be reached.)"""
     own = r.gather(1, target[:, None]).squeeze(1)
-    mask = torch.zeros_like(r, dtype=torch.bool).scatter_(1, target[:, None], True)
-    other = r.masked_fill(mask, float("-inf")).amax(1)
+    other = best_other(r, target)
     return torch.relu(v_a + kappa - own) + torch.relu(other - (v_a - kappa))
 
 

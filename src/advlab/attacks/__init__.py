@@ -1,16 +1,15 @@
-"""Attacks: ``atk = PGD(model, eps=0.3); x_adv = atk(x, y)``."""
+"""Attacks: ``atk = PGD(model, eps=0.3); x_adv = atk(x, y)``; by name: ``build_attack("pgd", model)``."""
 
-from .base import Attack, AttackResult, project, runner_up
-from .gradient import FGSM, BIM, MIM, PGD, IterativeL2
-
-__all__ = ["Attack", "AttackResult", "project", "runner_up"]
-__all__ += ["FGSM", "BIM", "MIM", "PGD", "IterativeL2"]
-from .kanon import KA3, ka3_targets
-__all__ += ["KA3", "ka3_targets"]
+from .base import Attack, AttackResult, best_other, keep_if_adversarial, project, runner_up
 from .cw import CarliniWagnerL2
 from .deepfool import DeepFool
-from .lbfgs import LBFGS
+from .gradient import BIM, FGSM, MIM, PGD, IterativeL2
 from .jsma import JSMA
-__all__ += ["CarliniWagnerL2", "DeepFool", "LBFGS", "JSMA"]
+from .kanon import KA3, ka3_targets
+from .lbfgs import LBFGS
 from .registry import ATTACKS, attack_class, build_attack
-__all__ += ["ATTACKS", "attack_class", "build_attack"]
+from .square import Square
+
+__all__ = ["Attack", "AttackResult", "project", "runner_up", "best_other", "keep_if_adversarial",
+           "FGSM", "BIM", "MIM", "PGD", "IterativeL2", "KA3", "ka3_targets", "CarliniWagnerL2", "DeepFool", "LBFGS",
+           "JSMA", "Square", "ATTACKS", "attack_class", "build_attack"]

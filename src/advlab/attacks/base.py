@@ -79,6 +79,23 @@ def runner_up(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return logits.detach().scatter(1, y[:, None], float("-inf")).argmax(1)
 
 
+def best_other(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """``max_{k != cls} z_k`` per sample (the "best other logit" of margin losses): ``cls`` is
+    masked with -inf, so the gradient reaches only the logit that attains the max."""
+    mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, cls[:, None], True)
+    return logits.masked_fill(mask, float("-inf")).amax(dim=1)
+
+
+def keep_if_adversarial(model, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                        target: Optional[torch.Tensor]) -> torch.Tensor:
+    """One last forward on the returned batch: samples that are not adversarial there (a point on
+    the boundary can flip with float rounding) get the clean image back, so a failure is always
+    returned unchanged."""
+    with torch.no_grad():
+        ok = is_success(model(x_adv.clamp(0.0, 1.0)).argmax(1), y, target)
+    return torch.where(ok.view(-1, *([1] * (x.dim() - 1))), x_adv, x)
+
+
 def num_classes_of(model: nn.Module, x: torch.Tensor) -> int:
     with torch.no_grad():
         return int(model(x[:1]).shape[1])
@@ -144,7 +161,7 @@ class AttackResult:
 
     def _rate(self, mask: torch.Tensor) -> float:
         keep = self.counted
-        return float(mask[keep].float().mean()) if bool(keep.any()) else float("nan")
+        return float(mask[keep].double().mean()) if bool(keep.any()) else float("nan")
 
     @property
     def success_rate(self) -> float:
@@ -281,9 +298,14 @@ class Attack:
             tc = None if tb is None else tb.cpu()
             success = is_success(adv, yc, tc)
             norms = perturbation_norms(xa.cpu() - xb.cpu())
-            acc["labels"].append(yc); acc["clean_pred"].append(clean); acc["adv_pred"].append(adv)
-            acc["success"].append(success); acc["l0"].append(norms["l0"]); acc["l2"].append(norms["l2"])
-            acc["linf"].append(norms["linf"]); acc["detected"].append(adv == REJECT)
+            acc["labels"].append(yc)
+            acc["clean_pred"].append(clean)
+            acc["adv_pred"].append(adv)
+            acc["success"].append(success)
+            acc["l0"].append(norms["l0"])
+            acc["l2"].append(norms["l2"])
+            acc["linf"].append(norms["linf"])
+            acc["detected"].append(adv == REJECT)
             if tc is not None:
                 acc["targets"].append(tc)
             if keep_adversarials:

@@ -7,16 +7,9 @@ from typing import Optional
 
 import torch
 
-from .._util import AdvlabError, check_nonneg, check_positive_int
-from ..metrics.robustness import is_success
-from .base import Attack
+from .._util import check_nonneg, check_positive, check_positive_int
+from .base import Attack, best_other, keep_if_adversarial
 from .loop import ActiveSet, AdamStep, AttackLoop
-
-
-def check_positive(value, name: str) -> float:
-    if isinstance(value, bool) or value is None or not (float(value) > 0.0) or float(value) == float("inf"):
-        raise AdvlabError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
 
 
 def cw_margin(logits: torch.Tensor, labels: torch.Tensor, targeted: bool, confidence: float = 0.0) -> torch.Tensor:
@@ -25,8 +18,7 @@ def cw_margin(logits: torch.Tensor, labels: torch.Tensor, targeted: bool, confid
     Targeted (``labels`` = targets): ``max(max_{i != t} Z_i - Z_t, -kappa)``; untargeted (``labels``
     = true classes): ``max(Z_y - max_{i != y} Z_i, -kappa)``. The labelled logit is excluded from
     the max with ``-inf`` (multiplying by a one-hot mask would be wrong for negative logits)."""
-    onehot = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, labels[:, None], True)
-    other = logits.masked_fill(onehot, float("-inf")).amax(1)
+    other = best_other(logits, labels)
     real = logits.gather(1, labels[:, None]).squeeze(1)
     diff = other - real if targeted else real - other
     return diff.clamp_min(-confidence)
@@ -42,16 +34,6 @@ def cw_success(logits: torch.Tensor, labels: torch.Tensor, targeted: bool, confi
         return z.argmax(1) == labels
     z.scatter_add_(1, labels[:, None], z.new_full((z.shape[0], 1), confidence))
     return z.argmax(1) != labels
-
-
-def keep_if_adversarial(model, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                        target: Optional[torch.Tensor]) -> torch.Tensor:
-    """One last forward on the returned batch: samples that are not adversarial there (a point on
-    the boundary can flip with float rounding) get the clean image back, so a failure is always
-    returned unchanged."""
-    with torch.no_grad():
-        ok = is_success(model(x_adv.clamp(0.0, 1.0)).argmax(1), y, target)
-    return torch.where(ok.view(-1, *([1] * (x.dim() - 1))), x_adv, x)
 
 
 class CarliniWagnerL2(Attack):

@@ -27,7 +27,7 @@ from torch import nn
 
 from .._util import AdvlabError, check_nonneg, check_positive_int
 from ..metrics.robustness import is_success
-from .base import Attack, check_norm
+from .base import Attack, best_other, check_norm
 from .loop import ActiveSet, AttackLoop, ball_projection, step_rule
 
 __all__ = ["FGSM", "BIM", "MIM", "PGD", "IterativeL2", "attack_objective"]
@@ -47,9 +47,7 @@ def _check_loss(loss: Loss) -> Loss:
 def _margin(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     """``z_cls - max_{k != cls} z_k`` per sample; the other classes are found by masking ``cls``
     with -inf, so the gradient reaches only the two logits involved."""
-    mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, cls[:, None], True)
-    other = logits.masked_fill(mask, float("-inf")).amax(dim=1)
-    return logits.gather(1, cls[:, None]).squeeze(1) - other
+    return logits.gather(1, cls[:, None]).squeeze(1) - best_other(logits, cls)
 
 
 def attack_objective(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None,

@@ -8,10 +8,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._util import AdvlabError, check_positive_int
-from .base import Attack, runner_up
-from .cw import check_positive, keep_if_adversarial
-from .deepfool import logit_grads
+from .._util import AdvlabError, check_positive, check_positive_int
+from .base import Attack, keep_if_adversarial, runner_up
+from .loop import logit_grads
 
 
 def _front(order: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from torch import nn
 from .._util import AdvlabError, check_nonneg, check_positive_int, frozen_eval, model_device
 from ..metrics.anonymity import label_rank
 from ..metrics.cwssim import CWSSIM, select_reference
-from .base import Attack, AttackResult, num_classes_of
+from .base import Attack, AttackResult
 from .loop import ActiveSet, AdamStep, AttackLoop, BoxProjection
 
 __all__ = ["KA3", "ka3_targets"]

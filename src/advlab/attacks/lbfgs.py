@@ -8,9 +8,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._util import check_positive_int
-from .base import Attack, runner_up
-from .cw import check_positive, keep_if_adversarial
+from .._util import check_positive, check_positive_int
+from .base import Attack, keep_if_adversarial, runner_up
 
 
 class LBFGS(Attack):

@@ -21,6 +21,7 @@ then only every ``check_every`` steps.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
@@ -126,6 +127,30 @@ def detach(out):
     if isinstance(out, tuple):
         return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in out)
     return out.detach()
+
+
+def logit_grads(model, x: torch.Tensor, weights) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logits of ``x`` (N, C) and the K input gradients ``d(weights[k] . logits) / dx`` (K, N, ...),
+    from one forward and one vmapped backward (``is_grads_batched``). ``weights`` is a (K, N, C)
+    tensor or a function of the (detached) logits returning one. Models whose ops have no
+    batching rule fall back to one backward of a K-times replicated batch."""
+    xg = x.detach().requires_grad_(True)
+    logits = model(xg)
+    w = weights(logits.detach()) if callable(weights) else weights
+    if w.shape[0] == 1:
+        (g,) = torch.autograd.grad(logits, xg, w[0])
+        return logits.detach(), g[None]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # vmap's "performance drop" notes for ops without a rule
+            (g,) = torch.autograd.grad(logits, xg, w, is_grads_batched=True)
+        return logits.detach(), g
+    except RuntimeError:
+        pass
+    k = w.shape[0]
+    xr = x.detach().repeat(k, *([1] * (x.dim() - 1))).requires_grad_(True)
+    (g,) = torch.autograd.grad((model(xr) * w.reshape(-1, w.shape[-1])).sum(), xr)
+    return logits.detach(), g.view(k, *x.shape)
 
 
 # ---------------------------------------------------------------------------- step rules (descent)

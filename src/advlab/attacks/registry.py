@@ -26,6 +26,8 @@ ATTACKS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "lbfgs": ("LBFGS", {}),
     "jsma": ("JSMA", {}),
     "ka3": ("KA3", {}),
+    "square": ("Square", {"norm": "inf"}),
+    "square-l2": ("Square", {"norm": "2"}),
 }
 
 

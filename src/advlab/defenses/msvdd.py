@@ -192,7 +192,8 @@ class MSVDDDefense(Defense):
     def fit(cls, model: nn.Module, dataset, projections: int = 128, svdd_epochs: int = 20, finetune_epochs: int = 5,
             head: Optional[str] = None, seed: int = 0, gamma: Optional[float] = None,
             positive_epochs: Optional[int] = None, settle_tol: float = 1e-3, batch_size: int = 128,
-            svdd_batch_size: int = 512, svdd_lr: float = 3e-2, finetune_lr: float = 1e-3, v_a: float = 1e-3, v_p: float = 1e-2,
+            svdd_batch_size: int = 512, svdd_lr: float = 3e-2, finetune_lr: float = 1e-3, v_a: float = 1e-3,
+            v_p: float = 1e-2,
             device=None, progress: Optional[bool] = None) -> "MSVDDDefense":
         """Build the defense from a trained classifier ``model`` (left unchanged) and its training set.
 

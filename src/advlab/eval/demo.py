@@ -117,7 +117,7 @@ def _ka3_figure(rep, res, num_classes: int) -> None:
     if res is None or "rank" not in res.extras:
         return
     from ..metrics.anonymity import rank_pmf
-    from .repro_ka3 import rank_pmf_figure
+    from .figures import rank_pmf_figure
 
     pmf = rank_pmf(res.extras["rank"], num_classes)
     rep.results["5-A3 rank pmf"] = pmf

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .._util import AdvlabError  # noqa: E402
+
 
 def _show(ax, img: torch.Tensor, cmap="gray", vmin=0.0, vmax=1.0):
     img = img.detach().float().cpu()
@@ -17,7 +19,8 @@ def _show(ax, img: torch.Tensor, cmap="gray", vmin=0.0, vmax=1.0):
         ax.imshow(img[0].numpy(), cmap=cmap, vmin=vmin, vmax=vmax)
     else:
         ax.imshow(img.permute(1, 2, 0).clamp(vmin, vmax).numpy())
-    ax.set_xticks([]); ax.set_yticks([])
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def example_grid(clean: torch.Tensor, adversarial: Dict[str, torch.Tensor], magnify: float = 10.0, n: int = 6,
@@ -55,7 +58,8 @@ def bar_chart(groups: Dict[str, Sequence[float]], xlabels: Sequence[str], title:
         ax.bar(x + (i - (k - 1) / 2) * width, list(vals), width, label=name)
     ax.set_xticks(x)
     ax.set_xticklabels(list(xlabels))
-    ax.set_title(title); ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
     if k > 1:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -67,7 +71,9 @@ def line_chart(series: Dict[str, tuple], title: str = "", xlabel: str = "", ylab
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name, (xs, ys) in series.items():
         ax.plot(list(xs), list(ys), marker="o", label=name)
-    ax.set_title(title); ax.set_xlabel(xlabel); ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=7)
@@ -84,8 +90,46 @@ def training_curve(history, title: str = "training"):
     ax2.plot(ep, history["train_acc"], marker="s", color="tab:green", label="train acc")
     if history["test_acc"]:
         ax2.plot(ep, history["test_acc"], marker="^", color="tab:red", label="test acc")
-    ax.set_xlabel("epoch"); ax.set_ylabel("loss"); ax2.set_ylabel("accuracy")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax2.set_ylabel("accuracy")
     ax.set_title(title)
     fig.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     return fig
+
+
+def rank_pmf_figure(pmfs: Dict[str, Sequence[float]], max_rank: int = 10, title: str = "",
+                    K_lines: Sequence[int] = (5, 9)):
+    """Fig. 4 of the K-A3 paper: grouped bars of p(j) = P(true label at rank j), j = 1..max_rank,
+    one series per attack (``pmfs[name]`` as from :func:`advlab.metrics.rank_pmf`), with dashed
+    lines at 1/K for ``K_lines``. Returns a matplotlib Figure."""
+    import numpy as np
+
+    if isinstance(max_rank, bool) or int(max_rank) != max_rank or int(max_rank) < 1:
+        raise AdvlabError(f"max_rank must be an integer >= 1, got {max_rank}")
+    if not pmfs:
+        raise AdvlabError("pmfs is empty: give at least one attack's rank pmf")
+    max_rank = int(max_rank)
+    k = len(pmfs)
+    xs = np.arange(1, max_rank + 1)
+    width = 0.8 / k
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.55 * max_rank * max(1.0, k ** 0.5)), 3.3))
+    for i, (name, pmf) in enumerate(pmfs.items()):
+        vals = [float(v) for v in list(torch.as_tensor(pmf, dtype=torch.float64).reshape(-1))[:max_rank]]
+        vals += [0.0] * (max_rank - len(vals))
+        ax.bar(xs + (i - (k - 1) / 2) * width, vals, width, label=name)
+    for K in K_lines:
+        ax.axhline(1.0 / K, ls="--", lw=0.8, color="gray")
+        ax.text(max_rank + 0.45, 1.0 / K, f"1/{K}", fontsize=7, va="center", color="gray")
+    ax.set_xticks(xs)
+    ax.set_xlabel("rank j of the true label")
+    ax.set_ylabel("p(j)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title or "P(true label at rank j) on the adversarial set")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- one attack

@@ -3,7 +3,7 @@
 p(j) that the true label sits at rank j of the attacked model's output) for L-BFGS, DeepFool,
 C&W and 1-, 5- and 9-A3.
 
-Also :func:`rank_pmf_figure` (the Fig. 4 bar chart, for the demo) and :func:`attack_row`.
+Also :func:`attack_row`.
 
 Protocol (written into every report):
 
@@ -25,59 +25,20 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from .._util import AdvlabError
 from ..attacks import KA3, build_attack
 from ..data import load_dataset, shared_data_root, shared_folder
 from ..metrics import is_success, label_rank, rank_pmf
 from ..models import build_model
 from ..train import evaluate, fit, resolve_device
+from .figures import rank_pmf_figure
 from .report import Report, with_paper
 from .runner import pick_images, random_targets, similarity_scores
 
-__all__ = ["run", "rank_pmf_figure", "attack_row"]
-
-# --------------------------------------------------------------------------- figure
-
-def rank_pmf_figure(pmfs: Dict[str, Sequence[float]], max_rank: int = 10, title: str = "",
-                    K_lines: Sequence[int] = (5, 9)):
-    """Fig. 4 of the K-A3 paper: grouped bars of p(j) = P(true label at rank j), j = 1..max_rank,
-    one series per attack (``pmfs[name]`` as from :func:`advlab.metrics.rank_pmf`), with dashed
-    lines at 1/K for ``K_lines``. Returns a matplotlib Figure."""
-    import numpy as np
-
-    from .figures import plt
-
-    if isinstance(max_rank, bool) or int(max_rank) != max_rank or int(max_rank) < 1:
-        raise AdvlabError(f"max_rank must be an integer >= 1, got {max_rank}")
-    if not pmfs:
-        raise AdvlabError("pmfs is empty: give at least one attack's rank pmf")
-    max_rank = int(max_rank)
-    k = len(pmfs)
-    xs = np.arange(1, max_rank + 1)
-    width = 0.8 / k
-    fig, ax = plt.subplots(figsize=(max(5.5, 0.55 * max_rank * max(1.0, k ** 0.5)), 3.3))
-    for i, (name, pmf) in enumerate(pmfs.items()):
-        vals = [float(v) for v in list(torch.as_tensor(pmf, dtype=torch.float64).reshape(-1))[:max_rank]]
-        vals += [0.0] * (max_rank - len(vals))
-        ax.bar(xs + (i - (k - 1) / 2) * width, vals, width, label=name)
-    for K in K_lines:
-        ax.axhline(1.0 / K, ls="--", lw=0.8, color="gray")
-        ax.text(max_rank + 0.45, 1.0 / K, f"1/{K}", fontsize=7, va="center", color="gray")
-    ax.set_xticks(xs)
-    ax.set_xlabel("rank j of the true label")
-    ax.set_ylabel("p(j)")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title or "P(true label at rank j) on the adversarial set")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return fig
-
-
-# --------------------------------------------------------------------------- one attack
+__all__ = ["run", "attack_row"]
 
 @torch.no_grad()
 def _logits(model, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
@@ -239,7 +200,8 @@ def _claims(res: Dict[str, Any]) -> List[str]:
     metric = "MS-SSIM" if res["rgb_metric"] else "SSIM"
     if one and lb:
         out.append(f"1-A3 {metric} {one['similarity']:.2f} vs L-BFGS {lb['similarity']:.2f}: "
-                   f"{'at least L-BFGS, as in the paper' if one['similarity'] >= lb['similarity'] else 'LOWER than L-BFGS, unlike the paper'}.")
+                   + ("at least L-BFGS, as in the paper." if one["similarity"] >= lb["similarity"]
+                      else "LOWER than L-BFGS, unlike the paper."))
     for other in ("5-A3", "9-A3"):
         o = by.get(other)
         if one and o:

@@ -20,7 +20,8 @@ from .._util import AdvlabError, unknown_name
 
 def load_spec(path_or_text) -> Dict[str, Any]:
     """Parse a YAML spec file (or text) into a dict, with a clear error on bad YAML."""
-    text = Path(path_or_text).read_text() if Path(str(path_or_text)).is_file() else str(path_or_text)
+    p = Path(str(path_or_text)) if len(str(path_or_text)) < 4096 else None
+    text = p.read_text() if p is not None and p.is_file() else str(path_or_text)
     try:
         spec = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -54,10 +55,20 @@ def list_reproductions() -> List[tuple]:
 
 
 def resolve_spec(name: str, quick: bool = False, overrides: Dict[str, Any] | None = None) -> Dict[str, Any]:
+    """A bundled reproduction by name, or a user's spec file by path (``.yaml``/``.yml``); a spec
+    without ``runner:`` runs on the generic :mod:`advlab.eval.experiment` runner."""
     specs = bundled_specs()
-    if name not in specs:
+    path = Path(str(name))
+    if name in specs:
+        spec = load_spec(specs[name])
+    elif path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise AdvlabError(f"spec file not found: {path}")
+        spec = load_spec(path)
+        spec.setdefault("runner", "experiment")
+        name = spec.get("name", path.stem)
+    else:
         raise unknown_name("reproduction", name, specs)
-    spec = load_spec(specs[name])
     quick_over = spec.pop("quick", {}) or {}
     if quick:
         spec = deep_update(spec, quick_over)

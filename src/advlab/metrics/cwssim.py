@@ -23,7 +23,6 @@ from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .._util import AdvlabError
 
