@@ -129,7 +129,10 @@ class MSVDDDefense(Defense):
         self.feature_dim = int(lin.in_features)
         self.v_a, self.v_p = float(v_a), float(v_p)
         self.model_spec = copy.deepcopy(getattr(model, "advlab_spec", None))
-        layer = SVDDLayer(self.num_classes, self.feature_dim, projections, gamma=gamma, beta=beta)
+        # placeholder projections (init_from_features or a checkpoint replace them), drawn from
+        # their own generator so that building a defense leaves the global RNG alone
+        layer = SVDDLayer(self.num_classes, self.feature_dim, projections, gamma=gamma, beta=beta,
+                          generator=torch.Generator().manual_seed(0))
         layer.to(device=lin.weight.device, dtype=lin.weight.dtype)
         for p in layer.parameters():
             p.requires_grad_(False)

@@ -72,7 +72,7 @@ class SVDDLayer(nn.Module):
     """
 
     def __init__(self, num_classes: int, feature_dim: int, projections: int = 128, gamma: Optional[float] = None,
-                 beta: float | Sequence[float] = 1.0):
+                 beta: float | Sequence[float] = 1.0, generator: Optional[torch.Generator] = None):
         super().__init__()
         c = check_positive_int(num_classes, "num_classes", 1)
         d = check_positive_int(feature_dim, "feature_dim", 1)
@@ -80,7 +80,7 @@ class SVDDLayer(nn.Module):
         if gamma is not None and not float(gamma) > 0:
             raise AdvlabError(f"gamma must be > 0 (RBF width), got {gamma}")
         self.num_classes, self.feature_dim, self.projections = c, d, m
-        self.O = nn.Parameter(torch.randn(c, m, d) * 0.1)
+        self.O = nn.Parameter(torch.randn(c, m, d, generator=generator) * 0.1)
         self.u = nn.Parameter(torch.full((c, m), 1.0 / m))
         self.R = nn.Parameter(torch.ones(c))
         self.register_buffer("gamma", torch.tensor(1.0 if gamma is None else float(gamma)))
