@@ -17,6 +17,15 @@ from advlab.train import predict
 
 # --------------------------------------------------------------------------- helpers
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for this module: on a loaded 2-core machine two threads spin against
+    each other and these small batched steps run 20-40x slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 def tiny_model(channels: int = 1, classes: int = 5, seed: int = 0, dtype=torch.float32) -> nn.Module:
     """A small random CNN that takes any image size; BatchNorm and Dropout make train/eval differ."""

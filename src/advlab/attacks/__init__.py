@@ -1,5 +1,6 @@
 """Attacks: ``atk = PGD(model, eps=0.3); x_adv = atk(x, y)``; by name: ``build_attack("pgd", model)``."""
 
+from .apgd import APGD
 from .base import Attack, AttackResult, best_other, keep_if_adversarial, project, runner_up
 from .cw import CarliniWagnerL2
 from .deepfool import DeepFool
@@ -12,4 +13,4 @@ from .square import Square
 
 __all__ = ["Attack", "AttackResult", "project", "runner_up", "best_other", "keep_if_adversarial",
            "FGSM", "BIM", "MIM", "PGD", "IterativeL2", "KA3", "ka3_targets", "CarliniWagnerL2", "DeepFool", "LBFGS",
-           "JSMA", "Square", "ATTACKS", "attack_class", "build_attack"]
+           "JSMA", "Square", "APGD", "ATTACKS", "attack_class", "build_attack"]

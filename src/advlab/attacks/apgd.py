@@ -248,12 +248,14 @@ class APGD(Attack):
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, norm: str = "inf", steps: int = 100,
                  loss: str = "ce", restarts: int = 1, rho: float = 0.75, seed: Optional[int] = 0,
-                 targeted_classes: int = 9, eot_iter: int = 1, early_stop: bool = True):
+                 targeted_classes: int = 9, eot_iter: int = 1, early_stop: bool = True,
+                 scores: Optional[Callable] = None):
         self.norm = check_norm(norm)
         super().__init__(model, eps=DEFAULT_EPS[self.norm] if eps is None else eps, seed=seed)
         if loss not in LOSSES:
             raise AdvlabError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         self.loss = loss
+        self.scores = scores
         self.steps = check_positive_int(steps, "steps")
         self.restarts = check_positive_int(restarts, "restarts")
         self.rho = check_nonneg(rho, "rho")
@@ -274,7 +276,7 @@ class APGD(Attack):
         rule = APGDStep(self.norm, self.eps, self.steps, project,
                         criterion=lambda out, s: is_success(out.argmax(1), s.y, s.get("target")),
                         rho=self.rho, early_stop=self.early_stop)
-        loop = AttackLoop(forward=lambda s, v: self.model(v),
+        loop = AttackLoop(forward=lambda s, v: self._decision(self.model(v), s.y),
                           objective=lambda out, s, v: -apgd_loss(out, s.y, s.get("loss_target"), self.loss),
                           step=rule, project=project, observe=rule.observe, grad=eot_autograd(self.eot_iter),
                           final_observe=True)
@@ -285,7 +287,7 @@ class APGD(Attack):
     # ------------------------------------------------------------------ driver
     def _perturb(self, x, y, target):
         with torch.no_grad():
-            logits = self.model(x)
+            logits = self._decision(self.model(x), y)
         nc = logits.shape[1]
         sweep = target is None and self.loss == "dlr-targeted"
         need = 4 if (self.loss == "dlr-targeted" or (self.loss == "dlr" and target is not None)) else \

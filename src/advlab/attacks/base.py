@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 from torch import nn
@@ -94,6 +94,16 @@ def keep_if_adversarial(model, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Te
     with torch.no_grad():
         ok = is_success(model(x_adv.clamp(0.0, 1.0)).argmax(1), y, target)
     return torch.where(ok.view(-1, *([1] * (x.dim() - 1))), x_adv, x)
+
+
+def merge_reject(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Scores (N, C) from a defended model's (N, C + 1) output whose last column is the
+    "adversarial" class: that column is merged into the true class (its max), so a wrong class
+    wins the argmax only where it beats both the true class and the rejection. Attacking these
+    scores is attacking "be accepted as a wrong class"; a rejection counts as no progress."""
+    z = out[:, :-1]
+    zy = torch.maximum(z.gather(1, y[:, None]), out[:, -1:])
+    return z.scatter(1, y[:, None], zy)
 
 
 def num_classes_of(model: nn.Module, x: torch.Tensor) -> int:
@@ -200,6 +210,11 @@ class Attack:
 
     norm: Optional[str] = None
     supports_targeted: bool = False
+    #: label-aware scores ``scores(logits, y) -> (N, C)`` that the attacks with a ``scores=``
+    #: parameter (APGD, Square) use for their loss and their success check instead of the raw
+    #: output; e.g. :func:`merge_reject` makes "be accepted as a wrong class" the goal against a
+    #: defense whose output has an adversarial column
+    scores: Optional[Callable] = None
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, seed: Optional[int] = None):
         if not isinstance(model, nn.Module):
@@ -247,6 +262,9 @@ class Attack:
 
     def _randn(self, shape, device) -> torch.Tensor:
         return torch.randn(shape, generator=self._generator, device=device)
+
+    def _decision(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return out if self.scores is None else self.scores(out, y)
 
     def _random_start(self, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
         """A uniform random point of the ``norm`` ball of radius ``eps`` around ``x`` (clipped to

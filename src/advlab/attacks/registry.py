@@ -26,6 +26,10 @@ ATTACKS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "lbfgs": ("LBFGS", {}),
     "jsma": ("JSMA", {}),
     "ka3": ("KA3", {}),
+    "apgd": ("APGD", {"norm": "inf", "loss": "ce"}),
+    "apgd-l2": ("APGD", {"norm": "2", "loss": "ce"}),
+    "apgd-dlr": ("APGD", {"norm": "inf", "loss": "dlr"}),
+    "apgd-t": ("APGD", {"norm": "inf", "loss": "dlr-targeted"}),
     "square": ("Square", {"norm": "inf"}),
     "square-l2": ("Square", {"norm": "2"}),
 }
@@ -47,13 +51,12 @@ def attack_parameters(name: str) -> set:
 
 
 def build_attack(name: str, model: nn.Module, **params):
-    """Build a registered attack; parameters left at None keep the class defaults, and a
-    parameter the attack does not take is an error naming the ones it does."""
+    """Build a registered attack with ``params`` (an explicit None is passed on: e.g. K-A3's
+    ``similarity=None``); a parameter the attack does not take is an error naming the ones it
+    does."""
     cls, kwargs = attack_class(name)
     accepted = attack_parameters(name)
     for k, v in params.items():
-        if v is None:
-            continue
         if k not in accepted:
             raise AdvlabError(f"attack {name!r} does not take {k!r}; it takes: {', '.join(sorted(accepted))}")
         if k == "similarity" and str(v).lower() == "none":

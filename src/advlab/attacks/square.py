@@ -37,6 +37,7 @@ the per-sample count of the last call is kept in ``last_queries`` (CPU int64 ten
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -101,7 +102,8 @@ class Square(Attack):
     supports_targeted = True
 
     def __init__(self, model: nn.Module, eps: float | None = None, norm: str = "inf", queries: int = 1000,
-                 p_init: float = 0.8, restarts: int = 1, loss: Loss = "margin", seed: int | None = 0):
+                 p_init: float = 0.8, restarts: int = 1, loss: Loss = "margin", seed: int | None = 0,
+                 scores: Callable | None = None):
         self.norm = check_norm(norm)
         super().__init__(model, eps=DEFAULT_EPS[self.norm] if eps is None else eps, seed=seed)
         self.queries = check_positive_int(queries, "queries")
@@ -114,6 +116,7 @@ class Square(Attack):
         self.p_init = float(p_init)
         self.restarts = check_positive_int(restarts, "restarts")
         self.loss = _check_loss(loss)
+        self.scores = scores
         self._last_queries: torch.Tensor | None = None
 
     @property
@@ -128,7 +131,7 @@ class Square(Attack):
             return self._attack(x, y, target)
 
     def _attack(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-        logits = self.model(x)
+        logits = self._decision(self.model(x), y)
         queries = torch.ones(x.shape[0], dtype=torch.long, device=x.device)
         fooled = is_success(logits.argmax(dim=1), y, target)
         best = x.clone()
@@ -167,7 +170,7 @@ class Square(Attack):
         else:
             bounds = ()
             state = self._l2_start(x)
-        logits = self.model(self._image(state, x, bounds))
+        logits = self._decision(self.model(self._image(state, x, bounds)), y)
         loss = self._loss(logits, y, target)
         ok = is_success(logits.argmax(dim=1), y, target)
         used = torch.ones(n, dtype=torch.long, device=x.device)
@@ -182,7 +185,7 @@ class Square(Attack):
                 break
             p = p_schedule(self.p_init, it, self.queries)
             cand = self._linf_step(a_state, p) if self.norm == "inf" else self._l2_step(a_state, a_x, p)
-            logits = self.model(self._image(cand, a_x, a_bounds))
+            logits = self._decision(self.model(self._image(cand, a_x, a_bounds)), a_y)
             used[idx] += 1
             new_loss = self._loss(logits, a_y, a_t)
             improved = new_loss < a_loss
