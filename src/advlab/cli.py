@@ -45,6 +45,7 @@ def _err(msg: str) -> AdvlabError:
 def build_attacks(names: List[str], model, **params) -> Dict[str, object]:
     """Build several registered attacks sharing the flags: each takes the flags it accepts; a flag
     that none of them accepts is an error."""
+    params = {k: v for k, v in params.items() if v is not None}  # unset flags keep the class defaults
     if len(names) == 1:
         return {names[0]: _flag_errors(build_attack, names[0], model, **params)}
     accepted = {n: attack_parameters(n) for n in names}

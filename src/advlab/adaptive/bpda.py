@@ -202,8 +202,9 @@ class BPDA(nn.Module):
             valid = ", ".join(n for n, _ in model.named_modules() if n)
             raise AdvlabError("BPDA needs layers to approximate or an input_transform; with neither it would be "
                               f"the model itself (layers of the model: {valid})")
-        # start in the model's mode: an attack's eval guard on the wrapper then restores the model's flag
-        self.train(model.training)
+        # start in the model's mode (without touching its submodules): an attack's eval guard on
+        # the wrapper then puts the model back in the mode it found it in
+        self.training = model.training
 
     @staticmethod
     def _resolve(model: nn.Module, layer: LayerSpec) -> str:
@@ -404,7 +405,7 @@ def find_gradient_killers(model: nn.Module, x: torch.Tensor, names: Optional[Seq
         for (n, inp, o), g in zip(flat, ups):
             if g is None:
                 continue
-            reached = g.detach().flatten(1).ne(0).any(dim=1)
+            reached = g.detach().reshape(g.shape[0], -1).ne(0).any(dim=1)
             if not bool(reached.any()):
                 continue
             if o.grad_fn is None:
@@ -414,7 +415,7 @@ def find_gradient_killers(model: nn.Module, x: torch.Tensor, names: Optional[Seq
             if gin is None:
                 dead = reached
             else:
-                dead = reached & gin.detach().flatten(1).eq(0).all(dim=1)
+                dead = reached & gin.detach().reshape(gin.shape[0], -1).eq(0).all(dim=1)
             k = killed.setdefault(n, [0, 0])
             k[0] += int(dead.sum())
             k[1] += int(reached.sum())
@@ -566,7 +567,7 @@ class EoT(nn.Module):
         if not isinstance(batched, bool):
             raise AdvlabError(f"batched must be True or False, got {batched!r}")
         self.batched = batched
-        self.train(model.training)
+        self.training = model.training
 
     @property
     def randomized(self) -> bool:

@@ -43,6 +43,9 @@ class Defense(nn.Module):
     title: str = ""
     #: True when the defense draws random numbers at test time
     randomized: bool = False
+    #: True when ``forward``'s last column is the "adversarial" class (``predict`` then returns
+    #: ``advlab.REJECT`` for it); attacks then aim at "accepted as a wrong class"
+    reject_column: bool = False
     # ``surrogate`` (the undefended model an attacker without access to the defense would use) is
     # a submodule set by the defenses that have one: no class attribute here, since it would
     # shadow nn.Module's submodule lookup; read it with ``getattr(defense, "surrogate", None)``

@@ -115,6 +115,7 @@ class MSVDDDefense(Defense):
 
     format = "advlab-msvdd-1"
     title = "M-SVDD-D"
+    reject_column = True
 
     def __init__(self, model: nn.Module, head: Optional[str] = None, projections: int = 128,
                  gamma: Optional[float] = None, v_a: float = 1e-3, v_p: float = 1e-2, beta: float = 1.0):

@@ -18,8 +18,11 @@ Protocol (written into every report):
   success); rates are over the attacked images that the defended model (at that beta) classifies
   correctly when clean;
 - SSIM (x100) and MSE (per pixel, x10^3) are over the adversarials that fool W~-LC;
-- the worst case counts a sample as broken if any attack (transferred or full-knowledge) makes
-  the defended model accept a wrong class for it.
+- the battery (:func:`advlab.eval.evaluate`: APGD-CE, APGD-T, Square, each on the points the
+  earlier ones failed on) attacks the defended model itself with the goal "be accepted as a wrong
+  class" (its adversarial column merged into the true class);
+- the worst case counts a sample as broken if any attack (transferred, full-knowledge or the
+  battery) makes the defended model accept a wrong class for it: the adaptive number.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from ..defenses import MSVDDDefense
 from ..models import build_model
 from ..train import evaluate, fit, predict, resolve_device
 from .report import Report, with_paper
-from .runner import AttackRun, pick_images, random_targets, rejudge, result_row, run_attacks, worst_case
+from .evaluate import evaluate as run_battery
+from .runner import (AttackRun, adversarial_result, pick_images, random_targets, rejudge, result_row, run_attacks,
+                     worst_case)
 
 PAPER_ATTACKS = ("L-BFGS", "DeepFool", "C&W", "1-A3", "5-A3", "9-A3")
 T2_COLUMNS = ["attack", "threat", "beta", "n judged", "SSIM", "SSIM (paper)", "MSE x1e3", "MSE x1e3 (paper)",
@@ -141,6 +146,17 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root: Optiona
             per_beta[label].append(res)
             rows.append(dict(_defended_row(fk["name"], res, "full-knowledge", f"{label}={betas[label]:.2f}", None),
                              reference=fk.get("reference")))
+    for bat in ([] if wanted is not None else spec.get("battery", [])):
+        for label in bat.get("betas", ["O_d"]):
+            defense.set_beta(betas[label])
+            ev_b = run_battery(defense, x, y, norm=str(bat.get("norm", "inf")), eps=float(bat["eps"]), seed=seed,
+                            steps=int(bat.get("steps", 100)), square_queries=int(bat.get("square_queries", 1000)),
+                            batch_size=bs, checks=False)
+            res = adversarial_result(x, y, ev_b.x_adv, defense.predict, seconds=ev_b.seconds["total"])
+            per_beta[label].append(res)
+            rows.append(_defended_row(bat["name"], res, "adaptive (battery)", f"{label}={betas[label]:.2f}", None))
+            log(f"  {bat['name']} at {label}: robust accuracy {100 * ev_b.robust_accuracy:.1f}%, detected "
+                f"{100 * ev_b.detected:.1f}%, {ev_b.seconds['total']:.1f} s")
     for label, results in per_beta.items():
         if results:
             rows.append(_defended_row("worst case", worst_case(results), "adaptive (per-sample worst)",

@@ -1,0 +1,245 @@
+"""``evaluate``: the honest-evaluation battery for any classifier or defense.
+
+>>> from advlab.eval import evaluate
+>>> res = evaluate(model, x, y, norm="inf", eps=0.3, seed=0)
+>>> res.clean_accuracy, res.robust_accuracy, res.per_attack, res.detected, res.flags, res.x_adv
+
+In the spirit of AutoAttack's standard version (Croce & Hein 2020): APGD-CE, then APGD-T (the
+targeted DLR loss over the 9 highest wrong classes), then Square (score-based, no gradients),
+each run only on the points every earlier attack failed on; a sample counts as robust only if it
+is still classified correctly after all of them (per-sample worst case). Before the attacks the
+model is checked for gradient masking (:mod:`advlab.eval.checks`), and the battery adapts:
+
+- exactly-zero input gradients from a non-differentiable layer (a quantiser, ``sign``): the
+  gradient attacks run through :func:`advlab.adaptive.auto_bpda` (straight-through BPDA); the
+  adversarials are still judged by the real model;
+- randomized outputs (or a defense with ``randomized = True``): the gradient attacks run on
+  :class:`advlab.adaptive.EoT` (gradients averaged over draws);
+- a saturated softmax (probability or log-probability outputs): APGD-T's DLR loss is invariant
+  to the scale of the scores, and Square needs no gradient;
+- a defense whose ``predict`` may return ``advlab.REJECT`` and whose output has an adversarial
+  column (``reject_column``): the attacks' goal is "be accepted as a wrong class"
+  (:func:`advlab.attacks.base.merge_reject`); robust accuracy counts correct predictions and the
+  rejected share is reported as ``detected``.
+
+Each warning sign becomes a :class:`~advlab.eval.checks.Flag` in ``res.flags`` with what it means.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .._util import AdvlabError, check_images, check_labels, check_nonneg, model_device
+from ..attacks import APGD, FGSM, Square
+from ..attacks.base import AttackResult, check_norm, merge_reject
+from ..train import predict
+from .checks import Flag, attack_checks, eps_sweep_check, model_checks
+
+__all__ = ["evaluate", "EvaluationResult", "BATTERY"]
+
+#: the stages of the standard battery, in order
+BATTERY = ("APGD-CE", "APGD-T", "Square")
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` measured. Accuracies are fractions of all ``n`` images."""
+
+    norm: str
+    eps: float
+    n: int
+    clean_accuracy: float
+    robust_accuracy: float
+    #: robust accuracy after each stage of the battery (cumulative worst case), in order
+    per_attack: Dict[str, float]
+    #: fraction of the images whose worst-case adversarial the model rejects (0 without a detector)
+    detected: float
+    flags: List[Flag]
+    #: per image: the adversarial that broke it, else the one the model rejected, else the image
+    x_adv: torch.Tensor
+    #: per image: "robust", "broken", "detected" or "misclassified" (wrong when clean)
+    status: List[str]
+    seconds: Dict[str, float] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+    #: robust accuracy of single attacks run on every image (the checks' evidence)
+    standalone: Dict[str, float] = field(default_factory=dict)
+    #: eps sweep of APGD (CE, or DLR when the checks flag masked CE gradients):
+    #: {"eps": [...], "robust_accuracy": [...], "attack": ...}
+    sweep: Optional[Dict[str, List[float]]] = None
+    seed: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"norm": self.norm, "eps": self.eps, "n": self.n, "seed": self.seed,
+                "clean_accuracy": self.clean_accuracy, "robust_accuracy": self.robust_accuracy,
+                "per_attack": self.per_attack, "detected": self.detected, "standalone": self.standalone,
+                "flags": [f.to_dict() for f in self.flags], "notes": self.notes, "sweep": self.sweep,
+                "seconds": self.seconds}
+
+    def rows(self) -> List[Dict[str, Any]]:
+        """One table row per stage: robust accuracy after it and what it broke."""
+        out, before = [], self.clean_accuracy
+        for name, acc in self.per_attack.items():
+            out.append({"stage": name, "robust accuracy": acc, "broken by this stage": before - acc,
+                        "seconds": self.seconds.get(name)})
+            before = acc
+        return out
+
+
+def _attack_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: List[Flag], randomized: bool,
+                  eot_samples: int, bpda: str, notes: List[str]) -> nn.Module:
+    """The model the gradient attacks differentiate: BPDA through gradient killers, EoT for
+    randomness; the adversarials are always judged by ``model`` itself."""
+    from ..adaptive.bpda import EoT, auto_bpda
+
+    names = {f.name for f in flags}
+    out = model
+    if "zero-gradients" in names and bpda == "auto":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, layers = auto_bpda(model, x, y)
+        if layers:
+            notes.append(f"gradient attacks ran through BPDA (straight-through) on {', '.join(layers)}")
+        for w in caught:
+            notes.append(str(w.message))
+    if randomized:
+        out = EoT(out, samples=eot_samples)
+        notes.append(f"gradient attacks ran on EoT (gradients averaged over {eot_samples} draws)")
+    return out
+
+
+def _stage(atk, x: torch.Tensor, y: torch.Tensor, todo: torch.Tensor, judge, batch_size: int,
+           progress: Optional[bool]) -> AttackResult:
+    idx = todo.nonzero().squeeze(1)
+    return atk.run((x[idx], y[idx]), batch_size=batch_size, keep_adversarials=True, progress=progress,
+                   predict_fn=judge)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "inf", eps: float = 0.3,
+             seed: int = 0, steps: int = 100, square_queries: int = 5000, attacks: Sequence[str] = BATTERY,
+             batch_size: int = 256, sweep: Optional[Sequence[float]] = None, checks: bool = True,
+             bpda: str = "auto", eot_samples: int = 10, progress: Optional[bool] = None) -> EvaluationResult:
+    """Evaluate ``model`` (any ``nn.Module`` giving logits, or a :class:`advlab.defenses.Defense`)
+    on ``(x, y)`` under the ``norm`` ball of radius ``eps``; see the module docstring.
+
+    ``attacks``: the stages, a subset of ``("APGD-CE", "APGD-T", "Square")`` in any order;
+    ``steps``: APGD iterations; ``square_queries``: Square's budget per image; ``sweep``: extra
+    eps values for the accuracy-vs-eps curve (APGD at each, plus ``eps`` itself); ``checks``:
+    run the masking checks (model and numbers); ``bpda``: "auto" (straight-through through the
+    layers that kill the gradient when the checks find zero gradients) or "off"."""
+    check_images(x, "x")
+    norm = check_norm(norm)
+    eps = check_nonneg(eps, "eps")
+    if x.shape[0] == 0:
+        raise AdvlabError("x is an empty batch")
+    if not isinstance(model, nn.Module):
+        raise AdvlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if bpda not in ("auto", "off"):
+        raise AdvlabError(f"bpda must be 'auto' or 'off', got {bpda!r}")
+    unknown = [a for a in attacks if a not in BATTERY]
+    if unknown or not attacks:
+        raise AdvlabError(f"attacks must be a non-empty subset of {', '.join(BATTERY)}; unknown: {unknown}")
+    t_all = time.perf_counter()
+    dev = model_device(model)
+    x, y = x.detach().cpu(), y.detach().cpu()
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        nc = int(model(x[:1].to(dev)).shape[1])
+        model.train(was)
+    reject_column = bool(getattr(model, "reject_column", False))
+    check_labels(y, x.shape[0], nc - 1 if reject_column else nc, "y")
+    judge = lambda xb: predict(model, xb)  # noqa: E731  the model's own decision, REJECT allowed
+    n = x.shape[0]
+    clean = judge(x)
+    broken = clean != y
+    detected = torch.zeros(n, dtype=torch.bool)
+    x_adv = x.clone()
+    flags: List[Flag] = []
+    notes: List[str] = []
+    seconds: Dict[str, float] = {}
+    probe = torch.arange(min(n, 128))
+    if checks:
+        t0 = time.perf_counter()
+        flags += model_checks(model, x[probe], y[probe], batch_size=batch_size)
+        seconds["checks"] = time.perf_counter() - t0
+    randomized = bool(getattr(model, "randomized", False)) or any(f.name == "randomized" for f in flags)
+    grad_model = _attack_model(model, x[probe], y[probe], flags, randomized, eot_samples, bpda, notes)
+    scores = merge_reject if reject_column else None
+    if reject_column:
+        notes.append("the attacks' goal is 'be accepted as a wrong class' (the adversarial column is merged into "
+                     "the true class)")
+
+    def build(name: str, budget: float):
+        if name == "APGD-CE":
+            return APGD(grad_model, eps=budget, norm=norm, steps=steps, loss="ce", seed=seed, scores=scores)
+        if name == "APGD-T":
+            return APGD(grad_model, eps=budget, norm=norm, steps=steps, loss="dlr-targeted", seed=seed,
+                        targeted_classes=min(9, (nc - 1 if reject_column else nc) - 1), scores=scores)
+        return Square(model, eps=budget, norm=norm, queries=square_queries, seed=seed, scores=scores)
+
+    per_attack: Dict[str, float] = {}
+    standalone: Dict[str, float] = {}
+    for name in attacks:
+        todo = ~broken
+        if bool(todo.any()) and eps > 0:
+            t0 = time.perf_counter()
+            res = _stage(build(name, eps), x, y, todo, judge, batch_size, progress)
+            seconds[name] = time.perf_counter() - t0
+            idx = todo.nonzero().squeeze(1)
+            hit = res.adv_pred != res.labels
+            newly = idx[hit & ~res.detected]
+            rej = idx[res.detected & ~detected[idx]]
+            x_adv[rej] = res.adversarials[res.detected & ~detected[idx]]
+            detected[rej] = True
+            x_adv[newly] = res.adversarials[hit & ~res.detected]
+            broken[newly] = True
+            detected[newly] = False
+            if name == "APGD-CE" and bool(todo.all()):
+                standalone[name] = res.robust_accuracy
+        per_attack[name] = float((~broken & ~detected & (clean == y)).double().mean())
+    code = torch.where(clean != y, 3, torch.where(broken, 1, torch.where(detected, 2, 0)))
+    status = [("robust", "broken", "detected", "misclassified")[c] for c in code.tolist()]
+
+    if checks and eps > 0:
+        t0 = time.perf_counter()
+        fgsm = FGSM(grad_model, eps=eps) if norm == "inf" else None
+        robust = dict(standalone)
+        if fgsm is not None:
+            robust["FGSM"] = fgsm.run((x, y), batch_size=batch_size, predict_fn=judge, progress=False).robust_accuracy
+        gradient_stages = [a for a in attacks if a != "Square"]
+        if "Square" in attacks and gradient_stages:
+            robust["white-box battery"] = per_attack[gradient_stages[-1]]
+            robust["Square"] = per_attack["Square"]
+        flags += attack_checks(robust, single_step=("FGSM",), iterative=("APGD-CE", "white-box battery"),
+                               black_box=("Square",), tol=0.02)
+        standalone.update({k: v for k, v in robust.items() if k in ("FGSM",)})
+        seconds["attack checks"] = time.perf_counter() - t0
+    sweep_out = None
+    if sweep:
+        t0 = time.perf_counter()
+        grid = sorted({float(e) for e in sweep} | {float(eps)})
+        accs = []
+        # the scale-invariant DLR loss where the checks found a saturated or masked CE gradient
+        masked = {f.name for f in flags} & {"zero-gradients", "probability-outputs", "log-probability-outputs"}
+        loss = "dlr" if masked else "ce"
+        for e in grid:
+            res = APGD(grad_model, eps=e, norm=norm, steps=steps, loss=loss, seed=seed, scores=scores).run(
+                (x, y), batch_size=batch_size, predict_fn=judge, progress=False)
+            accs.append(res.robust_accuracy)
+        sweep_out = {"eps": grid, "robust_accuracy": accs, "attack": f"APGD-{loss.upper()}"}
+        if checks and len(grid) >= 2:
+            flags += eps_sweep_check(grid, accs)
+        seconds["sweep"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_all
+    robust_acc = per_attack[attacks[-1]] if per_attack else float("nan")
+    return EvaluationResult(norm=norm, eps=eps, n=n, clean_accuracy=float((clean == y).double().mean()),
+                            robust_accuracy=robust_acc, per_attack=per_attack,
+                            detected=float(detected.double().mean()), flags=flags, x_adv=x_adv, status=status,
+                            seconds=seconds, notes=notes, standalone=standalone, sweep=sweep_out, seed=seed)
+
