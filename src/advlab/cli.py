@@ -1,4 +1,4 @@
-"""The ``advlab`` command: demo, train, attack, defend, reproduce, datasets, models.
+"""The ``advlab`` command: demo, train, attack, evaluate, defend, reproduce, datasets, models.
 
 Errors print one line and exit non-zero; ``--debug`` shows the traceback."""
 
@@ -208,6 +208,32 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .eval.evaluate import BATTERY, evaluate, load_evaluated, write_report
+    from .eval.runner import pick_images
+    from .train import read_checkpoint
+
+    model = load_evaluated(args.checkpoint, device=args.device)
+    dataset = args.dataset or read_checkpoint(args.checkpoint)["metadata"].get("dataset")
+    if not dataset:
+        raise _err("--dataset is required (the checkpoint does not name one)")
+    if args.n < 1:
+        raise _err(f"--n must be >= 1, got {args.n}")
+    test = _load_data(dataset, args.root, "test")
+    x, y = pick_images(model, test, args.n, seed=args.seed)
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else list(BATTERY)
+    sweep = None if args.sweep == "none" else [float(v) * (1 if args.sweep else args.eps)
+                                               for v in (args.sweep or "0.25,0.5,2").split(",")]
+    res = evaluate(model, x, y, norm=args.norm, eps=args.eps, seed=args.seed, steps=args.steps,
+                   square_queries=args.square_queries, attacks=attacks, batch_size=args.batch_size, sweep=sweep,
+                   progress=not args.quiet)
+    out = write_report(res, args.out, f"advlab evaluate: {Path(args.checkpoint).name} on {dataset}",
+                       reported=args.reported, spec={k: v for k, v in vars(args).items() if k != "func"})
+    print(Path(out, "report.md").read_text())
+    print(f"report: {out}")
+    return 0
+
+
 def cmd_defend(args) -> int:
     from .eval.defend import run_defense
 
@@ -271,6 +297,26 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None, help=help_)
     _add_common(s)
     s.set_defaults(func=cmd_attack)
+
+    s = sub.add_parser("evaluate", help="honest robustness evaluation of a checkpoint (APGD-CE, APGD-T, Square, "
+                       "masking checks, eps sweep)")
+    s.add_argument("--checkpoint", required=True, help="a model checkpoint or a saved defense (e.g. msvdd.pt)")
+    s.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's)")
+    s.add_argument("--root", default=None, help="folder of the dataset's files")
+    s.add_argument("--norm", default="inf", help="inf or 2")
+    s.add_argument("--eps", type=float, required=True, help="perturbation budget in pixel units ([0,1] scale)")
+    s.add_argument("--n", type=int, default=1000, help="number of test images (seeded order)")
+    s.add_argument("--reported", type=float, default=None, help="a published robust accuracy to set beside ours")
+    s.add_argument("--attacks", default=None, help="stages, comma-separated (default APGD-CE,APGD-T,Square)")
+    s.add_argument("--steps", type=int, default=100, help="APGD iterations")
+    s.add_argument("--square-queries", type=int, default=5000, help="Square's query budget per image")
+    s.add_argument("--sweep", default=None, help="eps values for the accuracy-vs-eps curve, comma-separated "
+                   "(default: 0.25, 0.5 and 2 times --eps; 'none' to skip)")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="results/evaluate")
+    _add_common(s)
+    s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("defend", help="build a defended model from a checkpoint and write its report")
     s.add_argument("defense", help="defense name: msvdd")

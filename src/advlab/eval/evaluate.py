@@ -41,7 +41,7 @@ from ..attacks.base import AttackResult, check_norm, merge_reject
 from ..train import predict
 from .checks import Flag, attack_checks, eps_sweep_check, model_checks
 
-__all__ = ["evaluate", "EvaluationResult", "BATTERY"]
+__all__ = ["evaluate", "EvaluationResult", "BATTERY", "load_evaluated", "write_report"]
 
 #: the stages of the standard battery, in order
 BATTERY = ("APGD-CE", "APGD-T", "Square")
@@ -243,3 +243,54 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
                             detected=float(detected.double().mean()), flags=flags, x_adv=x_adv, status=status,
                             seconds=seconds, notes=notes, standalone=standalone, sweep=sweep_out, seed=seed)
 
+
+
+def load_evaluated(path, device=None) -> nn.Module:
+    """A model checkpoint (:func:`advlab.train.save_checkpoint`) or a saved defense (any format of
+    the :data:`advlab.defenses.DEFENSES` registry), loaded weights-only."""
+    from ..defenses import DEFENSES
+    from ..train import load_checkpoint, read_checkpoint
+
+    fmt = read_checkpoint(path).get("format")
+    for entry in DEFENSES.values():
+        if fmt == entry.cls.format:
+            return entry.cls.load(path, device=device)
+    return load_checkpoint(path, device=device)[0]
+
+
+def write_report(res: EvaluationResult, out_dir, name: str = "advlab evaluate", reported: Optional[float] = None,
+                 spec: Optional[Dict[str, Any]] = None):
+    """``results.json`` (RobustBench style: clean, each stage, the worst case, the reported number
+    beside ours, flags, versions, seed), ``report.md`` and the accuracy-vs-eps PNG."""
+    from .figures import line_chart
+    from .report import Report
+
+    rep = Report(out_dir, name, spec=spec or {}, seed=res.seed)
+    threat = f"L{'-inf' if res.norm == 'inf' else '2'} eps={res.eps:g}, white-box adaptive battery"
+    rep.add_text(f"Threat model: {threat}; {res.n} images. Clean accuracy **{100 * res.clean_accuracy:.2f}%**, "
+                 f"robust accuracy **{100 * res.robust_accuracy:.2f}%** (per-sample worst case over "
+                 f"{', '.join(res.per_attack)})" + (f", reported {100 * reported:.2f}%" if reported is not None else "")
+                 + (f"; {100 * res.detected:.2f}% of the images end rejected by the detector" if res.detected else "")
+                 + ".")
+    rep.add_table("Battery (robust accuracy after each stage)", res.rows())
+    if res.flags:
+        rep.add_table("Gradient-masking flags", [f.to_dict() for f in res.flags], ["name", "message", "meaning"],
+                      note="A flag means the number above may be an artefact of the attack failing; see its meaning.")
+    else:
+        rep.add_text("No gradient-masking flag: zero gradients, probability outputs, randomness, single-step "
+                     "beating iterative, black-box beating white-box and the eps sweep all look normal.")
+    if res.notes:
+        rep.add_text("What the battery adapted: " + "; ".join(res.notes) + ".")
+    if res.sweep:
+        rep.add_table("Accuracy vs eps", [{"eps": e, "robust accuracy": a} for e, a in
+                                          zip(res.sweep["eps"], res.sweep["robust_accuracy"])],
+                      note=f"{res.sweep['attack']} at each eps (one attack: an upper bound on the battery's number).")
+        rep.add_figure("accuracy-vs-eps", line_chart({res.sweep["attack"]: (res.sweep["eps"],
+                                                                              res.sweep["robust_accuracy"])},
+                                                     title="robust accuracy vs eps", xlabel="eps",
+                                                     ylabel="robust accuracy"), "robust accuracy against eps")
+    rep.results.update(res.to_dict())
+    rep.results["robust_accuracy_reported"] = reported
+    rep.results["threat_model"] = threat
+    rep.time("total", res.seconds.get("total", 0.0))
+    return rep.save()
