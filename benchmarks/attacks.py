@@ -22,7 +22,6 @@ what they really did.
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
 import sys
 import time
@@ -38,25 +37,28 @@ from advlab._util import frozen_eval
 REPO = Path(__file__).resolve().parents[1]
 
 # name shown, advlab class name, parameters, nominal forward+backward passes (None: from the attack)
+# name shown, registry name (advlab.attacks.ATTACKS), parameters, nominal forward+backward passes
+# (None: from the attack)
 SPECS = [
-    ("FGSM", "FGSM", dict(eps=0.3), 1),
-    ("BIM", "BIM", dict(eps=0.3, alpha=0.01, steps=40), 40),
-    ("MIM", "MIM", dict(eps=0.3, alpha=0.01, steps=40, decay=1.0), 40),
-    ("PGD", "PGD", dict(eps=0.3, alpha=0.01, steps=40, norm="inf", random_start=True, seed=0), 40),
-    ("PGD-margin", "PGD", dict(eps=0.3, alpha=0.01, steps=40, norm="inf", loss="margin", seed=0), 40),
-    ("PGD-earlystop", "PGD", dict(eps=0.3, alpha=0.01, steps=40, norm="inf", early_stop=True, seed=0), 40),
-    ("PGD-L2", "PGD", dict(eps=2.0, alpha=0.1, steps=40, norm="2", random_start=True, seed=0), 40),
-    ("IterativeL2", "IterativeL2", dict(eps=2.0, alpha=0.1, steps=40), 40),
+    ("FGSM", "fgsm", dict(eps=0.3), 1),
+    ("BIM", "bim", dict(eps=0.3, alpha=0.01, steps=40), 40),
+    ("MIM", "mim", dict(eps=0.3, alpha=0.01, steps=40, decay=1.0), 40),
+    ("PGD", "pgd", dict(eps=0.3, alpha=0.01, steps=40, random_start=True, seed=0), 40),
+    ("PGD-margin", "pgd", dict(eps=0.3, alpha=0.01, steps=40, loss="margin", seed=0), 40),
+    ("PGD-earlystop", "pgd", dict(eps=0.3, alpha=0.01, steps=40, early_stop=True, seed=0), 40),
+    ("PGD-L2", "pgd-l2", dict(eps=2.0, alpha=0.1, steps=40, random_start=True, seed=0), 40),
+    ("IterativeL2", "l2", dict(eps=2.0, alpha=0.1, steps=40), 40),
+    ("APGD-CE", "apgd", dict(eps=0.3, steps=40, early_stop=False, seed=0), 40),
     # the attacks of the other modules run with their own defaults (set there from the papers)
-    ("CarliniWagnerL2", "CarliniWagnerL2", dict(), None),
+    ("CarliniWagnerL2", "cw", dict(), None),
     # one C&W run of 100 steps, no binary search: the setting the other libraries are timed with
-    ("CW-100", "CarliniWagnerL2", dict(c=1.0, steps=100, lr=0.1, binary_search_steps=1), None),
-    ("DeepFool", "DeepFool", dict(steps=50, overshoot=0.02, num_candidates=10), None),
-    ("LBFGS", "LBFGS", dict(), None),
-    ("JSMA", "JSMA", dict(theta=1.0, gamma=0.1), None),
+    ("CW-100", "cw", dict(c=1.0, steps=100, lr=0.1, binary_search_steps=1), None),
+    ("DeepFool", "deepfool", dict(steps=50, overshoot=0.02, num_candidates=10), None),
+    ("LBFGS", "lbfgs", dict(), None),
+    ("JSMA", "jsma", dict(theta=1.0, gamma=0.1), None),
     # torchattacks' JSMA loops over images: the comparison runs on the first 64
-    ("JSMA-64", "JSMA", dict(theta=1.0, gamma=0.1, _n=64), None),
-    ("KA3", "KA3", dict(), None),
+    ("JSMA-64", "jsma", dict(theta=1.0, gamma=0.1, _n=64), None),
+    ("KA3", "ka3", dict(), None),
 ]
 
 
@@ -207,6 +209,7 @@ def other_library_runs(lib, model, x, y, spec_name, params, device):
             "MIM": lambda: ta.MIFGSM(model, eps=eps, alpha=alpha, steps=steps, decay=params.get("decay", 1.0)),
             "PGD": lambda: ta.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True),
             "PGD-L2": lambda: ta.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=True),
+            "APGD-CE": lambda: ta.APGD(model, eps=eps, steps=steps, loss="ce", n_restarts=1, seed=0),
             "CW-100": lambda: ta.CW(model, c=params["c"], kappa=0, steps=steps, lr=params["lr"]),
             "DeepFool": lambda: ta.DeepFool(model, steps=steps, overshoot=params["overshoot"]),
             "JSMA-64": lambda: ta.JSMA(model, theta=params["theta"], gamma=params["gamma"]),
@@ -314,19 +317,13 @@ def main(argv=None):
     wanted = None if args.attacks == "all" else {a.strip() for a in args.attacks.split(",")}
     libs = [] if args.others == "none" else [s.strip() for s in args.others.split(",") if s.strip()]
     missing_libs = {}
-    for name, cls_name, params, steps in SPECS:
+    for name, registered, params, steps in SPECS:
         if wanted is not None and name not in wanted:
-            continue
-        cls = getattr(advlab.attacks, cls_name, None)
-        if cls is None:
-            print(f"{name:<30} (advlab.attacks.{cls_name} not available yet)")
             continue
         params = dict(params)
         n_row = params.pop("_n", None)
         xs, ys, oks = (x, y, ok) if n_row is None else (x[:n_row], y[:n_row], ok[:n_row])
-        accepted = inspect.signature(cls.__init__).parameters
-        kwargs = {k: v for k, v in params.items() if k in accepted}
-        atk = cls(model, **kwargs)
+        atk = advlab.attacks.build_attack(registered, model, **params)
         if steps is None:
             steps = getattr(atk, "steps", None)
             if steps is not None:
