@@ -61,7 +61,8 @@ def test_adversarials_in_box_and_ranks_match(lenet_digits, digits_correct):
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     groups = 1 + torch.arange(12) % 2
-    rank, success = atk.outcome(x, x_adv, y, groups)
+    o = atk.outcome(x, x_adv, y, groups=groups)
+    rank, success = o["rank"], o["success"]
     with torch.no_grad():
         assert torch.equal(rank, label_rank(lenet_digits(x_adv), y))
     assert success.float().mean() >= 0.9
@@ -82,7 +83,8 @@ def test_counter_reset_and_explicit_groups(lenet_digits, digits_correct):
     ok = res.success
     assert (res.extras["rank"][ok] >= given[ok] + 1).all()
     x_adv = atk(x[:2], y[:2], groups=torch.tensor([4, 4]))
-    rank, success = atk.outcome(x[:2], x_adv, y[:2], torch.tensor([4, 4]))
+    o = atk.outcome(x[:2], x_adv, y[:2], groups=torch.tensor([4, 4]))
+    rank, success = o["rank"], o["success"]
     assert success.any() and (rank[success] >= 5).all()
 
 

@@ -171,16 +171,12 @@ def cmd_attack(args) -> int:
 
 
 def _ka3_extras(rep, name, res) -> None:
+    from .eval.figures import rank_pmf_figure
     from .metrics.anonymity import rank_pmf
 
     pmf = rank_pmf(res.extras["rank"], 10)
     rep.results[f"{name}_rank_pmf"] = pmf
-    try:
-        from .eval.figures import rank_pmf_figure
-
-        rep.add_figure(f"{name}-rank-pmf", rank_pmf_figure({name: pmf}), "rank pmf of the true label (Fig. 4)")
-    except ImportError:
-        pass
+    rep.add_figure(f"{name}-rank-pmf", rank_pmf_figure({name: pmf}), "rank pmf of the true label (Fig. 4)")
 
 
 def cmd_demo(args) -> int:

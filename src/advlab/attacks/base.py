@@ -210,6 +210,11 @@ class Attack:
 
     norm: Optional[str] = None
     supports_targeted: bool = False
+    #: names of the per-sample keyword inputs the attack takes besides ``target`` (K-A3's
+    #: ``groups``): tensors of length N given to ``perturb``/``__call__`` (checked and moved to the
+    #: model's device, then passed to ``_perturb``), or to :meth:`run` as ``per_sample={name:
+    #: tensor over the whole stream}``, sliced per batch like ``targets``
+    per_sample_inputs: tuple = ()
     #: label-aware scores ``scores(logits, y) -> (N, C)`` that the attacks with a ``scores=``
     #: parameter (APGD, Square) use for their loss and their success check instead of the raw
     #: output; e.g. :func:`merge_reject` makes "be accepted as a wrong class" the goal against a
@@ -225,11 +230,14 @@ class Attack:
         self._generator: Optional[torch.Generator] = None
 
     # ------------------------------------------------------------------ public API
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.perturb(x, y, target=target)
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None,
+                 **per_sample: torch.Tensor) -> torch.Tensor:
+        return self.perturb(x, y, target=target, **per_sample)
 
-    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None,
+                **per_sample: torch.Tensor) -> torch.Tensor:
         check_images(x, "x")
+        per_sample = self._check_per_sample(per_sample, x.shape[0], model_device(self.model))
         dev = model_device(self.model)
         xin = x
         x = x.detach().to(dev)
@@ -245,9 +253,31 @@ class Attack:
                 return xin.clone()
             if self.seed is not None and self._generator is None:
                 self._generator = make_generator(self.seed, dev)
-            x_adv = self._perturb(x, y, target)
+            x_adv = self._perturb(x, y, target, **per_sample)
         x_adv = project(x_adv.detach(), x, self.eps, self.norm)
         return x_adv.to(device=xin.device, dtype=xin.dtype)
+
+    def _check_per_sample(self, per_sample: Dict[str, torch.Tensor], n: int, dev) -> Dict[str, torch.Tensor]:
+        out = {}
+        for name, v in per_sample.items():
+            if name not in self.per_sample_inputs:
+                raise AdvlabError(f"{type(self).__name__} takes no per-sample input {name!r}"
+                                  + (f"; it takes: {', '.join(self.per_sample_inputs)}" if self.per_sample_inputs
+                                     else ""))
+            if v is None:
+                continue
+            v = torch.as_tensor(v)
+            if v.shape[:1] != (n,):
+                raise AdvlabError(f"{name} must have one entry per sample, shape ({n}, ...), got {tuple(v.shape)}")
+            out[name] = v.to(dev)
+        return out
+
+    def outcome(self, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
+                **per_sample: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Per-sample extras that :meth:`run` records in ``AttackResult.extras`` for each batch
+        (none by default). An entry ``"success"`` replaces the one success rule with the attack's
+        own goal (K-A3: every target above the true label); a rejection stays a detection."""
+        return {}
 
     def reset(self) -> None:
         """Restart the random stream: the next calls repeat those after construction."""
@@ -283,13 +313,15 @@ class Attack:
         return direction.mul_(per_sample(radius, x)).add_(x).clamp_(0.0, 1.0)
 
     def run(self, data, batch_size: int = 256, targets: Optional[torch.Tensor] = None, keep_adversarials: bool = False,
-            progress: Optional[bool] = None, predict_fn=None) -> AttackResult:
+            progress: Optional[bool] = None, predict_fn=None,
+            per_sample: Optional[Dict[str, torch.Tensor]] = None) -> AttackResult:
         """Attack a whole dataset (``.images``/``.labels``, any (x, y) Dataset, a DataLoader, or an
         iterable of (x, y) batches) batch by batch and return an :class:`AttackResult`.
 
         ``predict_fn(x) -> labels`` judges the adversarials (default: the attacked model's argmax,
         or its ``predict`` method); a defended model may return ``advlab.REJECT`` there, which
-        counts as detected, never as a success.
+        counts as detected, never as a success. ``per_sample`` holds the attack's per-sample inputs
+        (:attr:`per_sample_inputs`) for the whole stream; :meth:`outcome` adds per-sample extras.
         """
         from tqdm.auto import tqdm
         from ..train import predict as _predict
@@ -298,15 +330,17 @@ class Attack:
         batches = _iter_batches(data, batch_size)
         keys = ("labels", "clean_pred", "adv_pred", "success", "l0", "l2", "linf", "targets", "detected", "adv")
         acc = {k: [] for k in keys}
+        extras: Dict[str, list] = {}
         seconds = 0.0
         offset = 0
         show = (sys.stderr.isatty() if progress is None else progress)
         total = _num_batches(data, batch_size)
         for xb, yb in tqdm(batches, total=total, desc=type(self).__name__, disable=not show, leave=False):
             tb = None if targets is None else targets[offset: offset + xb.shape[0]]
+            ps = {k: v[offset: offset + xb.shape[0]] for k, v in (per_sample or {}).items()}
             offset += xb.shape[0]
             t0 = time.perf_counter()
-            xa = self.perturb(xb, yb, target=tb)
+            xa = self.perturb(xb, yb, target=tb, **ps)
             if xa.is_cuda:
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - t0
@@ -315,6 +349,8 @@ class Attack:
             yc = yb.cpu()
             tc = None if tb is None else tb.cpu()
             success = is_success(adv, yc, tc)
+            for k, v in self.outcome(xb, xa, yb, tb, **ps).items():
+                extras.setdefault(k, []).append(v.cpu())
             norms = perturbation_norms(xa.cpu() - xb.cpu())
             acc["labels"].append(yc)
             acc["clean_pred"].append(clean)
@@ -329,9 +365,11 @@ class Attack:
             if keep_adversarials:
                 acc["adv"].append(xa.cpu())
         cat = {k: (torch.cat(v) if v else None) for k, v in acc.items()}
+        ext = {k: torch.cat(v) for k, v in extras.items()}
+        success = ext.pop("success", cat["success"])
         return AttackResult(labels=cat["labels"], clean_pred=cat["clean_pred"], adv_pred=cat["adv_pred"],
-                            success=cat["success"], l0=cat["l0"], l2=cat["l2"], linf=cat["linf"], seconds=seconds,
-                            targets=cat["targets"], detected=cat["detected"], adversarials=cat["adv"])
+                            success=success, l0=cat["l0"], l2=cat["l2"], linf=cat["linf"], seconds=seconds,
+                            targets=cat["targets"], detected=cat["detected"], adversarials=cat["adv"], extras=ext)
 
     def __repr__(self) -> str:
         params = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "model"}

@@ -21,7 +21,7 @@ target.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +99,7 @@ class KA3(Attack):
 
     norm = None
     supports_targeted = False
+    per_sample_inputs = ("groups",)
 
     def __init__(self, model: nn.Module, K: int = 5, similarity: Optional[str] = "cw-ssim", lam: float = 0.1,
                  steps: int = 500, lr: float = 0.02, growth: float = 1.5, patience: int = 10,
@@ -133,8 +134,6 @@ class KA3(Attack):
         self.loss = loss
         self._cw = CWSSIM(**(cw_ssim or {})) if similarity == "cw-ssim" else None
         self._counter = 0
-        self._record = None  # filled by run(): per-batch k, rank, success
-        self._batch_groups = None
         #: cost of the last call: steps run, and forward+backward passes counted per sample (a
         #: step over an active batch of m samples counts m); ``total_sample_steps`` sums the
         #: latter over calls since construction or :meth:`reset`
@@ -163,48 +162,38 @@ class KA3(Attack):
     # ------------------------------------------------------------------ attack
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None,
                 groups: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Attack one batch. ``groups`` (1..K per sample) overrides the running assignment."""
+        """Attack one batch. ``groups`` (1..K per sample, the attack's per-sample input) overrides
+        the running assignment; without it the counter assigns the next groups and advances."""
         if target is not None:
             raise AdvlabError("KA3 picks its own targets (the labels ranked 2..k); do not pass target=")
         n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 4 else 0
-        rec = self._record
-        if rec is not None and groups is None and rec["groups"] is not None:
-            groups = rec["groups"][rec["offset"]: rec["offset"] + n]
-            rec["offset"] += n
-        self._batch_groups = self._groups_for(n, groups, "cpu")
-        try:
-            x_adv = super().perturb(x, y)
-        finally:
-            g = self._batch_groups
-            self._batch_groups = None
-        if groups is None:
+        explicit = groups is not None
+        g = self._groups_for(n, groups, "cpu")
+        x_adv = super().perturb(x, y, groups=g)
+        if not explicit:
             self._counter += n
-        if rec is not None:
-            rank, success = self.outcome(x, x_adv, y, g)
-            rec["k"].append(g + 1)
-            rec["rank"].append(rank)
-            rec["success"].append(success)
         return x_adv
 
     @torch.no_grad()
-    def outcome(self, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, groups: torch.Tensor):
-        """(rank of the true label on ``x_adv``, K-A3 success) per sample, judged by the attacked
-        model; ``groups`` in 1..K as used for the attack."""
+    def outcome(self, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None,
+                groups: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Per sample, judged by the attacked model: ``k``, ``rank`` (of the true label on
+        ``x_adv``) and ``success`` (K-A3's goal: every target above the true label); ``groups`` in
+        1..K as used for the attack (the attack's hook for :meth:`Attack.run`)."""
+        if groups is None:
+            raise AdvlabError("outcome needs the groups (1..K) the samples were attacked with")
         dev = model_device(self.model)
         x, x_adv, y = x.to(dev), x_adv.to(dev), y.to(dev)
         with frozen_eval(self.model):
             z0 = self.model(x)
             z = self.model(x_adv)
-        mask = ka3_targets(z0, y, torch.as_tensor(groups, device=dev).long() + 1)
-        return label_rank(z, y).cpu(), _targets_above(z, y, mask).cpu()
+        k = torch.as_tensor(groups, device=dev).long() + 1
+        return {"k": k.cpu(), "rank": label_rank(z, y).cpu(), "success": _targets_above(z, y, ka3_targets(z0, y, k)).cpu()}
 
-    def __call__(self, x, y, target=None, groups=None):
-        return self.perturb(x, y, target=target, groups=groups)
-
-    def _perturb(self, x: torch.Tensor, y: torch.Tensor, target) -> torch.Tensor:
+    def _perturb(self, x: torch.Tensor, y: torch.Tensor, target, groups: torch.Tensor) -> torch.Tensor:
         dev = x.device
         n_all = x.shape[0]
-        k = self._batch_groups.to(dev) + 1
+        k = groups.to(dev).long() + 1
         with torch.no_grad():
             logits0 = self.model(x)
         if self.K + 1 > logits0.shape[1]:
@@ -283,26 +272,39 @@ class KA3(Attack):
 
     # ------------------------------------------------------------------ streaming
     def run(self, data, batch_size: int = 256, targets: Optional[torch.Tensor] = None, keep_adversarials: bool = False,
-            progress: Optional[bool] = None, predict_fn=None, groups: Optional[torch.Tensor] = None) -> AttackResult:
+            progress: Optional[bool] = None, predict_fn=None, groups: Optional[torch.Tensor] = None,
+            per_sample: Optional[Dict[str, torch.Tensor]] = None) -> AttackResult:
         """Attack a whole dataset (see :meth:`Attack.run`). ``success`` is K-A3's own criterion
         (every target above the true label, judged by the attacked model's logits);
         ``extras["k"]`` holds each sample's k and ``extras["rank"]`` the true label's rank on
-        the adversarial. ``groups`` (1..K for the whole stream) overrides the running counter."""
+        the adversarial. ``groups`` (1..K for the whole stream) overrides the running counter,
+        which otherwise assigns the stream's groups and advances past it."""
         if targets is not None:
             raise AdvlabError("KA3 picks its own targets (the labels ranked 2..k); do not pass targets=")
-        self._record = {"k": [], "rank": [], "success": [], "offset": 0,
-                        "groups": None if groups is None else torch.as_tensor(groups)}
-        try:
-            res = super().run(data, batch_size=batch_size, targets=None, keep_adversarials=keep_adversarials,
-                              progress=progress, predict_fn=predict_fn)
-            rec = self._record
-        finally:
-            self._record = None
-        if rec["k"]:
-            res.extras["k"] = torch.cat(rec["k"]).cpu()
-            res.extras["rank"] = torch.cat(rec["rank"]).cpu()
-            res.success = torch.cat(rec["success"]).cpu()
-        else:
-            res.extras["k"] = torch.empty(0, dtype=torch.long)
-            res.extras["rank"] = torch.empty(0, dtype=torch.long)
+        if groups is None and per_sample:
+            groups = per_sample.get("groups")
+        explicit = groups is not None
+        if not explicit:
+            n = _stream_length(data)
+            groups = self._groups_for(n, None, "cpu")
+        res = super().run(data, batch_size=batch_size, keep_adversarials=keep_adversarials, progress=progress,
+                          predict_fn=predict_fn, per_sample={"groups": torch.as_tensor(groups)})
+        if not explicit:
+            self._counter += len(res)
+        for key in ("k", "rank"):
+            res.extras.setdefault(key, torch.empty(0, dtype=torch.long))
         return res
+
+
+def _stream_length(data) -> int:
+    """Number of samples of a sized dataset (K-A3 assigns the stream's groups up front)."""
+    if hasattr(data, "labels"):
+        return len(data.labels)
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return int(data[0].shape[0])
+    if isinstance(data, torch.utils.data.DataLoader):
+        return len(data.dataset)
+    try:
+        return len(data)
+    except TypeError:
+        raise AdvlabError("KA3.run needs a sized dataset, or groups= for the whole stream") from None
