@@ -110,8 +110,6 @@ def test_one_forward_backward_per_active_sample_and_early_stop(lenet_digits, dig
 
 
 def test_k1_without_similarity_is_lbfgs_with_rank2_target(lenet_digits, digits_correct):
-    if not hasattr(attacks, "LBFGS"):
-        pytest.skip("advlab.attacks.LBFGS is not available in this checkout")
     x, y = digits_correct[0][:40], digits_correct[1][:40]
     with torch.no_grad():
         second = lenet_digits(x).scatter(1, y[:, None], float("-inf")).argmax(1)
