@@ -3,6 +3,7 @@ onto the box and the threat model's ball, streaming ``run`` with per-sample resu
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,8 +33,11 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | None, norm: str |
     if norm == "2":
         d = x_adv - x
         n = d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-        # a hair inside eps so that float rounding in (x + d) - x cannot cross the ball
-        factor = torch.clamp((eps * (1 - 1e-6)) / n, max=1.0)
+        # inside eps by more than float rounding can add back: storing x + d rounds each pixel by
+        # at most half an ulp of 1 (pixels are in [0, 1]), so the realised norm exceeds the exact
+        # one by at most sqrt(D) * eps_machine / 2; the margin is twice that
+        margin = math.sqrt(x[0].numel()) * torch.finfo(x.dtype).eps
+        factor = torch.clamp(max(eps * (1 - 1e-6) - margin, 0.0) / n, max=1.0)
         return (x + d * factor).clamp_(0.0, 1.0)
     raise AdvlabError(f"norm must be 'inf' or '2', got {norm!r}")
 
