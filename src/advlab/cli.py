@@ -38,6 +38,11 @@ ATTACK_FLAGS = {
 }
 
 
+def _progress(args) -> bool | None:
+    """Progress bars: off with --quiet (or $ADVLAB_QUIET), else on a terminal only (None = auto)."""
+    return False if getattr(args, "quiet", False) else None
+
+
 def _err(msg: str) -> AdvlabError:
     return AdvlabError(msg)
 
@@ -119,7 +124,7 @@ def cmd_train(args) -> int:
     model = build_model(args.model, train.num_classes, train.in_shape, mean=mean, std=std, seed=args.seed)
     hist = fit(model, train, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
                schedule=None if args.schedule == "none" else args.schedule, seed=args.seed, device=args.device,
-               eval_dataset=test, progress=not args.quiet)
+               eval_dataset=test, progress=_progress(args))
     acc = evaluate(model, test)
     out = Path(args.out)
     save_checkpoint(model, out, dataset=args.dataset, test_accuracy=acc, epochs=args.epochs, seed=args.seed,
@@ -145,7 +150,7 @@ def cmd_attack(args) -> int:
     names = [a.strip() for a in args.attack.split(",") if a.strip()]
     attacks = build_attacks(names, model, **params)
     ev = run_attacks([AttackRun(n, a) for n, a in attacks.items()], x, y, batch_size=args.batch_size,
-                     progress=not args.quiet)
+                     progress=_progress(args))
     rows, results = ev.rows, ev.results
     if len(rows) > 1:
         rows.append(ev.worst_row())
@@ -183,7 +188,7 @@ def cmd_demo(args) -> int:
     from .eval.demo import run_demo
 
     out = run_demo(out_dir=args.out, dataset=args.dataset, root=args.root, quick=args.quick, device=args.device,
-                   progress=not args.quiet, seed=args.seed)
+                   progress=_progress(args), seed=args.seed)
     print(out["table"])
     print(f"report: {out['path']}")
     return 0
@@ -222,7 +227,7 @@ def cmd_evaluate(args) -> int:
                                                for v in (args.sweep or "0.25,0.5,2").split(",")]
     res = evaluate(model, x, y, norm=args.norm, eps=args.eps, seed=args.seed, steps=args.steps,
                    square_queries=args.square_queries, attacks=attacks, batch_size=args.batch_size, sweep=sweep,
-                   progress=not args.quiet)
+                   progress=_progress(args))
     out = write_report(res, args.out, f"advlab evaluate: {Path(args.checkpoint).name} on {dataset}",
                        reported=args.reported, spec={k: v for k, v in vars(args).items() if k != "func"})
     print(Path(out, "report.md").read_text())

@@ -71,7 +71,8 @@ def seeded_rng(seed: int, device=None):
         yield
 
 
-def _progress(enabled: Optional[bool]) -> bool:
+def progress_enabled(enabled: Optional[bool]) -> bool:
+    """Whether to draw progress bars: as given, else on a terminal unless $ADVLAB_QUIET is set."""
     if enabled is None:
         return sys.stderr.isatty() and not os.environ.get("ADVLAB_QUIET")
     return bool(enabled)
@@ -160,7 +161,7 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
     opt = make_optimizer(optimizer, trainable, lr, weight_decay)
     sched = make_schedule(schedule, opt, epochs, len(loader))
     history = History()
-    show = _progress(progress)
+    show = progress_enabled(progress)
     from tqdm.auto import tqdm
 
     # dropout and other layers draw from torch's global RNG: seeded inside a fork, so the
@@ -192,7 +193,8 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
                     tot_correct += int((logits.detach().argmax(1) == y).sum())
                 tot_n += n
                 if show:
-                    bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}")
+                    # refresh=False: a refresh here would redraw the stale count (tqdm writes n lazily)
+                    bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", refresh=False)
             metrics = {"epoch": epoch, "loss": tot_loss / max(tot_n, 1), "train_acc": tot_correct / max(tot_n, 1),
                        "seconds": time.perf_counter() - t0, "images_per_s": tot_n / max(time.perf_counter() - t0, 1e-9)}
             if eval_dataset is not None:

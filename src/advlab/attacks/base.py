@@ -4,7 +4,6 @@ onto the box and the threat model's ball, streaming ``run`` with per-sample resu
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Optional
@@ -329,6 +328,7 @@ class Attack:
         """
         from tqdm.auto import tqdm
         from ..train import predict as _predict
+        from ..train import progress_enabled
 
         judge = predict_fn or (lambda xb: _predict(self.model, xb))
         batches = _iter_batches(data, batch_size)
@@ -337,7 +337,7 @@ class Attack:
         extras: Dict[str, list] = {}
         seconds = 0.0
         offset = 0
-        show = (sys.stderr.isatty() if progress is None else progress)
+        show = progress_enabled(progress)
         total = _num_batches(data, batch_size)
         for xb, yb in tqdm(batches, total=total, desc=type(self).__name__, disable=not show, leave=False):
             tb = None if targets is None else targets[offset: offset + xb.shape[0]]

@@ -35,7 +35,7 @@ def run_defense(args):
                           "`advlab defend` builder yet; use its Python API")
     opts = {} if args.epochs is None else {"svdd_epochs": args.epochs}
     return builder(args.checkpoint, train, test, args.out, n=args.n, seed=args.seed, device=args.device,
-                   progress=not args.quiet, **opts)
+                   progress=False if args.quiet else None, **opts)
 
 
 def defend_msvdd(checkpoint, train_ds, test_ds, out_dir, projections: int = 256, svdd_epochs: int = 10,
