@@ -209,10 +209,43 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def _torchrun_evaluate(args) -> int:
+    """``--launcher torchrun``: run this same command again under ``torchrun --standalone
+    --nproc_per_node N -m advlab.cli evaluate ...`` (one machine; for several, call torchrun
+    yourself with --nnodes and a rendezvous endpoint). torchrun's own agent runs in this process;
+    the command's arguments are handed over after parsing (torchrun's parser would take ``--n``
+    for an abbreviation of its own options)."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    skip = {"func", "command", "launcher", "nproc"}
+    argv = ["evaluate"]
+    for k, v in vars(args).items():
+        if k in skip or v is None or v is False:
+            continue
+        argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    if args.nproc < 1:
+        raise _err(f"--nproc must be >= 1, got {args.nproc}")
+    launch = torchrun.get_args_parser().parse_args(["--standalone", f"--nproc_per_node={args.nproc}", "-m",
+                                                    "advlab.cli"])
+    launch.training_script_args = argv
+    try:
+        torchrun.run(launch)
+    except ChildFailedError as e:
+        print(f"advlab: error: a torchrun worker failed ({e.get_first_failure()[1].message})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_evaluate(args) -> int:
+    from . import distributed
     from .eval.evaluate import BATTERY, evaluate, load_evaluated, write_report
     from .eval.runner import pick_images
     from .train import read_checkpoint
+
+    if getattr(args, "launcher", "none") == "torchrun" and "LOCAL_RANK" not in os.environ:
+        return _torchrun_evaluate(args)
+    distributed.init()  # under torchrun: join the process group (the battery's attacks shard); alone: nothing
 
     model = load_evaluated(args.checkpoint, device=args.device)
     dataset = args.dataset or read_checkpoint(args.checkpoint)["metadata"].get("dataset")
@@ -228,6 +261,8 @@ def cmd_evaluate(args) -> int:
     res = evaluate(model, x, y, norm=args.norm, eps=args.eps, seed=args.seed, steps=args.steps,
                    square_queries=args.square_queries, attacks=attacks, batch_size=args.batch_size, sweep=sweep,
                    progress=_progress(args))
+    if not distributed.is_main():  # every rank holds the gathered result; rank 0 writes it
+        return 0
     out = write_report(res, args.out, f"advlab evaluate: {Path(args.checkpoint).name} on {dataset}",
                        reported=args.reported, spec={k: v for k, v in vars(args).items() if k != "func"})
     print(Path(out, "report.md").read_text())
@@ -316,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="results/evaluate")
+    s.add_argument("--launcher", choices=("none", "torchrun"), default="none", help="torchrun: shard the "
+                   "attacks over --nproc processes on this machine (same report as one process)")
+    s.add_argument("--nproc", type=int, default=2, help="processes for --launcher torchrun")
     _add_common(s)
     s.set_defaults(func=cmd_evaluate)
 

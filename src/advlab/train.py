@@ -38,15 +38,27 @@ class _TensorBatches:
     """Shuffled mini-batches of a dataset held as tensors (``.images``/``.labels``): one index
     permutation per epoch and a gather per batch, no per-sample Python work."""
 
-    def __init__(self, dataset, batch_size: int, generator: torch.Generator):
+    def __init__(self, dataset, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1):
         self.x, self.y = dataset.images, dataset.labels
         self.batch_size, self.g = batch_size, generator
+        self.rank, self.world = rank, world
+
+    def _per_rank(self) -> int:
+        return (self.y.shape[0] + self.world - 1) // self.world
 
     def __len__(self) -> int:
-        return (self.y.shape[0] + self.batch_size - 1) // self.batch_size
+        return (self._per_rank() + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
         perm = torch.randperm(self.y.shape[0], generator=self.g)
+        if self.world > 1:
+            # DistributedSampler's layout: every rank draws the same permutation (same seed),
+            # pads it by repeating its head to a multiple of the world size and takes every
+            # world-th index from its rank on: disjoint shards, the same number of batches
+            pad = self._per_rank() * self.world - perm.shape[0]
+            if pad and perm.shape[0]:
+                perm = torch.cat([perm, perm.repeat(-(-pad // perm.shape[0]))[:pad]])
+            perm = perm[self.rank::self.world]
         for i in range(0, perm.shape[0], self.batch_size):
             idx = perm[i: i + self.batch_size]
             yield self.x[idx], self.y[idx]
@@ -147,6 +159,21 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
     adversarial examples). ``params`` restricts what is trained. Each callback is called as
     ``cb(epoch, metrics, model)`` after every epoch; returning True stops training.
     Deterministic for a given ``seed`` on the same machine.
+
+    Under ``torchrun`` (a process group initialised, e.g. by :func:`advlab.distributed.init`,
+    with more than one process) the same call trains data-parallel: the model is wrapped in
+    ``DistributedDataParallel`` (rank 0's initial weights are broadcast, gradients averaged over
+    the ranks at every step), each rank takes a disjoint shard of every epoch's permutation
+    (``DistributedSampler``'s layout, the same number of batches on every rank), ``batch_size``
+    is per process (the effective batch is ``world * batch_size``), the history holds the
+    metrics of all ranks together, progress is drawn on rank 0 only, and callbacks run on every
+    rank (write checkpoints there with :func:`advlab.distributed.on_main`; a stop from any rank
+    stops all). ``loss`` receives a view of the wrapped model (calling it runs the DDP wrapper,
+    attributes are the model's); a loss that never calls it, and trainable ``params`` outside
+    the model, get their gradients averaged explicitly. With the tensor datasets' strided shard,
+    ``batch_size = B / world`` makes the union of the ranks' batches exactly the single process's
+    batches of size B, so the averaged gradient equals the single-process one up to float
+    summation order. Alone (no process group) none of this runs.
     """
     epochs = check_positive_int(epochs, "epochs", 0)
     batch_size = check_positive_int(batch_size, "batch_size")
@@ -155,13 +182,23 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
     dev = resolve_device(device, model)
     model.to(dev)
     g = torch.Generator().manual_seed(seed)
-    loader = _TensorBatches(dataset, batch_size, g) if hasattr(dataset, "images") else \
-        DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=False)
+    world, rank = _fit_world()
+    sampler = None
+    if hasattr(dataset, "images"):
+        loader = _TensorBatches(dataset, batch_size, g, rank, world)
+    elif world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False)
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=False)
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     opt = make_optimizer(optimizer, trainable, lr, weight_decay)
     sched = make_schedule(schedule, opt, epochs, len(loader))
     history = History()
-    show = progress_enabled(progress)
+    show = progress_enabled(progress) and rank == 0
+    step_model = model if world == 1 else _DDPView(model, dev, trainable)
     from tqdm.auto import tqdm
 
     # dropout and other layers draw from torch's global RNG: seeded inside a fork, so the
@@ -172,18 +209,22 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
             t0 = time.perf_counter()
             tot_loss, tot_correct, tot_n = 0.0, 0, 0
             bar = tqdm(loader, desc=f"{desc} {epoch}/{epochs}", disable=not show, leave=False, file=sys.stderr)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             for x, y in bar:
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 if batch_transform is not None:
                     x, y = batch_transform(x, y)
                     model.train()
                 if loss is None:
-                    logits = model(x)
+                    logits = step_model(x)
                     lval = F.cross_entropy(logits, y)
                 else:
-                    lval, logits = loss(model, x, y)
+                    lval, logits = loss(step_model, x, y)
                 opt.zero_grad(set_to_none=True)
                 lval.backward()
+                if world > 1:
+                    step_model.sync_gradients()
                 opt.step()
                 if sched is not None:
                     sched.step()
@@ -195,6 +236,8 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
                 if show:
                     # refresh=False: a refresh here would redraw the stale count (tqdm writes n lazily)
                     bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", refresh=False)
+            if world > 1:  # the history is over all ranks' samples, the same on every rank
+                tot_loss, tot_correct, tot_n = _sum_over_ranks(tot_loss, tot_correct, tot_n)
             metrics = {"epoch": epoch, "loss": tot_loss / max(tot_n, 1), "train_acc": tot_correct / max(tot_n, 1),
                        "seconds": time.perf_counter() - t0, "images_per_s": tot_n / max(time.perf_counter() - t0, 1e-9)}
             if eval_dataset is not None:
@@ -206,12 +249,72 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
             stop = False
             for cb in callbacks:
                 stop = bool(cb(epoch, metrics, model)) or stop
+            if world > 1:  # a stop on any rank stops every rank (they must take the same steps)
+                stop = _sum_over_ranks(float(stop))[0] > 0
             if stop:
                 break
     # leave no gradients behind: a trained model handed to an attack or a defense starts clean
     opt.zero_grad(set_to_none=True)
+    if world > 1:
+        step_model.release()
     model.eval()
     return history
+
+
+def _fit_world() -> tuple:
+    """``(world size, rank)`` for :func:`fit`: ``(1, 0)`` unless a process group with more than
+    one process is initialised (a single process never touches torch.distributed)."""
+    from . import distributed
+
+    if not distributed.is_distributed():
+        return 1, 0
+    return distributed.world_size(), distributed.rank()
+
+
+def _sum_over_ranks(*values: float) -> List[float]:
+    from . import distributed
+
+    return distributed.all_reduce_sum(values)
+
+
+class _DDPView:
+    """What :func:`fit` trains through under torchrun, and what a custom ``loss`` receives as its
+    model: calling it runs the model's ``DistributedDataParallel`` wrapper (gradients averaged
+    over the ranks in backward), every attribute and method is the model's own (``taps``,
+    ``feature_layers``, module names unchanged). :meth:`sync_gradients` averages explicitly what
+    DDP did not: all trainable tensors when the loss never called the wrapper in this step, and
+    trainable tensors that are not parameters of the model."""
+
+    def __init__(self, model: nn.Module, dev: torch.device, trainable: Sequence[torch.Tensor]):
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
+        own = {id(p) for p in model.parameters()}
+        vars(self).update(_model=model, _calls=0, _trainable=list(trainable),
+                          _extra=[p for p in trainable if id(p) not in own],
+                          _ddp=DistributedDataParallel(model, device_ids=ids))
+
+    def __call__(self, *args, **kwargs):
+        vars(self)["_calls"] += 1
+        return self._ddp(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(vars(self)["_model"], name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._model, name, value)
+
+    def sync_gradients(self) -> None:
+        from . import distributed
+
+        todo = self._trainable if self._calls == 0 else self._extra
+        if todo:
+            distributed.average_gradients(todo)
+        vars(self)["_calls"] = 0
+
+    def release(self) -> None:
+        """Drop the DDP wrapper (its gradient hooks go with it); the model stays trained."""
+        vars(self)["_ddp"] = None
 
 
 # --------------------------------------------------------------------------- checkpoints

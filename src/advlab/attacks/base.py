@@ -317,7 +317,7 @@ class Attack:
 
     def run(self, data, batch_size: int = 256, targets: Optional[torch.Tensor] = None, keep_adversarials: bool = False,
             progress: Optional[bool] = None, predict_fn=None,
-            per_sample: Optional[Dict[str, torch.Tensor]] = None) -> AttackResult:
+            per_sample: Optional[Dict[str, torch.Tensor]] = None, shard: Optional[bool] = None) -> AttackResult:
         """Attack a whole dataset (``.images``/``.labels``, any (x, y) Dataset, a DataLoader, or an
         iterable of (x, y) batches) batch by batch and return an :class:`AttackResult`.
 
@@ -325,66 +325,179 @@ class Attack:
         or its ``predict`` method); a defended model may return ``advlab.REJECT`` there, which
         counts as detected, never as a success. ``per_sample`` holds the attack's per-sample inputs
         (:attr:`per_sample_inputs`) for the whole stream; :meth:`outcome` adds per-sample extras.
+
+        Seeded randomness: with a ``seed``, batch ``b`` of the stream is attacked with a generator
+        seeded from ``(the attack's stream, b)`` (one number is drawn from the attack's generator
+        per run, so a second run differs and :meth:`reset` repeats the first). The result of a
+        batch therefore depends only on the seed, the batch's index and its contents, not on
+        which process attacks it or what ran before it on that process.
+
+        Sharding (``shard``: None = when a ``torch.distributed`` process group with more than one
+        process is initialised, e.g. under ``torchrun``; False = never; True = required): the
+        stream is split by whole batches, batch ``b`` to rank ``b % world``; each rank attacks its
+        batches only, and the per-batch results (labels, predictions, success, detected, norms,
+        targets, extras, adversarials when kept) are gathered once (one ``all_gather_object``)
+        into the original order on every rank. Same batches, same per-batch generators: the
+        result equals the single-process one sample by sample for a deterministic model (a
+        randomized model's own noise, or an attack without ``seed`` drawing from torch's global
+        RNG, is not covered). ``seconds`` is then the slowest rank's attack time. Sized inputs
+        (tensors, ``.images``, map-style Datasets) load only the rank's batches; a DataLoader or
+        another iterable is read in full on every rank and its other batches skipped.
         """
         from tqdm.auto import tqdm
         from ..train import predict as _predict
         from ..train import progress_enabled
 
+        world, rank = _run_world(shard)
         judge = predict_fn or (lambda xb: _predict(self.model, xb))
-        batches = _iter_batches(data, batch_size)
         keys = ("labels", "clean_pred", "adv_pred", "success", "l0", "l2", "linf", "targets", "detected", "adv")
-        acc = {k: [] for k in keys}
-        extras: Dict[str, list] = {}
-        seconds = 0.0
-        offset = 0
-        show = progress_enabled(progress)
-        total = _num_batches(data, batch_size)
-        for xb, yb in tqdm(batches, total=total, desc=type(self).__name__, disable=not show, leave=False):
-            tb = None if targets is None else targets[offset: offset + xb.shape[0]]
-            ps = {k: v[offset: offset + xb.shape[0]] for k, v in (per_sample or {}).items()}
-            offset += xb.shape[0]
-            t0 = time.perf_counter()
-            xa = self.perturb(xb, yb, target=tb, **ps)
-            if xa.is_cuda:
-                torch.cuda.synchronize()
-            seconds += time.perf_counter() - t0
-            clean = judge(xb).cpu()
-            adv = judge(xa).cpu()
-            yc = yb.cpu()
-            tc = None if tb is None else tb.cpu()
-            success = is_success(adv, yc, tc)
-            for k, v in self.outcome(xb, xa, yb, tb, **ps).items():
-                extras.setdefault(k, []).append(v.cpu())
-            norms = perturbation_norms(xa.cpu() - xb.cpu())
-            acc["labels"].append(yc)
-            acc["clean_pred"].append(clean)
-            acc["adv_pred"].append(adv)
-            acc["success"].append(success)
-            acc["l0"].append(norms["l0"])
-            acc["l2"].append(norms["l2"])
-            acc["linf"].append(norms["linf"])
-            acc["detected"].append(adv == REJECT)
-            if tc is not None:
-                acc["targets"].append(tc)
-            if keep_adversarials:
-                acc["adv"].append(xa.cpu())
-        cat = {k: (torch.cat(v) if v else None) for k, v in acc.items()}
-        ext = {k: torch.cat(v) for k, v in extras.items()}
+        local: Dict[int, Dict] = {}
+        show = progress_enabled(progress) and rank == 0
+        n_batches = _num_batches(data, batch_size)
+        total = n_batches if n_batches is None or world == 1 else len(range(rank, n_batches, world))
+        stream = self._stream_seed()
+        main_generator = self._generator
+        count = 0
+        try:
+            bar = tqdm(_own_batches(data, batch_size, world, rank), total=total, desc=type(self).__name__,
+                       disable=not show, leave=False)
+            for b, offset, xb, yb in bar:
+                count = max(count, b + 1)
+                if xb is None:  # another rank's batch of an iterable: only counted
+                    continue
+                tb = None if targets is None else targets[offset: offset + xb.shape[0]]
+                ps = {k: v[offset: offset + xb.shape[0]] for k, v in (per_sample or {}).items()}
+                if stream is not None:
+                    self._generator = make_generator(_batch_seed(stream, b), model_device(self.model))
+                t0 = time.perf_counter()
+                xa = self.perturb(xb, yb, target=tb, **ps)
+                if xa.is_cuda:
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                clean = judge(xb).cpu()
+                adv = judge(xa).cpu()
+                yc = yb.cpu()
+                tc = None if tb is None else tb.cpu()
+                norms = perturbation_norms(xa.cpu() - xb.cpu())
+                local[b] = {"labels": yc, "clean_pred": clean, "adv_pred": adv, "success": is_success(adv, yc, tc),
+                            "l0": norms["l0"], "l2": norms["l2"], "linf": norms["linf"], "targets": tc,
+                            "detected": adv == REJECT, "adv": xa.cpu() if keep_adversarials else None,
+                            "extras": {k: v.cpu() for k, v in self.outcome(xb, xa, yb, tb, **ps).items()},
+                            "seconds": dt}
+        finally:
+            if stream is not None:
+                self._generator = main_generator
+        if world > 1:
+            from .. import distributed
+
+            sliced = _sliced_batches(data, batch_size)
+            entries = distributed.gather_indexed(local, total=count if sliced is None else sliced)
+            seconds = max(sum(e["seconds"] for e in entries[r::world]) for r in range(world)) if entries else 0.0
+        else:
+            entries = [local[b] for b in sorted(local)]
+            seconds = sum(e["seconds"] for e in entries)
+        cat = {k: (torch.cat([e[k] for e in entries]) if entries and entries[0][k] is not None else None)
+               for k in keys}
+        ext = {k: torch.cat([e["extras"][k] for e in entries]) for k in (entries[0]["extras"] if entries else {})}
         success = ext.pop("success", cat["success"])
-        return AttackResult(labels=cat["labels"], clean_pred=cat["clean_pred"], adv_pred=cat["adv_pred"],
-                            success=success, l0=cat["l0"], l2=cat["l2"], linf=cat["linf"], seconds=seconds,
-                            targets=cat["targets"], detected=cat["detected"], adversarials=cat["adv"], extras=ext)
+        return AttackResult(labels=_or_empty(cat["labels"], torch.long), clean_pred=_or_empty(cat["clean_pred"], torch.long),
+                            adv_pred=_or_empty(cat["adv_pred"], torch.long),
+                            success=_or_empty(success, torch.bool), l0=_or_empty(cat["l0"]), l2=_or_empty(cat["l2"]),
+                            linf=_or_empty(cat["linf"]), seconds=seconds, targets=cat["targets"],
+                            detected=_or_empty(cat["detected"], torch.bool), adversarials=cat["adv"], extras=ext)
+
+    def _stream_seed(self) -> Optional[int]:
+        """One number from the attack's seeded generator (created from ``seed`` if needed): the
+        seed of this run's per-batch generators; None without a seed."""
+        if self.seed is None:
+            return None
+        if self._generator is None:
+            self._generator = make_generator(self.seed, model_device(self.model))
+        g = self._generator
+        return int(torch.randint(0, 2 ** 62, (1,), generator=g, device=g.device).item())
 
     def __repr__(self) -> str:
         params = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "model"}
         return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in params.items())})"
 
 
-def _num_batches(data, batch_size):
-    try:
-        if isinstance(data, torch.utils.data.DataLoader):
-            return len(data)
+def _batch_seed(stream: int, b: int) -> int:
+    """The seed of batch ``b``'s generator in a run whose stream seed is ``stream``."""
+    return (stream + (b + 1) * 0x9E3779B97F4A7C15) % (2 ** 63)
+
+
+def _run_world(shard: Optional[bool]) -> tuple:
+    """``(world size, rank)`` of :meth:`Attack.run`: ``(1, 0)`` unless sharding is on."""
+    from .. import distributed
+
+    if shard is False:
+        return 1, 0
+    if distributed.is_distributed():
+        return distributed.world_size(), distributed.rank()
+    if shard and distributed.world_size() > 1:
+        raise AdvlabError("shard=True: WORLD_SIZE > 1 but no process group is initialised; call "
+                          "advlab.distributed.init() first (under torchrun)")
+    return 1, 0
+
+
+def _or_empty(t: Optional[torch.Tensor], dtype=torch.float32) -> torch.Tensor:
+    return torch.empty(0, dtype=dtype) if t is None else t
+
+
+def _own_batches(data, batch_size: int, world: int, rank: int) -> Iterable:
+    """``(batch index, offset, x, y)`` for the batches of ``data`` that ``rank`` of ``world``
+    attacks (batch b goes to rank b % world; all of them alone). Sized data is sliced (or loaded)
+    for those batches only; other iterables are read in full, other ranks' batches yielded as
+    ``(b, offset, None, None)`` so the indices and offsets stay those of the whole stream."""
+    if world == 1:
+        offset = 0
+        for b, (xb, yb) in enumerate(_iter_batches(data, batch_size)):
+            yield b, offset, xb, yb
+            offset += xb.shape[0]
+        return
+    if hasattr(data, "images") and hasattr(data, "labels"):
+        data = (data.images, data.labels)
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        n = data[0].shape[0]
+        for b in range(rank, (n + batch_size - 1) // batch_size, world):
+            i = b * batch_size
+            yield b, i, data[0][i: i + batch_size], data[1][i: i + batch_size]
+    elif isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        n = len(data)
+        mine = list(range(rank, (n + batch_size - 1) // batch_size, world))
+        idx = [i for b in mine for i in range(b * batch_size, min((b + 1) * batch_size, n))]
+        sub = torch.utils.data.Subset(data, idx)
+        loader = torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False)
+        for b, (xb, yb) in zip(mine, loader):
+            yield b, b * batch_size, xb, yb
+    else:
+        offset = 0
+        for b, (xb, yb) in enumerate(_iter_batches(data, batch_size)):
+            if b % world == rank:
+                yield b, offset, xb, yb
+            else:
+                yield b, offset, None, None
+            offset += xb.shape[0]
+
+
+def _sliced_batches(data, batch_size) -> Optional[int]:
+    """Number of batches of the inputs :func:`_own_batches` slices per rank (tensors, ``.images``,
+    map-style Datasets); None for the others (read in full, counted while read)."""
+    if hasattr(data, "images") and hasattr(data, "labels"):
+        return (len(data.labels) + batch_size - 1) // batch_size
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return (data[0].shape[0] + batch_size - 1) // batch_size
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         return (len(data) + batch_size - 1) // batch_size
+    return None
+
+
+def _num_batches(data, batch_size):
+    sliced = _sliced_batches(data, batch_size)
+    if sliced is not None:
+        return sliced
+    try:  # a DataLoader or a list of batches: its length counts batches
+        return len(data)
     except TypeError:
         return None
 
