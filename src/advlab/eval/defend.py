@@ -33,7 +33,7 @@ def run_defense(args):
     if builder is None:
         raise AdvlabError(f"defense {args.defense!r} ({DEFENSES[args.defense].description}) has no "
                           "`advlab defend` builder yet; use its Python API")
-    opts = {} if args.epochs is None else {"svdd_epochs": args.epochs}
+    opts = {} if args.epochs is None else {EPOCHS_OPTION.get(args.defense, "epochs"): args.epochs}
     return builder(args.checkpoint, train, test, args.out, n=args.n, seed=args.seed, device=args.device,
                    progress=False if args.quiet else None, **opts)
 
@@ -117,5 +117,14 @@ def defend_msvdd(checkpoint, train_ds, test_ds, out_dir, projections: int = 256,
     return rep
 
 
+def defend_pcl(*args, **kwargs) -> Report:
+    """``advlab defend pcl``: see :func:`advlab.eval.repro_pcl.defend_pcl`."""
+    from .repro_pcl import defend_pcl as run
+
+    return run(*args, **kwargs)
+
+
 #: ``advlab defend NAME`` builders, keyed by the DEFENSES registry's names
-BUILDERS = {"msvdd": defend_msvdd}
+BUILDERS = {"msvdd": defend_msvdd, "pcl": defend_pcl}
+#: the builder option that ``--epochs`` sets
+EPOCHS_OPTION = {"msvdd": "svdd_epochs"}

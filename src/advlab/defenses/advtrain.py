@@ -1,0 +1,133 @@
+"""Adversarial training for any classifier (and for PCL), on :func:`advlab.train.fit`.
+
+Two protocols:
+
+- the PCL paper's (section 5.1, Algorithm 1 lines 10-13): every batch is augmented with its
+  adversarial copy, clean and adversarial 1:1, eps drawn uniformly from a range per batch
+  (``[0.1, 0.5]`` for MNIST / Fashion-MNIST, ``[0.01, 0.05]`` for CIFAR and SVHN), crafted by
+  FGSM or PGD (10 steps of eps/10 from a random start) on the training loss (for PCL, the joint
+  CE + PC loss: pass ``source``/``objective`` from :mod:`advlab.defenses.pcl`) or on CE;
+- Madry et al. (2018), the standard baseline: adversarial examples only, fixed eps, PGD with a
+  random start on cross-entropy (:func:`madry_fit`).
+
+>>> adversarial_fit(model, train_set, attack="pgd", eps=(0.1, 0.5), epochs=2)         # PCL paper
+>>> madry_fit(model, train_set, eps=0.3, steps=40, alpha=0.01, epochs=2)              # Madry PGD-AT
+>>> fit(model, train_set, batch_transform=AdversarialBatches(model, "fgsm", eps=0.3))  # any fit call
+
+The adversarial examples come from the attack registry (:func:`advlab.attacks.build_attack`),
+crafted with the model in eval mode and its parameters frozen; training goes on in train mode.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .._util import AdvlabError, check_nonneg, check_positive_int
+
+__all__ = ["AdversarialBatches", "adversarial_fit", "madry_fit", "check_eps_range"]
+
+EpsSpec = Union[float, Tuple[float, float]]
+
+
+def check_eps_range(eps: EpsSpec) -> Tuple[float, float]:
+    """``eps`` as a range (lo, hi) with 0 <= lo <= hi (a number is the range (eps, eps))."""
+    if isinstance(eps, (int, float)):
+        e = check_nonneg(float(eps), "eps")
+        return e, e
+    try:
+        lo, hi = (float(v) for v in eps)
+    except (TypeError, ValueError):
+        raise AdvlabError(f"eps must be a number or a (low, high) pair, got {eps!r}") from None
+    if not (0.0 <= lo <= hi) or hi != hi:
+        raise AdvlabError(f"eps range must satisfy 0 <= low <= high, got ({lo}, {hi})")
+    return lo, hi
+
+
+class AdversarialBatches:
+    """A ``batch_transform`` for :func:`advlab.train.fit`: crafts the adversarial copy of each
+    batch and returns ``(x, x_adv)`` with labels ``(y, y)`` (``mix="both"``, the PCL paper's 1:1)
+    or ``x_adv`` alone (``mix="adversarial"``, Madry et al.).
+
+    ``attack``: ``"fgsm"`` or ``"pgd"`` (``steps`` steps of ``alpha``, default eps/steps, from a
+    uniform random start; set ``random_start=False`` for BIM-like steps). ``eps``: a number or a
+    (low, high) range drawn uniformly per batch from a seeded generator. ``source``: the module
+    the attack differentiates (default ``model``); ``objective``: ``"ce"``, ``"margin"`` or a
+    per-sample callable ``(out, y, target) -> (N,)`` on ``source``'s output (PCL's joint loss).
+    ``eps_drawn`` records every eps used.
+    """
+
+    def __init__(self, model: nn.Module, attack: str = "pgd", eps: EpsSpec = (0.1, 0.5), steps: int = 10,
+                 alpha: Optional[float] = None, random_start: bool = True, objective: Union[str, Callable] = "ce",
+                 source: Optional[nn.Module] = None, mix: str = "both", seed: int = 0):
+        if not isinstance(model, nn.Module):
+            raise AdvlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if attack not in ("fgsm", "pgd"):
+            raise AdvlabError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
+        if mix not in ("both", "adversarial"):
+            raise AdvlabError(f"mix must be 'both' (clean and adversarial 1:1) or 'adversarial', got {mix!r}")
+        if not callable(objective) and objective not in ("ce", "margin"):
+            raise AdvlabError(f"objective must be 'ce', 'margin' or a callable (out, y, target) -> (N,), "
+                              f"got {objective!r}")
+        self.source = source if source is not None else model
+        self.attack, self.eps = attack, check_eps_range(eps)
+        self.steps = check_positive_int(steps, "steps")
+        self.alpha = None if alpha is None else check_nonneg(alpha, "alpha")
+        self.random_start, self.objective, self.mix = bool(random_start), objective, mix
+        self.seed = int(seed)
+        self._g = torch.Generator().manual_seed(self.seed)
+        self.batches = 0
+        self.eps_drawn: list = []
+
+    def draw_eps(self) -> float:
+        lo, hi = self.eps
+        return lo if hi == lo else float(lo + (hi - lo) * torch.rand((), generator=self._g))
+
+    def make_attack(self, eps: float):
+        from ..attacks import build_attack
+
+        seed = self.seed * 1_000_003 + self.batches
+        if self.attack == "fgsm":
+            return build_attack("fgsm", self.source, eps=eps, loss=self.objective, seed=seed)
+        alpha = eps / self.steps if self.alpha is None else self.alpha
+        return build_attack("pgd", self.source, eps=eps, alpha=alpha, steps=self.steps,
+                            random_start=self.random_start, loss=self.objective, seed=seed)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        eps = self.draw_eps()
+        x_adv = self.make_attack(eps)(x, y).detach()
+        self.batches += 1
+        self.eps_drawn.append(eps)
+        if self.mix == "adversarial":
+            return x_adv, y
+        return torch.cat([x, x_adv]), torch.cat([y, y])
+
+
+def adversarial_fit(model: nn.Module, dataset, attack: str = "pgd", eps: EpsSpec = (0.1, 0.5), steps: int = 10,
+                    alpha: Optional[float] = None, random_start: bool = True, objective: Union[str, Callable] = "ce",
+                    source: Optional[nn.Module] = None, mix: str = "both", seed: int = 0, **fit_kwargs):
+    """Adversarially train ``model`` in place with :func:`advlab.train.fit` (``fit_kwargs``:
+    epochs, lr, batch_size, optimizer, schedule, loss, ...); see :class:`AdversarialBatches`.
+    Returns fit's History, with ``history.eps_drawn`` the eps of every batch."""
+    from ..train import fit
+
+    if "batch_transform" in fit_kwargs:
+        raise AdvlabError("adversarial_fit sets batch_transform itself; call advlab.train.fit with "
+                          "AdversarialBatches to combine it with another transform")
+    adv = AdversarialBatches(model, attack=attack, eps=eps, steps=steps, alpha=alpha, random_start=random_start,
+                             objective=objective, source=source, mix=mix, seed=seed)
+    fit_kwargs.setdefault("desc", f"adv-train {attack}")
+    hist = fit(model, dataset, seed=seed, batch_transform=adv, **fit_kwargs)
+    hist.eps_drawn = adv.eps_drawn
+    return hist
+
+
+def madry_fit(model: nn.Module, dataset, eps: float = 0.3, steps: int = 40, alpha: Optional[float] = 0.01,
+              seed: int = 0, **fit_kwargs):
+    """Madry et al. (2018) PGD adversarial training: every batch replaced by its PGD adversarial
+    (L-inf ``eps``, ``steps`` steps of ``alpha`` from a uniform random start, cross-entropy)."""
+    fit_kwargs.setdefault("desc", "madry pgd-at")
+    return adversarial_fit(model, dataset, attack="pgd", eps=float(eps), steps=steps, alpha=alpha,
+                           random_start=True, objective="ce", mix="adversarial", seed=seed, **fit_kwargs)

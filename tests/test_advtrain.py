@@ -1,0 +1,97 @@
+"""Adversarial training (defenses/advtrain.py): raises PGD robustness of a small model on the
+embedded digits; the PCL paper's 1:1 batches with eps ~ U[lo, hi]; Madry PGD-AT; adversarial
+PCL training on the joint loss; bad inputs."""
+
+import pytest
+import torch
+
+from advlab._util import AdvlabError
+from advlab.attacks import PGD
+from advlab.defenses.advtrain import AdversarialBatches, adversarial_fit, check_eps_range, madry_fit
+from advlab.defenses.pcl import PCLDefense
+from advlab.models import build_model
+from advlab.train import evaluate, fit
+
+EPS = 0.15  # L-inf budget on the 8x8 digits
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _pgd_acc(model, test, eps=EPS):
+    x, y = test.images[:200], test.labels[:200]
+    return PGD(model, eps=eps, steps=20, seed=0).run((x, y)).robust_accuracy
+
+
+def test_adversarial_training_raises_pgd_robustness(digits_data):
+    train, test = digits_data
+    kw = dict(epochs=15, lr=3e-3, batch_size=64, schedule="onecycle", seed=0)
+    plain = build_model("lenet5", 10, (1, 8, 8), seed=0)
+    fit(plain, train, **kw)
+    robust = build_model("lenet5", 10, (1, 8, 8), seed=0)
+    h = adversarial_fit(robust, train, attack="pgd", eps=(0.05, 0.25), steps=5, **kw)
+    assert all(0.05 <= e <= 0.25 for e in h.eps_drawn) and len(set(h.eps_drawn)) > 10
+    a_plain, a_robust = _pgd_acc(plain, test), _pgd_acc(robust, test)
+    assert a_robust > a_plain + 0.2, (a_plain, a_robust)
+    assert evaluate(robust, test) > 0.85
+    madry = build_model("lenet5", 10, (1, 8, 8), seed=0)
+    madry_fit(madry, train, eps=EPS, steps=5, alpha=EPS / 4, **kw)
+    assert _pgd_acc(madry, test) > a_plain + 0.2
+
+
+def test_batches_are_clean_and_adversarial_one_to_one(lenet_digits, digits_data):
+    _, test = digits_data
+    x, y = test.images[:32], test.labels[:32]
+    adv = AdversarialBatches(lenet_digits, attack="fgsm", eps=(0.1, 0.5), seed=3)
+    xa, ya = adv(x, y)
+    assert xa.shape == (64, 1, 8, 8) and torch.equal(xa[:32], x) and torch.equal(ya, torch.cat([y, y]))
+    e = adv.eps_drawn[0]
+    assert 0.1 <= e <= 0.5
+    d = (xa[32:] - x).abs().flatten(1).amax(1)
+    assert float(d.max()) <= e + 1e-6 and float(d.max()) > 0.5 * e
+    # the same seed gives the same eps sequence
+    again = AdversarialBatches(lenet_digits, attack="fgsm", eps=(0.1, 0.5), seed=3)
+    again(x, y)
+    assert again.eps_drawn == adv.eps_drawn
+    only = AdversarialBatches(lenet_digits, attack="pgd", eps=0.2, mix="adversarial", seed=0)
+    xo, yo = only(x, y)
+    assert xo.shape == x.shape and torch.equal(yo, y)
+    assert float((xo - x).abs().max()) <= 0.2 + 1e-6
+    assert lenet_digits.training is False and all(p.requires_grad for p in lenet_digits.parameters())
+
+
+def test_pcl_adversarial_training_on_joint_loss(digits_data):
+    train, test = digits_data
+    m = build_model("lenet5", 10, (1, 8, 8), seed=0)
+    d = PCLDefense.fit(m, train, warmup_epochs=3, pc_epochs=2, lr=0.05, batch_size=64, seed=0,
+                       adversarial="fgsm", adv_eps=(0.05, 0.25), adv_objective="joint")
+    rec = d.history["pc"][0]
+    assert rec["adversarial"] == "fgsm" and rec["adv_objective"] == "joint"
+    assert evaluate(d, test) > 0.6
+    r = d.train_pc(train, 1, adversarial="pgd", adv_eps=0.1, adv_steps=3, adv_objective="ce", lr=0.01,
+                   batch_size=64, phase="adv")
+    assert d.history["adv"][0] is r and r["epochs"] == 1
+
+
+def test_bad_inputs(lenet_digits):
+    assert check_eps_range(0.3) == (0.3, 0.3) and check_eps_range([0.1, 0.5]) == (0.1, 0.5)
+    for bad in (-0.1, (0.5, 0.1), (-1, 0.2), "x", (0.1,)):
+        with pytest.raises(AdvlabError, match="eps"):
+            check_eps_range(bad)
+    with pytest.raises(AdvlabError, match="attack"):
+        AdversarialBatches(lenet_digits, attack="cw")
+    with pytest.raises(AdvlabError, match="mix"):
+        AdversarialBatches(lenet_digits, mix="half")
+    with pytest.raises(AdvlabError, match="objective"):
+        AdversarialBatches(lenet_digits, objective="hinge")
+    with pytest.raises(AdvlabError, match="steps"):
+        AdversarialBatches(lenet_digits, steps=0)
+    with pytest.raises(AdvlabError, match="model"):
+        AdversarialBatches("lenet5")
+    with pytest.raises(AdvlabError, match="batch_transform"):
+        adversarial_fit(lenet_digits, None, batch_transform=lambda x, y: (x, y))

@@ -1,0 +1,185 @@
+"""PCL (defenses/pcl.py): eq. 5 against a hand-computed value, prototypes that move and separate,
+branches tapped by name on a user model, clean accuracy of a PCL model against its softmax twin
+(on the embedded 8x8 digits, LeNet-5: MNIST's cnn6 is too slow for a unit test), save/load,
+the official-code preset, eq. 6 inference and bad inputs."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from advlab._util import AdvlabError
+from advlab.defenses import DEFENSES
+from advlab.defenses.pcl import (PRESETS, JointLossScores, PCLDefense, joint_objective, pc_loss, pc_terms,
+                                 resolve_layers)
+from advlab.models import build_model
+from advlab.train import evaluate, fit
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_eq5_hand_computed():
+    # k = 3 classes, d = 2; prototypes at (0,0), (3,0), (0,4)
+    w = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    f = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    y = torch.tensor([0, 1])
+    # sample 0 (class 0): pull 0; push (3 + 4)/2 = 3.5; separation (3 + 4)/2 = 3.5 -> -7
+    # sample 1 (class 1): pull |(0,4)| = 4; push (|(3,4)| + |(3,0)|)/2 = (5 + 3)/2 = 4;
+    #                     separation (|w1-w0| + |w1-w2|)/2 = (3 + 5)/2 = 4 -> 4 - 4 - 4 = -4
+    pull, push, sep = pc_terms(f, y, w)
+    assert torch.allclose(pull, torch.tensor([0.0, 4.0]), atol=1e-5)
+    assert torch.allclose(push, torch.tensor([3.5, 4.0]))
+    assert torch.allclose(sep, torch.tensor([3.5, 4.0]))
+    assert math.isclose(float(pc_loss(f, y, w)), (-7.0 - 4.0) / 2, rel_tol=1e-6)
+    # separate weights: 2 * pull - 0.5 * push - 0 * separation
+    want = ((0 - 0.5 * 3.5) + (2 * 4 - 0.5 * 4)) / 2
+    assert math.isclose(float(pc_loss(f, y, w, pull=2.0, push=0.5, separation=0.0)), want, rel_tol=1e-6)
+    # released code: squared distances, a second (push) set, no separation
+    wp = w + 1.0
+    a, b, _ = pc_terms(f, y, w, wp, squared=True)
+    assert torch.allclose(a, torch.tensor([1e-12, 16.0]))
+    assert torch.allclose(b, torch.tensor([(17 + 26) / 2, (13 + 5) / 2]))
+    # gradients are finite at zero distance
+    f2 = f.clone().requires_grad_(True)
+    pc_loss(f2, y, w).backward()
+    assert torch.isfinite(f2.grad).all()
+
+
+def test_eq5_bad_inputs():
+    w = torch.zeros(3, 2)
+    with pytest.raises(AdvlabError, match="agree"):
+        pc_terms(torch.zeros(2, 5), torch.tensor([0, 1]), w)
+    with pytest.raises(AdvlabError, match="labels"):
+        pc_terms(torch.zeros(2, 2), torch.tensor([0, 3]), w)
+    with pytest.raises(AdvlabError, match="2 classes"):
+        pc_terms(torch.zeros(2, 2), torch.tensor([0, 0]), torch.zeros(1, 2))
+
+
+class UserNet(nn.Module):
+    """Not a zoo model: no feature_layers, nested names."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.neck = nn.ModuleDict({"fc": nn.Linear(8, 16), "act": nn.ReLU()})
+        self.out = nn.Linear(16, 10)
+
+    def forward(self, x):
+        z = self.body(x).mean((2, 3))
+        return self.out(self.neck["act"](self.neck["fc"](z)))
+
+
+def test_branches_tapped_by_name_on_user_model(digits_data):
+    train, test = digits_data
+    net = UserNet()
+    d = PCLDefense(net, layers=["body.1", "neck.act"], in_shape=(1, 8, 8))
+    assert d.dims == [8, 16] and d.num_classes == 10          # conv map is average-pooled
+    feats = d.features(test.images[:5])
+    assert feats["body.1"].shape == (5, 8) and feats["neck.act"].shape == (5, 16)
+    # default layers of a user model: the input of its last linear layer
+    assert resolve_layers(net) == ["out:input"]
+    d2 = PCLDefense(net, in_shape=(1, 8, 8))
+    assert d2.dims == [16]
+    # training touches every branch: their prototypes move, the features' PC loss falls
+    d = PCLDefense.fit(net, train, layers=["body.1", "neck.act"], warmup_epochs=1, pc_epochs=2, lr=0.05,
+                       batch_size=64, seed=0)
+    assert len(d.history["pc"][0]["per_epoch"]) == 2
+    with pytest.raises(AdvlabError, match="no layer named"):
+        PCLDefense(net, layers=["nope"], in_shape=(1, 8, 8))
+
+
+def test_prototypes_move_and_separate(digits_data):
+    train, _ = digits_data
+    m = build_model("lenet5", 10, (1, 8, 8), seed=0)
+    # the same warm-up, no PC phase: the prototypes as initialised (class means of the features)
+    before = PCLDefense.fit(m, train, warmup_epochs=2, pc_epochs=0, lr=0.05, batch_size=64, seed=0)
+    assert before.history["prototype_init"] == "class-means"
+    p0 = [p.pull.detach().clone() for p in before.prototypes]
+    sep0 = before.prototype_separation()
+    d = PCLDefense.fit(m, train, warmup_epochs=2, pc_epochs=3, lr=0.05, batch_size=64, seed=0)
+    moved = [float((p.pull.detach() - q).norm(dim=1).min()) for p, q in zip(d.prototypes, p0)]
+    assert min(moved) > 0.1                       # every prototype of every layer moved
+    assert d.prototype_separation() > 1.3 * sep0  # and they were pushed apart
+    pcs = [e["pc[relu4]"] for e in d.history["pc"][0]["per_epoch"]]
+    assert pcs[-1] < pcs[0]
+    # the model handed in was not touched
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
+                                                   build_model("lenet5", 10, (1, 8, 8), seed=0).state_dict().values()))
+
+
+def test_pcl_keeps_clean_accuracy_of_softmax_twin(digits_data):
+    """Through the public API; digits with LeNet-5 (the MNIST/cnn6 version is in the reproduction)."""
+    train, test = digits_data
+    soft = build_model("lenet5", 10, (1, 8, 8), seed=0)
+    fit(soft, train, epochs=20, lr=0.05, batch_size=64, optimizer="sgd", weight_decay=1e-4, seed=0)
+    d = PCLDefense.fit(build_model("lenet5", 10, (1, 8, 8), seed=0), train, warmup_epochs=10, pc_epochs=10,
+                       lr=0.05, batch_size=64, seed=0)
+    acc_soft, acc_pcl = evaluate(soft, test), evaluate(d, test)
+    assert acc_pcl >= acc_soft - 0.01, (acc_pcl, acc_soft)
+    # eq. 6 (nearest prototype) agrees with the softmax rule on most images
+    proto = float((d.predict(test.images, rule="prototype") == test.labels).float().mean())
+    assert proto > 0.9
+
+
+def test_save_load_round_trip(tmp_path, digits_data):
+    train, test = digits_data
+    d = PCLDefense.fit(build_model("lenet5", 10, (1, 8, 8), seed=0), train, warmup_epochs=1, pc_epochs=1,
+                       lr=0.05, batch_size=64, seed=0, preset="official-code")
+    path = d.save(tmp_path / "pcl.pt")
+    back = PCLDefense.load(path)
+    assert back.options == d.options and back.layers == d.layers and back.preset == "official-code"
+    x = test.images[:50]
+    assert torch.equal(back(x), d(x))
+    assert torch.equal(back.predict(x, rule="prototype"), d.predict(x, rule="prototype"))
+    for a, b in zip(back.prototypes, d.prototypes):
+        assert torch.equal(a.pull, b.pull) and torch.equal(a.push, b.push)
+    # a user model needs its (untrained) instance
+    u = PCLDefense(UserNet(), layers=["neck.act"], in_shape=(1, 8, 8))
+    u.save(tmp_path / "u.pt")
+    with pytest.raises(AdvlabError, match="model="):
+        PCLDefense.load(tmp_path / "u.pt")
+    assert PCLDefense.load(tmp_path / "u.pt", model=UserNet()).dims == [16]
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(AdvlabError):
+        PCLDefense.load(tmp_path / "bad.pt")
+
+
+def test_registry_presets_and_bad_options(digits_data):
+    assert DEFENSES["pcl"].cls is PCLDefense
+    assert PRESETS["official-code"]["push"] == 1e-4 and PRESETS["official-code"]["separation"] == 0.0
+    m = build_model("lenet5", 10, (1, 8, 8), seed=0)
+    with pytest.raises(AdvlabError, match="preset"):
+        PCLDefense(m, preset="nope")
+    with pytest.raises(AdvlabError, match="unknown PCL option"):
+        PCLDefense(m, margin=3)
+    with pytest.raises(AdvlabError, match="push"):
+        PCLDefense(m, push=-1.0)
+    with pytest.raises(AdvlabError, match="inference"):
+        PCLDefense(m, inference="vote")
+    with pytest.raises(AdvlabError, match="in_shape"):
+        PCLDefense(UserNet())
+    with pytest.raises(AdvlabError, match="model must be"):
+        PCLDefense("lenet5")
+    d = PCLDefense(m)
+    with pytest.raises(AdvlabError, match="rule"):
+        d.predict(digits_data[1].images[:2], rule="vote")
+    with pytest.raises(AdvlabError, match="adversarial"):
+        d.train_pc(digits_data[0], 1, adversarial="cw")
+    with pytest.raises(AdvlabError, match="labels"):
+        PCLDefense.fit(m, (torch.rand(8, 1, 8, 8), torch.full((8,), 12)), warmup_epochs=0, pc_epochs=1)
+
+
+def test_joint_objective_matches_training_loss(digits_data):
+    _, test = digits_data
+    d = PCLDefense(build_model("lenet5", 10, (1, 8, 8), seed=0), seed=1)
+    x, y = test.images[:16], test.labels[:16]
+    per_sample = joint_objective(d)(JointLossScores(d)(x), y)
+    assert per_sample.shape == (16,)
+    assert math.isclose(float(per_sample.detach().mean()), float(d.joint_loss(x, y).detach()), rel_tol=1e-4, abs_tol=1e-4)
