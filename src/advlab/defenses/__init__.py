@@ -4,8 +4,9 @@ registered by name in :data:`DEFENSES`."""
 
 from .base import DEFENSES, Defense, build_defense, defense_class, register_defense
 from .advtrain import AdversarialBatches, adversarial_fit, madry_fit
+from .idefender import IDefender
 from .msvdd import MSVDDDefense
 from .pcl import PCLDefense
 
 __all__ = ["Defense", "DEFENSES", "register_defense", "defense_class", "build_defense", "MSVDDDefense", "PCLDefense",
-           "AdversarialBatches", "adversarial_fit", "madry_fit"]
+           "IDefender", "AdversarialBatches", "adversarial_fit", "madry_fit"]

@@ -124,7 +124,14 @@ def defend_pcl(*args, **kwargs) -> Report:
     return run(*args, **kwargs)
 
 
+def defend_idefender(*args, **kwargs) -> Report:
+    """``advlab defend idefender``: see :func:`advlab.eval.repro_idefender.defend_idefender`."""
+    from .repro_idefender import defend_idefender as run
+
+    return run(*args, **kwargs)
+
+
 #: ``advlab defend NAME`` builders, keyed by the DEFENSES registry's names
-BUILDERS = {"msvdd": defend_msvdd, "pcl": defend_pcl}
+BUILDERS = {"msvdd": defend_msvdd, "pcl": defend_pcl, "idefender": defend_idefender}
 #: the builder option that ``--epochs`` sets
 EPOCHS_OPTION = {"msvdd": "svdd_epochs"}

@@ -12,3 +12,5 @@ __all__ = ["accuracy", "robust_accuracy", "attack_success_rate", "perturbation_n
 __all__ += ["cw_ssim", "CWSSIM", "SteerablePyramid", "label_rank", "rank_pmf", "satisfies_k_anonymity",
             "k_anonymity_violation"]
 __all__ += ["mse", "ssim", "ms_ssim"]
+from .detection import roc, detection_auc, balanced_accuracy, tpr_at_fpr  # noqa: E402
+__all__ += ["roc", "detection_auc", "balanced_accuracy", "tpr_at_fpr"]
