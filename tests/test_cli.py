@@ -131,3 +131,19 @@ def test_reproduce_runs_a_users_own_yaml(tmp_path, capsys):
     assert main(["reproduce", str(bad), "--out", str(out)]) == 2
     assert "unknown attack 'nope'" in capsys.readouterr().err
     assert main(["reproduce", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_bound_command_writes_table_and_histogram(tmp_path):
+    out = tmp_path / "bound"
+    assert main(["bound", "--dataset", "digits", "--k", "1", "2", "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert (out / "bound-histogram.png").is_file() and "results" in res
+    assert main(["bound", "--dataset", "nope", "--out", str(out)]) == 2
+
+
+def test_defend_lists_registered_defenses(capsys, tmp_path):
+    from advlab.defenses import DEFENSES
+
+    assert {"msvdd", "pcl", "idefender", "vib"} <= set(DEFENSES)
+    assert main(["defend", "nope", "--checkpoint", str(tmp_path / "m.pt")]) == 2
+    assert "unknown defense 'nope'" in capsys.readouterr().err

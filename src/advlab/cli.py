@@ -270,6 +270,17 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_bound(args) -> int:
+    from .eval.repro_vib import bound_command
+
+    rep = bound_command(args.dataset, args.root, args.out, ks=args.k, split=args.split, subset=args.subset,
+                        seed=args.seed, device=args.device, max_tile_mb=args.max_tile_mb, method=args.method,
+                        progress=_progress(args))
+    print(Path(rep.out_dir, "report.md").read_text())
+    print(f"report: {rep.out_dir}")
+    return 0
+
+
 def cmd_defend(args) -> int:
     from .eval.defend import run_defense
 
@@ -356,6 +367,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nproc", type=int, default=2, help="processes for --launcher torchrun")
     _add_common(s)
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("bound", help="the visual imperceptible bound of a dataset (VIB paper, eq. 2-3): table and "
+                       "histogram")
+    s.add_argument("--dataset", required=True, help="dataset name (see `advlab datasets`)")
+    s.add_argument("--root", default=None, help="folder of the dataset's files")
+    s.add_argument("--split", default="train", choices=["train", "test"])
+    s.add_argument("--subset", type=int, default=None, help="use a seeded subset of N images")
+    s.add_argument("--k", type=float, nargs="+", default=[1.0, 2.0, 2.5, 3.0], help="k values of sigma = d / 2k")
+    s.add_argument("--max-tile-mb", type=float, default=64.0, help="memory per chunk of the all-pairs search")
+    s.add_argument("--method", default="auto", choices=["auto", "brute", "pruned"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="results/bound")
+    _add_common(s)
+    s.set_defaults(func=cmd_bound)
 
     s = sub.add_parser("defend", help="build a defended model from a checkpoint and write its report")
     s.add_argument("defense", help="defense name: msvdd")

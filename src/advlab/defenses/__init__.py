@@ -7,6 +7,7 @@ from .advtrain import AdversarialBatches, adversarial_fit, madry_fit
 from .idefender import IDefender
 from .msvdd import MSVDDDefense
 from .pcl import PCLDefense
+from .vib import VIBDefense
 
 __all__ = ["Defense", "DEFENSES", "register_defense", "defense_class", "build_defense", "MSVDDDefense", "PCLDefense",
-           "IDefender", "AdversarialBatches", "adversarial_fit", "madry_fit"]
+           "IDefender", "VIBDefense", "AdversarialBatches", "adversarial_fit", "madry_fit"]

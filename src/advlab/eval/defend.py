@@ -131,7 +131,14 @@ def defend_idefender(*args, **kwargs) -> Report:
     return run(*args, **kwargs)
 
 
+def defend_vib(*args, **kwargs) -> Report:
+    """``advlab defend vib``: see :func:`advlab.eval.repro_vib.defend_vib`."""
+    from .repro_vib import defend_vib as run
+
+    return run(*args, **kwargs)
+
+
 #: ``advlab defend NAME`` builders, keyed by the DEFENSES registry's names
-BUILDERS = {"msvdd": defend_msvdd, "pcl": defend_pcl, "idefender": defend_idefender}
+BUILDERS = {"msvdd": defend_msvdd, "pcl": defend_pcl, "idefender": defend_idefender, "vib": defend_vib}
 #: the builder option that ``--epochs`` sets
 EPOCHS_OPTION = {"msvdd": "svdd_epochs"}

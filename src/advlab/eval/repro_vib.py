@@ -1,0 +1,438 @@
+"""``advlab reproduce vib``: the VIB paper — Table II (the visual imperceptible bound per k on MNIST
+and Fashion-MNIST), Table III (attack effectiveness), Table IV (the noise-distillation defense on
+MNIST, defended vs undefended, per k and noise-sample count) and what the paper does not measure:
+the defense under the evaluation battery on its own gradients. Also ``defend_vib`` (``advlab
+defend vib``) and ``bound_command`` (``advlab bound``). The paper's numbers live in
+``specs/vib.yaml``; this module holds the protocol and the table layout only.
+
+Protocol (written into every report):
+
+- the bound (eq. 2-3): d_ij is the mean absolute pixel difference from each training image to its
+  nearest training image of another class (exact, chunked search, :mod:`advlab.metrics.bound`);
+  sigma_i = d_ij / 2k; Table II gives the minimum, mean and maximum of sigma_i over the set;
+- f_theta1 is LeNet-5 trained on mnist-10k (the paper fine-tunes VGG16 on the 60k MNIST);
+- the attacks are crafted white-box on f_theta1 on ``n`` test images (all of them, not only the
+  correctly classified ones: the paper's tables are accuracies over the test set) and fed to the
+  defended model f_theta2 (transfer, the paper's black-box setting);
+- effectiveness (Table III, section III-B): % of the attacked images f_theta1 classifies correctly
+  for which the attack succeeds with a mean absolute perturbation <= the mean bound of the training
+  set at k = 2; the per-image variant compares each image with its own bound (d_ij of the test
+  image to the training set);
+- the defense (eq. 4-6): f_theta2 initialised with theta1 and trained to minimise KL(f_theta1(x) ||
+  f_theta2(x + N(0, sigma_i^2 I))) over n noise copies per image; deterministic at test time;
+- adaptive rows: :func:`advlab.eval.evaluate` (APGD-CE, APGD-T, Square on the survivors; no EoT,
+  the defense draws no randomness at test time) and the paper's attacks re-crafted white-box on
+  the defended model itself.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ..attacks import build_attack
+from ..data import load_dataset, shared_data_root, shared_folder
+from ..defenses.vib import VIBDefense
+from ..metrics.bound import PAPER_KS, bound_statistics, effectiveness_score, nearest_other_class, visual_bound
+from ..models import build_model
+from ..train import evaluate, fit, load_checkpoint, resolve_device
+from .evaluate import evaluate as run_battery
+from .report import Report
+from .runner import AttackRun, adversarial_result, pick_images, rejudge, result_row, run_attacks
+
+__all__ = ["run", "defend_vib", "bound_command"]
+
+
+def _kkey(k: float) -> str:
+    return f"{float(k):.1f}"
+
+
+def _load(entry: Dict[str, Any], root: Path, split: str, seed: int, subset_key: str = "train_subset"):
+    ds = load_dataset(entry["dataset"], shared_folder(root, entry["dataset"], entry.get("folder")), split)
+    if split == "train" and entry.get(subset_key):
+        ds = ds.subset(int(entry[subset_key]), seed=seed)
+    return ds
+
+
+def _histogram(dists: Dict[str, torch.Tensor], k: float = 1.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, d in dists.items():
+        ax.hist((d / (2 * k)).numpy(), bins=80, alpha=0.55, density=True, label=f"{name} (n={d.numel()})")
+    ax.set_xlabel(f"per-image bound sigma_i at k={k:g} (mean |pixel difference| / 2k)")
+    ax.set_ylabel("density")
+    ax.legend()
+    ax.set_title("visual imperceptible bound")
+    return fig
+
+
+def _table2_rows(name: str, stats: List[Dict[str, float]], paper: Dict[str, Any], n: int) -> List[Dict[str, Any]]:
+    rows = []
+    for s in stats:
+        p = (paper or {}).get(_kkey(s["k"]), {})
+        rows.append({"database": name, "n train": n, "k": s["k"], "min": s["min"], "min (paper)": p.get("min"),
+                     "mean": s["mean"], "mean (paper)": p.get("mean"), "max": s["max"], "max (paper)": p.get("max"),
+                     "median": s["median"]})
+    return rows
+
+
+def _bound_section(spec, root, seed, rep: Report, log) -> Dict[str, Any]:
+    bcfg = spec.get("bound", {})
+    ks = [float(k) for k in spec.get("ks", PAPER_KS)]
+    ks_all = sorted(set(ks) | set(PAPER_KS))
+    paper2 = spec.get("paper", {}).get("table2", {})
+    rows, dists, out = [], {}, {}
+    for entry in bcfg.get("datasets", []):
+        tr = _load(entry, root, "train", seed)
+        vb = visual_bound(tr, ks=ks_all, max_tile_mb=float(bcfg.get("max_tile_mb", 64)))
+        out[entry["name"]] = {"bound": vb, "dataset": tr, **vb.to_dict()}
+        dists[entry["name"]] = vb.distance
+        rows += _table2_rows(entry["name"], vb.statistics(), paper2.get(entry["name"]), len(tr))
+        log(f"bound {entry['name']}: n={len(tr)}, {vb.search.seconds:.1f} s, {vb.search.exact_pairs} full-distance "
+            f"pairs ({vb.search.exact_pairs / len(tr) ** 2:.3%}); mean sigma(k=1) {vb.sigma_mean(1.0):.4f}")
+        rep.time(f"bound {entry['name']}", vb.search.seconds)
+    for name in ("CIFAR-10", "Tiny ImageNet"):
+        for k, p in paper2.get(name, {}).items():
+            rows.append({"database": f"{name} (out of reach: paper only)", "k": float(k), "min (paper)": p["min"],
+                         "mean (paper)": p["mean"], "max (paper)": p["max"]})
+    rep.add_table("Table II: minimum (best), mean (average) and maximum (worst) sigma", rows,
+                  ["database", "n train", "k", "min", "min (paper)", "mean", "mean (paper)", "max", "max (paper)",
+                   "median"],
+                  note="sigma_i = d_ij / 2k, d_ij = mean absolute pixel difference (pixels in [0, 1]) to the nearest "
+                       "training image of another class. Paper MNIST: the full 60k training set; ours: mnist-10k's "
+                       "8k (fewer images: nearer neighbours are missing, so sigma is larger). The paper has no "
+                       "Fashion-MNIST row.")
+    curve = bcfg.get("size_curve")
+    mn = next((e for e in bcfg.get("datasets", []) if e["dataset"] == "mnist"), None)
+    if curve and mn is not None:
+        full = out[mn["name"]]
+        crow = []
+        for m in [int(v) for v in curve if int(v) < len(full["dataset"])]:
+            sub = full["dataset"].subset(m, seed=seed)
+            d = nearest_other_class(sub.images, sub.labels).distance
+            crow.append({"n train": m, "mean sigma k=1": float(d.double().mean() / 2), "min sigma k=1":
+                         float(d.min() / 2), "max sigma k=1": float(d.max() / 2)})
+        crow.append({"n train": len(full["dataset"]), "mean sigma k=1": full["bound"].sigma_mean(1.0),
+                     "min sigma k=1": float(full["bound"].sigma(1.0).min()),
+                     "max sigma k=1": float(full["bound"].sigma(1.0).max())})
+        if len(crow) >= 3:
+            import math
+
+            xs = [math.log(r["n train"]) for r in crow]
+            ys = [math.log(r["mean sigma k=1"]) for r in crow]
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+            extrap = math.exp(my + slope * (math.log(60000) - mx))
+            crow.append({"n train": "60000 (log-log extrapolation)", "mean sigma k=1": extrap})
+            full["size_curve_slope"] = slope
+            full["extrapolated_mean_sigma_60k"] = extrap
+        rep.add_table("The bound against the training-set size (MNIST subsets, k = 1)", crow,
+                      note="Paper (60k MNIST): mean sigma 0.023, min 0.003, max 0.065 at k = 1.")
+        full["size_curve"] = crow
+    rep.add_figure("bound-histogram", _histogram(dists), "per-image sigma_i at k = 1")
+    return out
+
+
+def _paper4(spec, attack: str) -> Dict[str, Any]:
+    return spec.get("paper", {}).get("table4", {}).get(attack, {})
+
+
+def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, device=None) -> Report:
+    """Run the bundled ``vib`` reproduction; returns the saved Report."""
+    t_start = time.perf_counter()
+    dev = resolve_device(device)
+    root = shared_data_root(data_root)
+    seed = int(spec.get("seed", 0))
+    rep = Report(out_dir, "VIB reproduction (Tables II, III, IV)", spec=spec, seed=seed)
+    log = (lambda msg: None) if spec.get("quiet") else (lambda msg: print(msg, flush=True))
+    ks = [float(k) for k in spec.get("ks", PAPER_KS)]
+    with rep.use_threads(spec.get("threads")):
+        rep.add_text(__doc__.split("Protocol (written into every report):")[1].strip().join(["Protocol:\n\n", "\n"]))
+        bounds = _bound_section(spec, root, seed, rep, log)
+
+        # ---- f_theta1 on MNIST
+        t0 = time.perf_counter()
+        mcfg = dict(spec.get("mnist", {"dataset": "mnist", "folder": "mnist-10k"}))
+        mcfg["train_subset"] = spec.get("train_subset")
+        train, test = _load(mcfg, root, "train", seed), _load(mcfg, root, "test", seed)
+        mean, std = train.channel_stats()
+        teacher = build_model(spec.get("model", "lenet5"), train.num_classes, train.in_shape, mean=mean, std=std,
+                              seed=seed).to(dev)
+        tr = dict(spec.get("train", {}))
+        fit(teacher, train, seed=seed, progress=False, desc="f_theta1",
+            **{k: (int(v) if k in ("epochs", "batch_size") else v) for k, v in tr.items()})
+        teacher.eval()
+        acc_teacher = evaluate(teacher, test)
+        rep.time("train f_theta1", time.perf_counter() - t0)
+        log(f"f_theta1: test accuracy {acc_teacher:.4f} ({time.perf_counter() - t0:.0f} s)")
+        mb = bounds.get("MNIST")
+        if mb is not None and torch.equal(mb["dataset"].images, train.images):
+            d_train = mb["bound"].distance          # the same images: reuse Table II's search
+        else:
+            d_train = visual_bound(train).distance
+        k_eff = float(spec.get("effectiveness_k", 2.0))
+        sigma_mean = float((d_train.double() / (2 * k_eff)).mean())
+
+        # ---- the paper's attacks, white-box on f_theta1
+        x, y = pick_images(teacher, test, int(spec.get("n", 500)), only_correct=False, seed=seed)
+        runs = [AttackRun(a["name"], build_attack(a["kind"], teacher, **a.get("params", {})), "white-box")
+                for a in spec.get("attacks", [])]
+        bs = int(spec.get("batch_size", 256))
+        ev = run_attacks(runs, x, y, batch_size=bs, log=log)
+        rep.time("attacks on f_theta1", ev.seconds)
+        d_test = nearest_other_class(x, y, train.images, train.labels).distance
+        sigma_test = d_test / (2 * k_eff)
+        t3, scores = [], {}
+        p3 = spec.get("paper", {}).get("table3", {}).get("MNIST", {})
+        for name, res in ev.results.items():
+            s = effectiveness_score(res, x, sigma_mean)
+            s_i = effectiveness_score(res, x, sigma_test)
+            scores[name] = {k: v for k, v in s.items() if k != "effective"}
+            scores[name]["per_image_score"] = s_i["score"]
+            t3.append({"attack": name, "ASR (%)": s["asr"], "effectiveness (%)": s["score"],
+                       "effectiveness (paper)": p3.get(name), "of the successes (%)": s["within_bound_of_successes"],
+                       "per-image bound (%)": s_i["score"], "median |delta| of successes": s["median_magnitude"],
+                       "sigma_mean": sigma_mean})
+        rep.add_table(f"Table III: attack effectiveness on MNIST (k = {k_eff:g})", t3,
+                      note=f"White-box on f_theta1, {len(y)} test images. Bound: the mean sigma of the training set at "
+                           f"k = {k_eff:g} ({sigma_mean:.4f}); 'per-image bound': each test image's own sigma (its "
+                           "d_ij to the training set). The paper's table body is not in our copy; its text gives "
+                           "C&W 17.85% on MNIST and says every attack's MNIST adversarials lie outside the bound.")
+
+        # ---- the defense grid (Table IV), attacks transferred from f_theta1
+        dcfg = spec.get("defense", {})
+        samples = [int(s) for s in dcfg.get("samples", [10, 15, 20])]
+        n_fit = min(int(dcfg.get("train_subset") or len(train)), len(train))
+        fit_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_fit]
+        dset = train.subset(indices=fit_idx)
+        d_fit = d_train[fit_idx]                    # each image keeps its own bound (to the whole training set)
+        acc_orig = {"Original": 100 * acc_teacher}
+        for name, res in ev.results.items():
+            acc_orig[name] = 100 * res.robust_accuracy
+        cells: Dict[str, Dict[str, Dict[str, float]]] = {}
+        defenses: Dict[tuple, VIBDefense] = {}
+        adaptive = spec.get("adaptive", {})
+        keep = (float(adaptive.get("k", 3.0)), int(adaptive.get("samples", 20)))
+        t_def = time.perf_counter()
+        for n_s in samples:
+            for k in ks:
+                t1 = time.perf_counter()
+                dfn = VIBDefense.fit(teacher, dset, k=k, samples=n_s, epochs=int(dcfg.get("epochs", 10)),
+                                     lr=float(dcfg.get("lr", 1e-3)), batch_size=int(dcfg.get("batch_size", 64)),
+                                     distances=d_fit, seed=seed, progress=False)
+                cell = {"Original": 100 * evaluate(dfn, test)}
+                for name, res in ev.results.items():
+                    cell[name] = 100 * rejudge(res, x, dfn.predict, untargeted=True).robust_accuracy
+                cells[f"{n_s}/{_kkey(k)}"] = cell
+                if (k, n_s) == keep or not defenses:
+                    defenses[(k, n_s)] = dfn
+                log(f"defense k={k:g} n={n_s}: clean {cell['Original']:.2f}%, "
+                    + ", ".join(f"{a} {v:.1f}" for a, v in cell.items() if a != "Original")
+                    + f" ({time.perf_counter() - t1:.0f} s)")
+        rep.time("defense grid", time.perf_counter() - t_def)
+        rows4 = []
+        for attack in ["Original"] + list(ev.results):
+            p = _paper4(spec, attack)
+            for n_s in samples:
+                row = {"data": attack, "samples": n_s, "original model": acc_orig[attack],
+                       "original (paper)": p.get("original")}
+                for j, k in enumerate(ks):
+                    row[f"k={k:g}"] = cells[f"{n_s}/{_kkey(k)}"][attack]
+                    pk = p.get(str(n_s))
+                    pj = list(PAPER_KS).index(k) if k in PAPER_KS else None
+                    row[f"k={k:g} (paper)"] = pk[pj] if pk and pj is not None else None
+                rows4.append(row)
+        cols = ["data", "samples", "original model", "original (paper)"]
+        for k in ks:
+            cols += [f"k={k:g}", f"k={k:g} (paper)"]
+        rep.add_table("Table IV: MNIST accuracy (%) of f_theta1 and of the defense f_theta2 (transfer from f_theta1)",
+                      rows4, cols,
+                      note=f"Rows 'Original': clean test accuracy (all {len(test)} test images); attack rows: accuracy "
+                           f"on the {len(y)} attacked test images' adversarials crafted white-box on f_theta1 (threat "
+                           f"model: transfer to f_theta2, the paper's black-box setting). Student: "
+                           f"{dcfg.get('epochs')} epoch(s) on {len(dset)} training images (paper: 10 epochs, 60k).")
+
+        # ---- adaptive: the battery and the paper's attacks on the defense itself
+        chosen_key = keep if keep in defenses else next(iter(defenses))
+        chosen = defenses[chosen_key]
+        na = int(adaptive.get("n", 200))
+        xa, ya = x[:na], y[:na]
+        arows, battery = [], {}
+        for b in adaptive.get("runs", []):
+            for label, mdl in (("f_theta1 (undefended)", teacher), (f"VIB k={chosen_key[0]:g} n={chosen_key[1]}", chosen)):
+                res_b = run_battery(mdl, xa, ya, norm=str(b.get("norm", "inf")), eps=float(b["eps"]), seed=seed,
+                                    steps=int(b.get("steps", 100)), square_queries=int(b.get("square_queries", 1000)),
+                                    batch_size=bs, checks=True)
+                battery[f"{b['name']} / {label}"] = res_b.to_dict()
+                arows.append({"model": label, "attack": b["name"], "threat model": "white-box adaptive (battery, no EoT:"
+                              " deterministic)" if mdl is chosen else "white-box (battery)",
+                              "clean acc (%)": 100 * res_b.clean_accuracy, "robust acc (%)": 100 * res_b.robust_accuracy,
+                              "flags": ", ".join(f.name for f in res_b.flags) or "-",
+                              "seconds": res_b.seconds.get("total")})
+                log(f"battery {b['name']} on {label}: robust {100 * res_b.robust_accuracy:.1f}% "
+                    f"(flags: {[f.name for f in res_b.flags]})")
+        wb_names = [a for a in adaptive.get("whitebox", []) if a in ev.results]
+        wb_specs = [a for a in spec.get("attacks", []) if a["name"] in wb_names]
+        if wb_specs:
+            wev = run_attacks([AttackRun(a["name"], build_attack(a["kind"], chosen, **a.get("params", {})),
+                                         "white-box") for a in wb_specs], xa, ya, batch_size=bs, log=log)
+            for name, res in wev.results.items():
+                tr_res = rejudge(ev.results[name], x, chosen.predict, untargeted=True)
+                arows.append({"model": f"VIB k={chosen_key[0]:g} n={chosen_key[1]}", "attack": name,
+                              "threat model": "white-box on the defense", "clean acc (%)": 100 * res.clean_accuracy,
+                              "robust acc (%)": 100 * res.robust_accuracy,
+                              "transfer from f_theta1 (same images, %)": 100 * float(
+                                  (tr_res.adv_pred[:na] == y[:na]).float().mean()),
+                              "seconds": res.seconds})
+        rep.add_table("Adaptive: the defense attacked on its own gradients", arows,
+                      note=f"{na} test images. Battery = advlab.eval.evaluate (APGD-CE, APGD-T, Square on survivors, "
+                           "per-sample worst case, gradient-masking checks); the defense is deterministic at test time, "
+                           "so no EoT. The paper reports no absolute MNIST white-box number (only differences to other "
+                           "papers) and none of its Table IV numbers are adaptive.")
+        ctx = []
+        for tname, label in (("table5_cifar10", "CIFAR-10 (Table V)"), ("table6_tiny_imagenet", "Tiny ImageNet (Table VI)")):
+            for attack, v in spec.get("paper", {}).get(tname, {}).items():
+                ctx.append({"database": label, "data": attack, "original model (paper)": v.get("original"),
+                            "defense, best cell over k and samples (paper)": v.get("best"), "ours": "out of reach"})
+        rep.add_table("CIFAR-10 and Tiny ImageNet: the paper's numbers for context (out of reach here)", ctx,
+                      note="VGG16 on CIFAR-10 / 40 classes of Tiny ImageNet is beyond a 2-core CPU time budget.")
+        rep.add_text(_summary(spec, bounds, acc_teacher, cells, ks, samples, arows, scores))
+    rep.results.update({
+        "bound": {n: {k: v for k, v in b.items() if k not in ("bound", "dataset")} for n, b in bounds.items()},
+        "teacher_accuracy": acc_teacher, "sigma_mean_k": {"k": k_eff, "sigma_mean": sigma_mean},
+        "effectiveness": scores, "table4_cells": cells, "original": acc_orig, "battery": battery,
+        "attack_rows": ev.rows, "n_attacked": len(y), "defense_train_images": len(dset)})
+    rep.time("total", time.perf_counter() - t_start)
+    rep.save()
+    return rep
+
+
+def _summary(spec, bounds, acc_teacher, cells, ks, samples, arows, scores) -> str:
+    lines = ["## Readings and what agrees with the paper", ""]
+    mn = bounds.get("MNIST")
+    if mn is not None:
+        st = {s["k"]: s for s in mn["statistics"]}
+        p = spec.get("paper", {}).get("table2", {}).get("MNIST", {}).get("1.0", {})
+        lines.append(f"- **Distance reading** (mean absolute pixel difference): MNIST k = 1 gives sigma min / mean / max "
+                     f"{st[1.0]['min']:.4f} / {st[1.0]['mean']:.4f} / {st[1.0]['max']:.4f} on mnist-10k's "
+                     f"{mn['n']} images, paper {p.get('min')} / {p.get('mean')} / {p.get('max')} on 60k. Same order of "
+                     "magnitude (an L2 or summed-L1 reading would be 100x-1000x off), ours larger: the paper's set is "
+                     "7.5x bigger, so nearer other-class neighbours exist"
+                     + (f"; the log-log trend over subsets extrapolates to a mean of "
+                        f"{mn['extrapolated_mean_sigma_60k']:.4f} at 60k" if "extrapolated_mean_sigma_60k" in mn else "")
+                     + ". The k columns are exactly d / 2k, as in the paper's table.")
+    fm = bounds.get("Fashion-MNIST")
+    if fm is not None:
+        st = {s["k"]: s for s in fm["statistics"]}
+        lines.append(f"- **Fashion-MNIST** ({fm['n']} training images, not in the paper): sigma at k = 1 min / mean / max "
+                     f"{st[1.0]['min']:.4f} / {st[1.0]['mean']:.4f} / {st[1.0]['max']:.4f}; search {fm['seconds']:.0f} s, "
+                     f"{fm['exact_pairs'] / fm['n'] ** 2:.3%} of the pairs computed in full, tile "
+                     f"{fm['tile_bytes'] / 2 ** 20:.0f} MiB.")
+    if scores:
+        lines.append("- **Effectiveness** (Table III): " + ", ".join(f"{a} {s['score']:.1f}%" for a, s in scores.items())
+                     + ". The paper says no MNIST attack stays within the bound, yet quotes 17.85% for C&W.")
+    if cells:
+        best = max(cells.items(), key=lambda kv: kv[1]["Original"])
+        clean = [c["Original"] for c in cells.values()]
+        lines.append(f"- **Defense, clean**: f_theta1 {100 * acc_teacher:.2f}%; f_theta2 from {min(clean):.2f}% to "
+                     f"{max(clean):.2f}% over the grid (best: samples/k {best[0]}); paper 99.55% -> 99.17-99.53%.")
+    if arows:
+        lines.append("- **Adaptive**: " + "; ".join(f"{r['model']} / {r['attack']}: {r['robust acc (%)']:.1f}%"
+                                                     for r in arows) + ".")
+    lines.append("- **Open points read here**: the distance and the score's success rule (untargeted, a rejection is "
+                 "never a success) as in DESIGN.md; sigma is the Gaussian's standard deviation; KL(teacher || "
+                 "student) as written; noise redrawn every step; noisy copies clipped to [0, 1]; deterministic "
+                 "at test time (evaluated without EoT); attacks transferred from f_theta1 as the paper's black-box "
+                 "setting, with the white-box numbers beside them.")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI builders
+
+def defend_vib(checkpoint, train_ds, test_ds, out_dir, n: int = 500, seed: int = 0, device=None,
+               progress: Optional[bool] = None, k: float = 2.0, samples: int = 10, epochs: int = 10,
+               lr: float = 1e-3, batch_size: int = 64, eps: Optional[float] = None, steps: int = 50,
+               square_queries: int = 1000, **_ignored) -> Report:
+    """``advlab defend vib``: distil the VIB defense from a trained classifier and report.
+
+    ``checkpoint``: a checkpoint path or an ``nn.Module``. Writes ``out_dir/vib.pt`` (load with
+    :meth:`VIBDefense.load`) and a report: clean accuracy of both models, DeepFool and FGSM
+    crafted on the undefended model and transferred, and the battery (``eps``: 0.3 for one
+    channel, 8/255 otherwise) on the defense itself."""
+    from torch import nn
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    model, meta = (checkpoint, {}) if isinstance(checkpoint, nn.Module) else load_checkpoint(checkpoint, device=device)
+    model.eval()
+    defense = VIBDefense.fit(model, train_ds, k=k, samples=samples, epochs=epochs, lr=lr, batch_size=batch_size,
+                             seed=seed, device=device, progress=progress)
+    source = None if isinstance(checkpoint, nn.Module) else str(checkpoint)
+    defense.save(out_dir / "vib.pt", source_checkpoint=source)
+    eps = (0.3 if test_ds.images.shape[1] == 1 else 8 / 255) if eps is None else float(eps)
+    x, y = pick_images(model, test_ds, n, only_correct=False, seed=seed)
+    runs = [AttackRun("DeepFool", build_attack("deepfool", model), "transfer"),
+            AttackRun(f"FGSM {eps:g}", build_attack("fgsm", model, eps=eps), "transfer")]
+    ev = run_attacks(runs, x, y, progress=progress)
+    rows = []
+    for name, res in ev.results.items():
+        rows.append(result_row(f"{name} (on the undefended model itself)", res, threat="white-box"))
+        rows.append(result_row(name, rejudge(res, x, defense.predict, untargeted=True), threat="transfer"))
+    bat = run_battery(defense, x, y, norm="inf", eps=eps, seed=seed, steps=steps, square_queries=square_queries,
+                      progress=progress)
+    rows.append(result_row(f"battery L-inf {eps:g}", adversarial_result(x, y, bat.x_adv, defense.predict,
+                                                                      seconds=bat.seconds.get("total", 0.0)),
+                           threat="adaptive"))
+    rep = Report(out_dir, "VIB defense", spec={"checkpoint": source or type(model).__name__, "k": k, "samples": samples,
+                                               "epochs": epochs, "lr": lr, "n": n, "eps": eps, "seed": seed}, seed=seed)
+    acc = {"undefended": 100 * evaluate(model, test_ds), "VIB": 100 * evaluate(defense, test_ds)}
+    rep.add_text(f"Defended `{meta.get('model', {}).get('name', type(model).__name__)}` with VIB (k={k:g}, "
+                 f"{samples} noise copies per image, {epochs} epochs; mean sigma {defense.history['sigma_mean']:.4f}). "
+                 "The defense is deterministic at test time (no EoT needed). File: vib.pt.")
+    rep.add_table("Test accuracy (%)", [acc])
+    rep.add_table("Attacks (rates over the clean-correct images)", rows,
+                  ["attack", "threat model", "n", "clean_acc", "robust_acc", "asr", "failed", "detected", "mean_l2",
+                   "seconds"],
+                  note="transfer: crafted on the undefended model, judged by the defense (the paper's setting); "
+                       "adaptive: advlab.eval.evaluate on the defense itself.")
+    rep.results.update({"accuracy": acc, "attacks": rows, "battery": bat.to_dict(), "history": defense.history})
+    rep.time("total", time.perf_counter() - t0)
+    rep.save()
+    return rep
+
+
+def bound_command(dataset: str, root, out_dir, ks: Sequence[float] = PAPER_KS, split: str = "train",
+                  subset: Optional[int] = None, seed: int = 0, device=None, max_tile_mb: float = 64.0,
+                  method: str = "auto", progress: Optional[bool] = None) -> Report:
+    """``advlab bound --dataset NAME``: the bound of every image of a dataset's ``split`` (the
+    nearest other-class neighbour within that split), Table II's statistics per k, per-image
+    sigma as CSV-ready rows in results.json (``distance``), and a histogram PNG."""
+    t0 = time.perf_counter()
+    ds = load_dataset(dataset, root, split)
+    if subset:
+        ds = ds.subset(int(subset), seed=seed)
+    vb = visual_bound(ds, ks=ks, device=device, max_tile_mb=max_tile_mb, method=method, progress=progress)
+    rep = Report(out_dir, f"Visual imperceptible bound: {dataset} ({split})",
+                 spec={"dataset": dataset, "split": split, "subset": subset, "ks": list(ks), "method": method,
+                       "max_tile_mb": max_tile_mb}, seed=seed)
+    rep.add_text(f"{len(ds)} images; d_ij = mean absolute pixel difference to the nearest image of another class "
+                 f"in the same split; sigma_i = d_ij / 2k. Search: {vb.search.method}, {vb.search.seconds:.1f} s, "
+                 f"{vb.search.exact_pairs / len(ds) ** 2:.3%} of the pairs computed in full, largest tile "
+                 f"{vb.search.tile_bytes / 2 ** 20:.1f} MiB.")
+    rep.add_table("Bound statistics (Table II layout)",
+                  [dict(r, dataset=dataset) for r in bound_statistics(vb.distance, ks)],
+                  ["dataset", "k", "min", "mean", "max", "median", "std"])
+    rep.add_figure("bound-histogram", _histogram({dataset: vb.distance}, float(ks[0]) if ks else 1.0),
+                   f"per-image sigma_i at k = {float(ks[0]) if ks else 1.0:g}")
+    rep.results.update({"bound": vb.to_dict(), "distance": vb.distance.tolist(), "neighbour": vb.index.tolist(),
+                        "labels": vb.labels.tolist()})
+    rep.time("total", time.perf_counter() - t0)
+    rep.save()
+    return rep
