@@ -97,3 +97,13 @@ def lenet_digits(model_cache, digits_data):
         fit(m, train, epochs=20, lr=3e-3, batch_size=64, schedule="onecycle", seed=0)
         return m
     return _trained(model_cache, "lenet5-digits-e20-s0", build).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's small models (2 threads thrash on a loaded 2-core machine);
+    the previous count is restored after. Opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,12 +15,7 @@ from advlab.train import evaluate, fit
 EPS = 0.15  # L-inf budget on the 8x8 digits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pgd_acc(model, test, eps=EPS):

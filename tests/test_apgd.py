@@ -14,36 +14,12 @@ from advlab.attacks.apgd import APGD, APGDStep, apgd_checkpoints, dlr_loss, dlr_
 from advlab.attacks.loop import ActiveSet, AttackLoop, L2Projection, LinfProjection, autograd
 from advlab.metrics.robustness import is_success
 from advlab.train import predict
+from helpers import tiny_model, images, labels
 
 # --------------------------------------------------------------------------- helpers
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for this module: on a loaded 2-core machine two threads spin against
-    each other and these small batched steps run 20-40x slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def tiny_model(channels: int = 1, classes: int = 5, seed: int = 0, dtype=torch.float32) -> nn.Module:
-    """A small random CNN that takes any image size; BatchNorm and Dropout make train/eval differ."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        m = nn.Sequential(nn.Conv2d(channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(),
-                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Dropout(0.5), nn.Linear(16, classes))
-    return m.to(dtype).eval()
-
-
-def images(n, c=1, h=8, w=8, seed=0, dtype=torch.float32):
-    """Random images with some pixels exactly 0 and 1, where box constraints bite."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, c, h, w, generator=g, dtype=dtype) * 0.6 + 0.5).clamp(0, 1)
-
-
-def labels(n, classes=5, seed=1):
-    return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 class Counting(nn.Module):

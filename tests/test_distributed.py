@@ -22,12 +22,7 @@ from advlab.models import build_model
 from advlab.train import _TensorBatches, fit, save_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # the settings both sides use: the worker and the single-process reference

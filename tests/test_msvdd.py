@@ -23,13 +23,7 @@ def defended_asr(defense, x, y, x_adv):
     return {"success": s["asr"], "failed": s["failed"], "detected": s["detected"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests are small: one thread avoids oversubscribing a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from advlab.models import build_model
 from advlab.train import evaluate, fit
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_eq5_hand_computed():

@@ -15,12 +15,7 @@ from advlab.metrics.bound import (bound_statistics, brute_force_nearest_other_cl
                                   nearest_other_class, perturbation_magnitude, sigma_bound, visual_bound)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hand_set():

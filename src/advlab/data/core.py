@@ -110,6 +110,19 @@ def shared_folder(root, dataset: str, folder: str | None = None) -> Path | None:
     return Path(root) / (folder or SHARED_FOLDERS.get(dataset, dataset))
 
 
+def load_train_test(dataset: str, data_root=None, folder: str | None = None, train_subset: int | None = None,
+                    test_subset: int | None = None, seed: int = 0):
+    """(train, test) of ``dataset`` from its folder in the shared data root (the embedded digits
+    need none), each optionally cut to a seeded subset: what an experiment spec names."""
+    root = shared_folder(data_root, dataset, folder) if dataset != "digits" else None
+    train, test = load_dataset(dataset, root, "train"), load_dataset(dataset, root, "test")
+    if train_subset:
+        train = train.subset(int(train_subset), seed=seed)
+    if test_subset:
+        test = test.subset(int(test_subset), seed=seed)
+    return train, test
+
+
 def _check_split(split: str, allowed=("train", "test")) -> str:
     if split not in allowed:
         raise AdvlabError(f"split must be one of {', '.join(allowed)}, got {split!r}")

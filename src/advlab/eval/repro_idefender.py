@@ -48,7 +48,7 @@ from torch.utils.data import TensorDataset
 
 from ..adaptive.idefender import IDefenderAdaptive, IDefenderGrayBox
 from ..attacks import build_attack
-from ..data import load_dataset, shared_data_root, shared_folder
+from ..data import shared_data_root, load_train_test
 from ..defenses.idefender import IDefender
 from ..metrics.detection import balanced_accuracy, detection_auc, roc
 from ..metrics.robustness import is_success
@@ -100,14 +100,9 @@ def jacobian_substitute(oracle, seeds: torch.Tensor, num_classes: int, rounds: i
     return sub, queries
 
 
-def _load(exp, data_root, seed):
-    root = shared_folder(data_root, exp["dataset"], exp.get("folder"))
-    train, test = load_dataset(exp["dataset"], root, "train"), load_dataset(exp["dataset"], root, "test")
-    if exp.get("train_subset"):
-        train = train.subset(int(exp["train_subset"]), seed=seed)
-    if exp.get("test_subset"):
-        test = test.subset(int(exp["test_subset"]), seed=seed)
-    return train, test
+def _load(exp, data_root, seed: int):
+    return load_train_test(exp["dataset"], data_root, exp.get("folder"), exp.get("train_subset"),
+                           exp.get("test_subset"), seed)
 
 
 def _train(name: str, train, spec, seed: int, dev, cfg=None):

@@ -37,7 +37,7 @@ import torch
 
 from ..adaptive.msvdd import MSVDDFullKnowledge
 from ..attacks import build_attack
-from ..data import load_dataset, shared_data_root, shared_folder, split_validation
+from ..data import shared_data_root, split_validation, load_train_test
 from ..defenses import MSVDDDefense
 from ..models import build_model
 from ..train import evaluate, fit, predict, resolve_device
@@ -56,14 +56,9 @@ def _pct(v: Optional[float]) -> Optional[float]:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else 100.0 * float(v)
 
 
-def _load_data(exp: Dict[str, Any], data_root: Optional[Path], seed: int):
-    root = shared_folder(data_root, exp["dataset"], exp.get("folder"))
-    train, test = load_dataset(exp["dataset"], root, "train"), load_dataset(exp["dataset"], root, "test")
-    if exp.get("train_subset"):
-        train = train.subset(int(exp["train_subset"]), seed=seed)
-    if exp.get("test_subset"):
-        test = test.subset(int(exp["test_subset"]), seed=seed)
-    return train, test
+def _load_data(exp, data_root, seed: int):
+    return load_train_test(exp["dataset"], data_root, exp.get("folder"), exp.get("train_subset"),
+                           exp.get("test_subset"), seed)
 
 
 def _defended_row(name: str, res, threat: str, beta: str, undefended: Optional[Dict[str, float]]) -> Dict[str, Any]:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import build_attack
-from ..data import load_dataset, shared_data_root, shared_folder
+from ..data import shared_data_root, load_train_test
 from ..defenses.advtrain import madry_fit
 from ..defenses.pcl import JointLossScores, PCLDefense, joint_objective
 from ..models import build_model
@@ -184,14 +184,9 @@ def adaptive(model, x, y, eps: float, spec, seed: int, log, earlier: List, joint
 
 
 # --------------------------------------------------------------------------- one dataset
-def _data(exp, data_root, seed):
-    root = shared_folder(data_root, exp["dataset"], exp.get("folder"))
-    train, test = load_dataset(exp["dataset"], root, "train"), load_dataset(exp["dataset"], root, "test")
-    if exp.get("train_subset"):
-        train = train.subset(int(exp["train_subset"]), seed=seed)
-    if exp.get("test_subset"):
-        test = test.subset(int(exp["test_subset"]), seed=seed)
-    return train, test
+def _data(exp, data_root, seed: int):
+    return load_train_test(exp["dataset"], data_root, exp.get("folder"), exp.get("train_subset"),
+                           exp.get("test_subset"), seed)
 
 
 def train_models(exp, spec, train, seed, dev, log) -> Dict[str, Any]:
