@@ -57,6 +57,7 @@ from ..train import evaluate, fit, predict, resolve_device
 from .evaluate import evaluate as run_battery
 from .report import Report
 from .runner import adversarial_result, pick_images, result_row
+from .stages import stage
 
 __all__ = ["run", "defend_idefender", "jacobian_substitute"]
 
@@ -369,7 +370,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     results = []
     with rep.use_threads(spec.get("threads")):
         for exp in spec["experiments"]:
-            results.append(run_experiment(exp, spec, data_root, seed, device, log))
+            results.append(stage(exp["name"], lambda: run_experiment(exp, spec, data_root, seed, device, log)))
             rep.time(exp["name"], results[-1]["seconds"]["total"])
     paper = spec.get("paper", {})
     rep.add_text("Protocol:\n\n" + __doc__.split("Protocol (written into every report):")[1].strip()

@@ -37,6 +37,7 @@ from ..train import evaluate, fit, resolve_device
 from .figures import rank_pmf_figure
 from .report import Report, with_paper
 from .runner import pick_images, random_targets, similarity_scores
+from .stages import stage
 
 __all__ = ["run", "attack_row"]
 
@@ -223,7 +224,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     with rep.use_threads(spec.get("threads")):
         for mspec in spec["models"]:
             t0 = time.perf_counter()
-            results.append(run_model(mspec, spec, data_root, device))
+            results.append(stage(mspec["name"], lambda: run_model(mspec, spec, data_root, device)))
             rep.time(mspec["name"], time.perf_counter() - t0)
 
     rep.add_text(_protocol_text(spec))

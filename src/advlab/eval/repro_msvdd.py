@@ -43,6 +43,7 @@ from ..models import build_model
 from ..train import evaluate, fit, predict, resolve_device
 from .report import Report, with_paper
 from .evaluate import evaluate as run_battery
+from .stages import stage
 from .runner import (AttackRun, adversarial_result, pick_images, random_targets, rejudge, result_row, run_attacks,
                      worst_case)
 
@@ -248,11 +249,13 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     with rep.use_threads(spec.get("threads")):
         for exp in spec["experiments"]:
             for seed in seeds:
-                groups.setdefault(exp["name"], []).append(run_experiment(exp, spec, data_root, seed, device, log))
+                groups.setdefault(exp["name"], []).append(stage(
+                    f"{exp['name']}/seed {seed}", lambda: run_experiment(exp, spec, data_root, seed, device, log)))
                 rep.time(exp["name"], groups[exp["name"]][-1]["seconds"]["total"])
         dx = spec.get("defaults_experiment")
         if dx:
-            groups[dx["name"]] = [run_experiment(dx, spec, data_root, seeds[0], device, log, defaults=True)]
+            groups[dx["name"]] = [stage(f"{dx['name']}/seed {seeds[0]}",
+                                        lambda: run_experiment(dx, spec, data_root, seeds[0], device, log, defaults=True))]
             rep.time(dx["name"], groups[dx["name"]][0]["seconds"]["total"])
     dcfg = spec.get("defense", {})
     rep.add_text(__doc__.split("Protocol (written into every report):")[1].strip().join(

@@ -54,6 +54,7 @@ from .checks import attack_checks, eps_sweep_check, zero_gradient_fraction
 from .evaluate import evaluate as run_battery
 from .report import Report, with_paper
 from .runner import adversarial_result, pick_images, worst_case
+from .stages import stage
 
 PAPER_ATTACKS = ("FGSM", "BIM", "MIM", "PGD")
 T2_COLS = ["No Attack", "FGSM", "BIM", "C&W", "MIM", "PGD", "BB FGSM", "BB BIM", "BB C&W", "BB MIM", "BB PGD"]
@@ -242,13 +243,44 @@ def train_models(exp, spec, train, seed, dev, log) -> Dict[str, Any]:
     return {"models": models, "source": src.eval(), "seconds": secs}
 
 
+def _cached_models(exp, spec, train, seed, dev, log) -> Dict[str, Any]:
+    """:func:`train_models` as a resumable stage (the training is most of an experiment's time):
+    plain models are stored as weights, PCL defenses as weights, config and history, and rebuilt
+    on fresh zoo models of the same architecture."""
+    def work():
+        tm = train_models(exp, spec, train, seed, dev, log)
+        models = {n: ({"config": m.config(), "state": m.state_dict(), "history": m.history}
+                      if isinstance(m, PCLDefense) else {"state": m.state_dict()}) for n, m in tm["models"].items()}
+        return {"models": models, "source": tm["source"].state_dict(), "seconds": tm["seconds"]}
+
+    st = stage(f"{exp['name']}/trained models", work)
+    mean, std = train.channel_stats()
+    bb = spec.get("blackbox_source", {})
+
+    def fresh(name: str, model_seed: int):
+        return build_model(name, train.num_classes, train.in_shape, mean=mean, std=std, seed=model_seed).to(dev)
+
+    models: Dict[str, Any] = {}
+    for n, m in st["models"].items():
+        if "config" in m:
+            net = PCLDefense.from_config(fresh("cnn6", seed), m["config"])
+            net.history = m["history"]
+        else:
+            net = fresh("cnn6", seed)
+        net.load_state_dict(m["state"])
+        models[n] = net.eval()
+    src = fresh(bb.get("model", "lenet5"), seed + 1000)
+    src.load_state_dict(st["source"])
+    return {"models": models, "source": src.eval(), "seconds": st["seconds"]}
+
+
 def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: int, device=None,
                    log=print) -> Dict[str, Any]:
     dev = resolve_device(device)
     t_start = time.perf_counter()
     train, test = _data(exp, data_root, seed)
     log(f"{exp['name']}: {len(train)} training images, {len(test)} test images")
-    tm = train_models(exp, spec, train, seed, dev, log)
+    tm = _cached_models(exp, spec, train, seed, dev, log)
     models, src = tm["models"], tm["source"]
     eps = float(spec.get("eps", 0.3))
     bs = int(spec.get("batch_size", 256))
@@ -453,7 +485,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     runs: List[Dict[str, Any]] = []
     with rep.use_threads(spec.get("threads")):
         for exp in spec["experiments"]:
-            runs.append(run_experiment(exp, spec, data_root, seed, device, log))
+            runs.append(stage(exp["name"], lambda: run_experiment(exp, spec, data_root, seed, device, log)))
             rep.time(exp["name"], runs[-1]["seconds"]["total"])
     tr = spec["train"]
     ad = spec.get("adaptive", {})

@@ -28,6 +28,7 @@ Protocol (written into every report):
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -36,12 +37,14 @@ import torch
 from ..attacks import build_attack
 from ..data import load_dataset, shared_data_root, shared_folder
 from ..defenses.vib import VIBDefense
-from ..metrics.bound import PAPER_KS, bound_statistics, effectiveness_score, nearest_other_class, visual_bound
+from ..metrics.bound import (PAPER_KS, NearestOtherClass, VisualBound, bound_statistics, effectiveness_score,
+                             nearest_other_class, visual_bound)
 from ..models import build_model
 from ..train import evaluate, fit, load_checkpoint, resolve_device
 from .evaluate import evaluate as run_battery
 from .report import Report
-from .runner import AttackRun, adversarial_result, pick_images, rejudge, result_row, run_attacks
+from .runner import AttackRun, Evaluation, adversarial_result, pick_images, rejudge, result_row, run_attacks
+from .stages import stage
 
 __all__ = ["run", "defend_vib", "bound_command"]
 
@@ -83,6 +86,13 @@ def _table2_rows(name: str, stats: List[Dict[str, float]], paper: Dict[str, Any]
     return rows
 
 
+def _cached_bound(name: str, dataset, ks, max_tile_mb: float) -> VisualBound:
+    """:func:`visual_bound` of ``dataset`` as a resumable stage (the all-pairs search is the
+    longest part of the Table II section)."""
+    d = stage(f"bound {name}", lambda: asdict(visual_bound(dataset, ks=ks, max_tile_mb=max_tile_mb)))
+    return VisualBound(**{**d, "search": NearestOtherClass(**d["search"]), "ks": tuple(d["ks"])})
+
+
 def _bound_section(spec, root, seed, rep: Report, log) -> Dict[str, Any]:
     bcfg = spec.get("bound", {})
     ks = [float(k) for k in spec.get("ks", PAPER_KS)]
@@ -91,7 +101,7 @@ def _bound_section(spec, root, seed, rep: Report, log) -> Dict[str, Any]:
     rows, dists, out = [], {}, {}
     for entry in bcfg.get("datasets", []):
         tr = _load(entry, root, "train", seed)
-        vb = visual_bound(tr, ks=ks_all, max_tile_mb=float(bcfg.get("max_tile_mb", 64)))
+        vb = _cached_bound(entry["name"], tr, ks_all, float(bcfg.get("max_tile_mb", 64)))
         out[entry["name"]] = {"bound": vb, "dataset": tr, **vb.to_dict()}
         dists[entry["name"]] = vb.distance
         rows += _table2_rows(entry["name"], vb.statistics(), paper2.get(entry["name"]), len(tr))
@@ -140,6 +150,21 @@ def _bound_section(spec, root, seed, rep: Report, log) -> Dict[str, Any]:
     return out
 
 
+def _cached_defense(teacher, dset, k: float, samples: int, dcfg, distances, seed: int) -> VIBDefense:
+    """One cell of the defense grid (:meth:`VIBDefense.fit`) as a resumable stage: the student's
+    weights and history are stored and loaded back into a defense built on ``teacher``."""
+    def fit_cell():
+        dfn = VIBDefense.fit(teacher, dset, k=k, samples=samples, epochs=int(dcfg.get("epochs", 10)),
+                             lr=float(dcfg.get("lr", 1e-3)), batch_size=int(dcfg.get("batch_size", 64)),
+                             distances=distances, seed=seed, progress=False)
+        return {"state": dfn.state_dict(), "history": dfn.history}
+    st = stage(f"defense k={k:g} samples={samples}", fit_cell)
+    dfn = VIBDefense(teacher, k=k, samples=samples)
+    dfn.load_state_dict(st["state"])
+    dfn.history = st["history"]
+    return dfn.eval()
+
+
 def _paper4(spec, attack: str) -> Dict[str, Any]:
     return spec.get("paper", {}).get("table4", {}).get(attack, {})
 
@@ -166,8 +191,12 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
         teacher = build_model(spec.get("model", "lenet5"), train.num_classes, train.in_shape, mean=mean, std=std,
                               seed=seed).to(dev)
         tr = dict(spec.get("train", {}))
-        fit(teacher, train, seed=seed, progress=False, desc="f_theta1",
-            **{k: (int(v) if k in ("epochs", "batch_size") else v) for k, v in tr.items()})
+
+        def train_teacher():
+            fit(teacher, train, seed=seed, progress=False, desc="f_theta1",
+                **{k: (int(v) if k in ("epochs", "batch_size") else v) for k, v in tr.items()})
+            return teacher.state_dict()
+        teacher.load_state_dict(stage("f_theta1", train_teacher))
         teacher.eval()
         acc_teacher = evaluate(teacher, test)
         rep.time("train f_theta1", time.perf_counter() - t0)
@@ -185,7 +214,8 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
         runs = [AttackRun(a["name"], build_attack(a["kind"], teacher, **a.get("params", {})), "white-box")
                 for a in spec.get("attacks", [])]
         bs = int(spec.get("batch_size", 256))
-        ev = run_attacks(runs, x, y, batch_size=bs, log=log)
+        ev = Evaluation.from_state(stage("attacks on f_theta1",
+                                         lambda: run_attacks(runs, x, y, batch_size=bs, log=log).to_state()))
         rep.time("attacks on f_theta1", ev.seconds)
         d_test = nearest_other_class(x, y, train.images, train.labels).distance
         sigma_test = d_test / (2 * k_eff)
@@ -224,9 +254,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
         for n_s in samples:
             for k in ks:
                 t1 = time.perf_counter()
-                dfn = VIBDefense.fit(teacher, dset, k=k, samples=n_s, epochs=int(dcfg.get("epochs", 10)),
-                                     lr=float(dcfg.get("lr", 1e-3)), batch_size=int(dcfg.get("batch_size", 64)),
-                                     distances=d_fit, seed=seed, progress=False)
+                dfn = _cached_defense(teacher, dset, k, n_s, dcfg, d_fit, seed)
                 cell = {"Original": 100 * evaluate(dfn, test)}
                 for name, res in ev.results.items():
                     cell[name] = 100 * rejudge(res, x, dfn.predict, untargeted=True).robust_accuracy
@@ -267,22 +295,24 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
         arows, battery = [], {}
         for b in adaptive.get("runs", []):
             for label, mdl in (("f_theta1 (undefended)", teacher), (f"VIB k={chosen_key[0]:g} n={chosen_key[1]}", chosen)):
-                res_b = run_battery(mdl, xa, ya, norm=str(b.get("norm", "inf")), eps=float(b["eps"]), seed=seed,
-                                    steps=int(b.get("steps", 100)), square_queries=int(b.get("square_queries", 1000)),
-                                    batch_size=bs, checks=True)
-                battery[f"{b['name']} / {label}"] = res_b.to_dict()
+                res_b = stage(f"battery {b['name']} / {label}", lambda: run_battery(
+                    mdl, xa, ya, norm=str(b.get("norm", "inf")), eps=float(b["eps"]), seed=seed,
+                    steps=int(b.get("steps", 100)), square_queries=int(b.get("square_queries", 1000)), batch_size=bs,
+                    checks=True).to_dict())
+                battery[f"{b['name']} / {label}"] = res_b
+                flags = [f["name"] for f in res_b["flags"]]
                 arows.append({"model": label, "attack": b["name"], "threat model": "white-box adaptive (battery, no EoT:"
                               " deterministic)" if mdl is chosen else "white-box (battery)",
-                              "clean acc (%)": 100 * res_b.clean_accuracy, "robust acc (%)": 100 * res_b.robust_accuracy,
-                              "flags": ", ".join(f.name for f in res_b.flags) or "-",
-                              "seconds": res_b.seconds.get("total")})
-                log(f"battery {b['name']} on {label}: robust {100 * res_b.robust_accuracy:.1f}% "
-                    f"(flags: {[f.name for f in res_b.flags]})")
+                              "clean acc (%)": 100 * res_b["clean_accuracy"],
+                              "robust acc (%)": 100 * res_b["robust_accuracy"],
+                              "flags": ", ".join(flags) or "-", "seconds": res_b["seconds"].get("total")})
+                log(f"battery {b['name']} on {label}: robust {100 * res_b['robust_accuracy']:.1f}% (flags: {flags})")
         wb_names = [a for a in adaptive.get("whitebox", []) if a in ev.results]
         wb_specs = [a for a in spec.get("attacks", []) if a["name"] in wb_names]
         if wb_specs:
-            wev = run_attacks([AttackRun(a["name"], build_attack(a["kind"], chosen, **a.get("params", {})),
-                                         "white-box") for a in wb_specs], xa, ya, batch_size=bs, log=log)
+            wev = Evaluation.from_state(stage("white-box attacks on the defense", lambda: run_attacks(
+                [AttackRun(a["name"], build_attack(a["kind"], chosen, **a.get("params", {})), "white-box")
+                 for a in wb_specs], xa, ya, batch_size=bs, log=log).to_state()))
             for name, res in wev.results.items():
                 tr_res = rejudge(ev.results[name], x, chosen.predict, untargeted=True)
                 arows.append({"model": f"VIB k={chosen_key[0]:g} n={chosen_key[1]}", "attack": name,

@@ -19,13 +19,13 @@ computes its numbers the same way:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .._util import AdvlabError
+from .._util import AdvlabError, check_positive_int
 from ..attacks.base import Attack, AttackResult
 from ..metrics.robustness import is_success, perturbation_norms
 from ..train import predict
@@ -132,6 +132,18 @@ class Evaluation:
     def worst_row(self, name: str = "worst case", threat: str = "all of the above") -> Dict[str, float]:
         return result_row(name, self.worst, threat=threat)
 
+    def to_state(self) -> Dict[str, object]:
+        """Plain data (rows, each result's tensors, seconds) that :meth:`from_state` rebuilds the
+        evaluation from: what a resumable reproduction stores (:mod:`advlab.eval.stages`)."""
+        return {"rows": self.rows, "seconds": self.seconds, "extras": self.extras,
+                "results": {n: {f.name: getattr(r, f.name) for f in fields(r)} for n, r in self.results.items()}}
+
+    @classmethod
+    def from_state(cls, state: Dict[str, object]) -> "Evaluation":
+        results = {n: AttackResult(**r) for n, r in state["results"].items()}
+        return cls(list(state["rows"]), results, float(state["seconds"]),
+                   worst_case(results.values()) if results else None, dict(state.get("extras") or {}))
+
 
 def worst_case(results: Sequence[AttackResult]) -> AttackResult:
     """Per-sample worst case over several attacks on the same images: a sample is a success if any
@@ -168,6 +180,7 @@ def run_attacks(runs: Sequence[AttackRun], x: torch.Tensor, y: torch.Tensor, jud
     """Run every attack on (x, y), judged by ``judge(x) -> labels`` (the attacked model's decision,
     ``advlab.REJECT`` allowed; default: each attack's own model). Returns an :class:`Evaluation`
     with one :func:`result_row` per attack and the per-sample worst case over all of them."""
+    batch_size = check_positive_int(batch_size, "batch_size")
     rows, results = [], {}
     t0 = time.perf_counter()
     for run in runs:

@@ -77,8 +77,13 @@ def resolve_spec(name: str, quick: bool = False, overrides: Dict[str, Any] | Non
     return deep_update(spec, overrides or {})
 
 
-def run_spec(spec: Dict[str, Any], out_dir, data_root=None, device=None):
-    """Run a resolved spec with its runner module; returns the saved Report."""
+def run_spec(spec: Dict[str, Any], out_dir, data_root=None, device=None, resume: bool = True, fresh: bool = False):
+    """Run a resolved spec with its runner module; returns the saved Report.
+
+    ``resume``: keep finished stages in ``out_dir/.stages`` and reuse them when the same spec runs
+    again into the same folder (:mod:`advlab.eval.stages`); ``fresh``: empty that cache first."""
+    from .stages import stage_cache
+
     runner = spec.get("runner")
     if not runner:
         raise AdvlabError("spec has no 'runner'")
@@ -86,9 +91,15 @@ def run_spec(spec: Dict[str, Any], out_dir, data_root=None, device=None):
         mod = importlib.import_module(f"advlab.eval.{runner}")
     except ModuleNotFoundError:
         raise AdvlabError(f"spec runner {runner!r} is not an advlab.eval module") from None
-    return mod.run(spec, Path(out_dir), data_root=None if data_root is None else Path(data_root), device=device)
+    root = None if data_root is None else Path(data_root)
+    if not resume:
+        return mod.run(spec, Path(out_dir), data_root=root, device=device)
+    with stage_cache(out_dir, spec, fresh=fresh):
+        return mod.run(spec, Path(out_dir), data_root=root, device=device)
 
 
-def reproduce(name: str, out_dir, quick: bool = False, data_root=None, device=None, overrides=None):
-    """Run the bundled reproduction ``name`` into ``out_dir``."""
-    return run_spec(resolve_spec(name, quick, overrides), out_dir, data_root, device)
+def reproduce(name: str, out_dir, quick: bool = False, data_root=None, device=None, overrides=None,
+              resume: bool = True, fresh: bool = False):
+    """Run the bundled reproduction ``name`` (or a spec file) into ``out_dir``, resuming from the
+    stages a previous run of the same spec into the same folder finished (``fresh``: start over)."""
+    return run_spec(resolve_spec(name, quick, overrides), out_dir, data_root, device, resume=resume, fresh=fresh)
