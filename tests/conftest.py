@@ -34,18 +34,36 @@ def fashion_root() -> Path:
     return _shared("fashion-mnist")
 
 
+#: the trained models shared across tests (session fixtures): a test must leave them as it found them
+_SHARED_MODELS: list = []
+
+
 def _trained(cache_dir: Path, key: str, build):
     from advlab.train import load_checkpoint, save_checkpoint
 
     path = cache_dir / f"{key}.pt"
+    model = None
     if path.is_file():
         try:
-            return load_checkpoint(path)[0]
+            model = load_checkpoint(path)[0]
         except Exception:
             path.unlink()
-    model = build()
-    save_checkpoint(model, path)
+    if model is None:
+        model = build()
+        save_checkpoint(model, path)
+    _SHARED_MODELS.append(model)
     return model
+
+
+@pytest.fixture(autouse=True)
+def _shared_models_untouched():
+    """Fail the test that leaves ``.grad`` on a shared model (rather than a later test that checks
+    its attack left none), and clear it so the rest of the session is unaffected."""
+    yield
+    dirty = [m for m in _SHARED_MODELS if any(p.grad is not None for p in m.parameters())]
+    for m in dirty:
+        m.zero_grad(set_to_none=True)
+    assert not dirty, "this test left .grad on a shared trained model (differentiate w.r.t. the input only)"
 
 
 @pytest.fixture(scope="session")
