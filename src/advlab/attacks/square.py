@@ -257,10 +257,18 @@ class Square(Attack):
         top, left = self._windows(n, s, h, w, sign.device)
         mask = self._mask(top, left, s, h, w)
         colour = self._signs((n, c, 1, 1), sign)
+        # the window already holds the colour only where it is uniform in that colour; the
+        # reference code redraws until it differs (a host sync per draw, ~log2(N) draws a step at
+        # small windows), which is a uniform draw among the 2^C - 1 other colours: flip a uniformly
+        # random non-empty subset of the channels instead, in one draw and without a sync
         same = ~((sign != colour) & mask).flatten(1).any(dim=1)
-        while bool(same.any()):
-            colour = torch.where(_per_sample(same), self._signs((n, c, 1, 1), sign), colour)
-            same = ~((sign != colour) & mask).flatten(1).any(dim=1)
+        if c == 1:
+            flip = torch.ones_like(colour).neg_()
+        else:
+            subset = torch.randint(1, 2 ** c, (n, 1), generator=self._generator, device=sign.device)
+            bits = (subset >> torch.arange(c, device=sign.device)) & 1
+            flip = (1 - 2 * bits).to(colour.dtype).view(n, c, 1, 1)
+        colour = torch.where(_per_sample(same), colour * flip, colour)
         return torch.where(mask, colour, sign)
 
     # ------------------------------------------------------------------ L2
