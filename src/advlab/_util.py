@@ -55,22 +55,55 @@ def check_labels(y: torch.Tensor, n: int, num_classes: int | None = None, name: 
     return y
 
 
+def _as_float(value, name: str, expected: str) -> float:
+    """``float(value)``, or AdvlabError naming ``name`` for None, a bool, text or another non-number."""
+    if value is None or isinstance(value, (bool, str, bytes)):
+        raise AdvlabError(f"{name} must be {expected}, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError, RuntimeError):  # RuntimeError: a tensor of several values
+        raise AdvlabError(f"{name} must be {expected}, got {value!r}") from None
+
+
 def check_nonneg(value: float, name: str) -> float:
-    if value is None or not (float(value) >= 0.0):
-        raise AdvlabError(f"{name} must be >= 0, got {value}")
-    return float(value)
+    """A finite number >= 0 (NaN, infinities, None, bools and text are errors naming ``name``)."""
+    v = _as_float(value, name, "a finite number >= 0")
+    if not (0.0 <= v < math.inf):
+        raise AdvlabError(f"{name} must be a finite number >= 0, got {value}")
+    return v
 
 
 def check_positive(value, name: str) -> float:
-    if isinstance(value, bool) or value is None or not (float(value) > 0.0) or float(value) == float("inf"):
+    """A finite number > 0."""
+    v = _as_float(value, name, "a finite number > 0")
+    if not (0.0 < v < math.inf):
         raise AdvlabError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
+    return v
 
 
 def check_positive_int(value: int, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < minimum:
+    """An integer >= ``minimum`` (a float with an integer value is accepted; 2.5, NaN, inf are not)."""
+    v = _as_float(value, name, f"an integer >= {minimum}")
+    if not math.isfinite(v) or v != int(v) or int(v) < minimum:
         raise AdvlabError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
+    return int(v)
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """``torch.device(device)``, or AdvlabError when the string is not a device or the device is
+    not available here (CUDA/MPS absent, a CUDA index beyond the visible GPUs)."""
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise AdvlabError(f"{name} must be cpu, cuda, cuda:N or mps, got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AdvlabError(f"{name} {str(dev)!r} is not available: no CUDA GPU is visible to torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise AdvlabError(f"{name} {str(dev)!r} is not available: {torch.cuda.device_count()} CUDA GPU(s) visible")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise AdvlabError(f"{name} 'mps' is not available on this machine")
+    return dev
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -106,22 +139,60 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     """A ``torch.Generator`` on ``device`` seeded with ``seed``; None when seed is None."""
     if seed is None:
         return None
+    if isinstance(seed, bool) or not isinstance(seed, int) and not (hasattr(seed, "__index__") or (
+            isinstance(seed, float) and seed.is_integer())):
+        raise AdvlabError(f"seed must be an integer, got {seed!r}")
     g = torch.Generator(device=device)
-    g.manual_seed(int(seed))
+    try:
+        g.manual_seed(int(seed))
+    except (RuntimeError, ValueError, OverflowError):  # out of range for a 64-bit seed
+        raise AdvlabError(f"seed must be a 64-bit integer, got {seed!r}") from None
     return g
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _cannot_write(path: Path, e: OSError) -> AdvlabError:
+    why = e.strerror or type(e).__name__
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if path.is_dir():
+        why = "it is a directory"
+    elif blocker is not None and not blocker.is_dir():
+        why = f"{blocker} is a file, not a folder"
+    return AdvlabError(f"cannot write {path}: {why}")
+
+
+def _temp_beside(path: Path) -> str:
+    """A new empty temporary file in ``path``'s folder (created if needed); OSError -> AdvlabError."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+    os.close(fd)
+    return tmp
+
+
+def _replace(tmp: str, path: Path) -> None:
+    try:
         os.replace(tmp, path)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename; on any
+    failure the temporary file is removed and ``path`` is left as it was (a failure to write is an
+    AdvlabError naming ``path``)."""
+    path = Path(path)
+    tmp = _temp_beside(path)
+    try:
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as e:
+            raise _cannot_write(path, e) from None
+        _replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -137,12 +208,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _temp_beside(path)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -151,3 +220,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def unknown_name(kind: str, name: str, valid) -> AdvlabError:
     return AdvlabError(f"unknown {kind} {name!r}; valid names: {', '.join(sorted(valid))}")
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 where it is not readable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class PeakRSS:
+    """Peak resident set size (bytes) of this process while the block runs, sampled every 5 ms by
+    a thread (torch's CPU allocations are invisible to tracemalloc): ``base`` before, ``peak``
+    during, ``above`` the difference. Zero where /proc is not available."""
+
+    def __enter__(self) -> "PeakRSS":
+        import threading
+
+        self.base = _rss_bytes()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def above(self) -> int:
+        return self.peak - self.base

@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
-from ._util import AdvlabError, atomic_write_bytes, check_positive_int, model_device
+from ._util import (AdvlabError, atomic_write_bytes, check_device, check_images, check_labels, check_positive,
+                    check_positive_int, model_device)
 
 
 @dataclass
@@ -65,8 +66,10 @@ class _TensorBatches:
 
 
 def resolve_device(device=None, model: nn.Module | None = None) -> torch.device:
+    """``device`` (checked: a device string that names no device, or one not available here, is
+    an AdvlabError), else the model's device, else the CPU."""
     if device is not None:
-        return torch.device(device)
+        return check_device(device)
     if model is not None:
         return model_device(model)
     return torch.device("cpu")
@@ -175,10 +178,12 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
     batches of size B, so the averaged gradient equals the single-process one up to float
     summation order. Alone (no process group) none of this runs.
     """
+    if not isinstance(model, nn.Module):
+        raise AdvlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     epochs = check_positive_int(epochs, "epochs", 0)
     batch_size = check_positive_int(batch_size, "batch_size")
-    if lr <= 0:
-        raise AdvlabError(f"lr must be > 0, got {lr}")
+    lr = check_positive(lr, "lr")
+    _check_training_set(dataset, images=loss is None)
     dev = resolve_device(device, model)
     model.to(dev)
     g = torch.Generator().manual_seed(seed)
@@ -203,6 +208,7 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
 
     # dropout and other layers draw from torch's global RNG: seeded inside a fork, so the
     # caller's random state is left as it was
+    first = True  # the first batch's forward is checked: images that do not fit the model, labels beyond its classes
     with seeded_rng(seed, dev):
         for epoch in range(1, epochs + 1):
             model.train()
@@ -217,10 +223,11 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
                     x, y = batch_transform(x, y)
                     model.train()
                 if loss is None:
-                    logits = step_model(x)
+                    logits = _first_forward(step_model, x, y, dataset) if first else step_model(x)
                     lval = F.cross_entropy(logits, y)
                 else:
                     lval, logits = loss(step_model, x, y)
+                first = False
                 opt.zero_grad(set_to_none=True)
                 lval.backward()
                 if world > 1:
@@ -259,6 +266,49 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
         step_model.release()
     model.eval()
     return history
+
+
+def _check_training_set(dataset, images: bool) -> None:
+    """A dataset :func:`fit` can train on, with clear errors before any work: not empty; for a
+    tensor dataset (``.images``/``.labels``) trained with cross-entropy (``images``), images that
+    pass :func:`~advlab._util.check_images` and integer labels >= 0, one per image."""
+    if hasattr(dataset, "images") and hasattr(dataset, "labels"):
+        n = len(dataset.labels)
+        if images:
+            check_images(dataset.images, "dataset images")
+            check_labels(dataset.labels, dataset.images.shape[0], None, "dataset labels")
+            if n and int(dataset.labels.min()) < 0:
+                raise AdvlabError(f"dataset labels must be class indices >= 0, found {int(dataset.labels.min())}")
+    elif isinstance(dataset, (Dataset, DataLoader)) or (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+                                                          and not isinstance(dataset, (str, bytes, dict))):
+        n = len(dataset)
+    else:
+        raise AdvlabError(f"dataset must be a dataset with .images/.labels or a torch Dataset of (x, y) pairs, got "
+                          f"{type(dataset).__name__}")
+    if n == 0:
+        raise AdvlabError("dataset is empty: nothing to train on")
+
+
+def _first_forward(model, x: torch.Tensor, y: torch.Tensor, dataset) -> torch.Tensor:
+    """The model's logits on the first batch, with a clear error when the images do not fit the
+    model or the labels go beyond its classes (instead of a shape error deep inside torch)."""
+    try:
+        logits = model(x)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        raise AdvlabError(f"the model cannot take the dataset's images of shape {tuple(x.shape[1:])}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        raise AdvlabError(f"the model must map a batch of images to logits (N, num_classes), got "
+                          f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    labels = dataset.labels if hasattr(dataset, "labels") and isinstance(dataset.labels, torch.Tensor) else y
+    if labels.is_floating_point() or labels.dtype == torch.bool:  # soft targets: cross-entropy checks them
+        return logits
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+        raise AdvlabError(f"dataset labels must lie in [0, {logits.shape[1] - 1}] (the model has {logits.shape[1]} "
+                          f"classes), found range [{int(labels.min())}, {int(labels.max())}]")
+    return logits
 
 
 def _fit_world() -> tuple:
@@ -328,10 +378,27 @@ def write_checkpoint(path, state_dict: Dict[str, torch.Tensor], metadata: Dict, 
     and defenses (:meth:`advlab.defenses.Defense.save`) both go through it."""
     meta = {"advlab_version": __version__, "torch_version": str(torch.__version__)}
     meta.update(metadata)
+    _check_weights_only(meta, path)
     state = {k: v.detach().cpu() for k, v in state_dict.items()}
     buf = io.BytesIO()
     torch.save({"format": format, "metadata": meta, "state_dict": state}, buf)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def _check_weights_only(meta: Dict, path) -> None:
+    """Refuse metadata that :func:`read_checkpoint` could not load back (``weights_only=True``
+    reads tensors and plain Python values only): the error names the first bad key, and nothing
+    is written."""
+    for k, v in meta.items():
+        buf = io.BytesIO()
+        try:
+            torch.save(v, buf)
+            buf.seek(0)
+            torch.load(buf, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise AdvlabError(f"checkpoint metadata {k!r} ({type(v).__name__}) cannot be stored in {path}: only tensors "
+                              f"and plain values (numbers, strings, lists, dicts) load back weights-only "
+                              f"({type(e).__name__})") from None
 
 
 def save_checkpoint(model: nn.Module, path, **metadata) -> Path:
@@ -360,6 +427,12 @@ def read_checkpoint(path, format: Optional[str] = None, what: str = "checkpoint"
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(obj, dict) or "state_dict" not in obj or "metadata" not in obj:
         raise AdvlabError(f"{path} is not an advlab {what} (no state_dict/metadata)")
+    if not isinstance(obj["metadata"], dict):
+        raise AdvlabError(f"{path} is not an advlab {what}: its metadata is a {type(obj['metadata']).__name__}, "
+                          "not a mapping")
+    sd = obj["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise AdvlabError(f"{path} is not an advlab {what}: its state_dict must map parameter names to tensors")
     if format is not None and obj.get("format") != format:
         raise AdvlabError(f"{path} is not an advlab {what} file (format {format!r} expected, found "
                           f"{obj.get('format')!r})")
@@ -373,6 +446,10 @@ def build_from_spec(spec: Optional[Dict], path) -> nn.Module:
                           "architecture) to fill")
     from .models import build_model
 
+    if not isinstance(spec, dict) or not {"name", "num_classes", "in_shape"} <= set(spec) \
+            or not isinstance(spec.get("kwargs", {}), dict):
+        raise AdvlabError(f"{path}: the model spec in its metadata must be a mapping with name, num_classes and "
+                          f"in_shape (and optional kwargs), got {spec!r:.200}")
     return build_model(spec["name"], spec["num_classes"], spec["in_shape"], spec.get("mean"), spec.get("std"),
                        **spec.get("kwargs", {}))
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .._util import AdvlabError, unknown_name
+from .._util import AdvlabError, check_positive_int, unknown_name
 
 
 class TensorImageDataset(Dataset):
@@ -48,10 +48,18 @@ class TensorImageDataset(Dataset):
     def subset(self, n: int | None = None, seed: int = 0, indices=None) -> "TensorImageDataset":
         """The first ``n`` samples of a seeded permutation (or the given indices)."""
         if indices is None:
+            if n is not None:
+                n = check_positive_int(n, "n")
             g = torch.Generator().manual_seed(seed)
             perm = torch.randperm(len(self), generator=g)
             indices = perm[: (len(self) if n is None else min(n, len(self)))]
-        indices = torch.as_tensor(indices, dtype=torch.long)
+        try:
+            indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise AdvlabError(f"indices must be integer positions, got {type(indices).__name__}") from None
+        if indices.numel() and (int(indices.min()) < -len(self) or int(indices.max()) >= len(self)):
+            raise AdvlabError(f"indices must lie in [0, {len(self) - 1}] for a dataset of {len(self)} samples, got "
+                              f"range [{int(indices.min())}, {int(indices.max())}]")
         return TensorImageDataset(self.images[indices], self.labels[indices], self.classes, self.name, self.split)
 
     def __repr__(self) -> str:
@@ -66,10 +74,16 @@ def dataset_tensors(dataset) -> Tuple[torch.Tensor, torch.Tensor]:
         return dataset.images, dataset.labels
     if isinstance(dataset, tuple) and len(dataset) == 2 and isinstance(dataset[0], torch.Tensor):
         return dataset
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")) or isinstance(dataset, (str, bytes)):
+        raise AdvlabError(f"dataset must be a dataset with .images/.labels, an (x, y) tuple of tensors or a map-style "
+                          f"Dataset of (x, y) pairs, got {type(dataset).__name__}")
     if len(dataset) == 0:
         raise AdvlabError("dataset is empty")
-    xs, ys = zip(*[dataset[i] for i in range(len(dataset))])
-    return torch.stack(xs), torch.as_tensor(ys)
+    try:
+        xs, ys = zip(*[dataset[i] for i in range(len(dataset))])
+        return torch.stack(xs), torch.as_tensor(ys)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise AdvlabError(f"dataset must yield (image tensor, label) pairs of one shape: {e}") from None
 
 
 def split_validation(dataset, fraction: float = 0.15, seed: int = 0):

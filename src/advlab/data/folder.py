@@ -117,8 +117,15 @@ def load_folder(root=None, split: str = "train", download: bool = False, size=No
         raise AdvlabError("the folder dataset is local: download=True does not apply")
     if root is None:
         raise AdvlabError("dataset 'folder' needs root=DIR holding one subfolder of images per class")
-    if not (0.0 < float(test_fraction) < 1.0):
-        raise AdvlabError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    try:
+        fraction_ok = not isinstance(test_fraction, (bool, str)) and 0.0 < float(test_fraction) < 1.0
+    except (TypeError, ValueError):
+        fraction_ok = False
+    if not fraction_ok:
+        raise AdvlabError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise AdvlabError(f"seed must be an integer, got {seed!r}")
+    _check_size(size)  # before any file is read
     root = Path(root)
     presplit = (root / "train").is_dir() and (root / "test").is_dir()
     if presplit:

@@ -30,7 +30,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from .._util import AdvlabError, model_device, unknown_name
+from .._util import AdvlabError, check_device, check_images, check_positive_int, model_device, unknown_name
 
 
 class Defense(nn.Module):
@@ -68,6 +68,8 @@ class Defense(nn.Module):
         return type(self).detect is not Defense.detect
 
     def _batched(self, fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        check_images(x, "x")
+        batch_size = check_positive_int(batch_size, "batch_size")
         dev = model_device(self)
         was = self.training
         self.eval()
@@ -103,6 +105,9 @@ class Defense(nn.Module):
 
         obj = read_checkpoint(path, format=cls.format, what=f"{cls.title or cls.name or cls.__name__} defense")
         meta = obj["metadata"]
+        if not isinstance(meta.get("config") or {}, dict):
+            raise AdvlabError(f"defense file {path} is corrupt: its config is a {type(meta['config']).__name__}, "
+                              "not a mapping")
         if model is None:
             model = build_from_spec(meta.get("model"), path)
         try:
@@ -112,7 +117,7 @@ class Defense(nn.Module):
             raise AdvlabError(f"defense file {path} does not fit the model: {str(e).splitlines()[0]}") from None
         defense.metadata = meta
         if device is not None:
-            defense.to(device)
+            defense.to(check_device(device))
         return defense.eval()
 
 

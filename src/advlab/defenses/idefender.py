@@ -396,6 +396,8 @@ class IDefender(Defense):
         from sklearn.decomposition import PCA
 
         t0 = time.perf_counter()
+        if not isinstance(model, nn.Module):
+            raise AdvlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         ks = [components] if isinstance(components, int) else list(components)
         ks = [check_positive_int(k, "components") for k in ks]
         if not ks:

@@ -12,7 +12,7 @@ from typing import Optional
 
 from torch import nn
 
-from .._util import AdvlabError
+from .._util import AdvlabError, check_device, check_positive_int
 from ..data import load_dataset, split_validation
 from ..defenses import DEFENSES, defense_class
 from ..train import evaluate, load_checkpoint, read_checkpoint, save_checkpoint
@@ -22,7 +22,12 @@ from .runner import AttackRun, pick_images, rejudge, result_row, run_attacks, wo
 
 def run_defense(args):
     """Dispatch on ``args.defense``; returns the saved Report."""
-    defense_class(args.defense)  # unknown names fail before any data is read
+    defense_class(args.defense)  # unknown names and bad numbers fail before any data is read
+    check_positive_int(args.n, "--n")
+    if args.epochs is not None:
+        check_positive_int(args.epochs, "--epochs", 0)
+    if args.device is not None:
+        check_device(args.device, "--device")
     meta = read_checkpoint(args.checkpoint)["metadata"]
     dataset = args.dataset or meta.get("dataset")
     if not dataset:

@@ -47,6 +47,9 @@ def run_demo(out_dir="results/demo", dataset: str = "digits", root=None, quick: 
     """Train, attack and defend; write the report folder. Returns {"path", "table", "report"}."""
     if dataset not in SETTINGS:
         raise AdvlabError(f"demo dataset must be one of {', '.join(SETTINGS)}, got {dataset!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise AdvlabError(f"seed must be an integer, got {seed!r}")
+    device = resolve_device(device)  # an unknown or absent device fails before the training
     cfg = dict(SETTINGS[dataset])
     if quick:
         cfg["n"] = min(cfg["n"], 100)

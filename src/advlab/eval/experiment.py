@@ -27,6 +27,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from torch import nn
+
 from .._util import AdvlabError
 from ..attacks import build_attack
 from ..data import load_dataset, shared_data_root, shared_folder, split_validation
@@ -47,6 +49,96 @@ def _section(spec: Dict[str, Any], key: str) -> Dict[str, Any]:
     return v
 
 
+def _int(value, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AdvlabError(f"spec key {what!r} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _mapping(value, what: str) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise AdvlabError(f"spec key {what!r} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def validate(spec: Dict[str, Any]) -> None:
+    """Check a user spec's keys and types before any data is read or any model trained: wrong
+    types, unknown attack kinds and parameters, bad threat models and sources are errors naming
+    the key (``attacks[1].params``...)."""
+    from .._util import unknown_name
+    from ..attacks.registry import attack_class, attack_parameters
+    from ..data import DATASETS
+    from ..defenses.base import defense_class
+    from .runner import THREATS
+
+    if not isinstance(spec, dict):
+        raise AdvlabError(f"an experiment spec must be a mapping, got {type(spec).__name__}")
+    _int(spec.get("seed", 0), "seed", 0)
+    _int(spec.get("batch_size", 256), "batch_size", 1)
+    d = _mapping(spec.get("dataset"), "dataset")
+    if not d.get("name") or not isinstance(d["name"], str):
+        raise AdvlabError("spec 'dataset' needs a 'name' (e.g. digits, mnist, fashion-mnist)")
+    if d["name"] not in DATASETS:
+        raise unknown_name("dataset", d["name"], DATASETS)
+    _int(d.get("n", 500), "dataset.n", 1)
+    m = _mapping(spec.get("model"), "model")
+    if not m.get("checkpoint") and not m.get("name"):
+        raise AdvlabError("spec 'model' needs a 'checkpoint' path or a zoo 'name'")
+    _mapping(m.get("train"), "model.train")
+    dspec = _mapping(spec.get("defense"), "defense")
+    if dspec:
+        if not dspec.get("name") or not isinstance(dspec["name"], str):
+            raise AdvlabError("spec 'defense' needs a 'name' (see advlab.defenses.DEFENSES)")
+        defense_class(dspec["name"])
+        _mapping(dspec.get("params"), "defense.params")
+        vf = dspec.get("val_fraction", 0.15)
+        if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 < vf < 1.0:
+            raise AdvlabError(f"spec key 'defense.val_fraction' must be a number in (0, 1), got {vf!r}")
+    attacks = spec.get("attacks")
+    if attacks is None or attacks == []:
+        raise AdvlabError("spec has no attacks")
+    if not isinstance(attacks, list):
+        raise AdvlabError(f"spec key 'attacks' must be a list of mappings (one per attack), got {type(attacks).__name__}")
+    names = set()
+    placeholder = nn.Linear(1, 2)
+    for i, a in enumerate(attacks):
+        where = f"attacks[{i}]"
+        if not isinstance(a, dict):
+            raise AdvlabError(f"spec key {where!r} must be a mapping with a 'kind', got {a!r}")
+        if not a.get("kind") or not isinstance(a["kind"], str):
+            raise AdvlabError(f"spec key {where!r} needs a 'kind' (an attack name, e.g. pgd)")
+        attack_class(a["kind"])
+        params = _mapping(a.get("params"), f"{where}.params")
+        threat = a.get("threat", "white-box")
+        if threat not in THREATS:
+            raise AdvlabError(f"spec key '{where}.threat' must be one of {', '.join(THREATS)}, got {threat!r}")
+        src = a.get("source")
+        if src is not None and src not in SOURCES:
+            raise AdvlabError(f"attack {a.get('name', a['kind'])!r}: unknown source {src!r}; valid: "
+                              f"{', '.join(SOURCES)}")
+        name = a.get("name", a["kind"])
+        if name in names:
+            raise AdvlabError(f"two attacks are named {name!r}")
+        names.add(name)
+        unknown = set(params) - attack_parameters(a["kind"])
+        if unknown:
+            raise AdvlabError(f"attack {a['kind']!r} does not take {sorted(unknown)[0]!r}; it takes: "
+                              f"{', '.join(sorted(attack_parameters(a['kind'])))}")
+        try:  # the parameters' values, checked by the attack's own constructor (no model needed)
+            build_attack(a["kind"], placeholder, **params)
+        except AdvlabError as e:
+            raise AdvlabError(f"{where} ({name}): {e}") from None
+        except Exception:  # a check that needs the real model: done when the attack is built
+            pass
+    _mapping(spec.get("reported"), "reported")
+
+
+#: the models an attack may be crafted on (``source:``)
+SOURCES = ("model", "defense", "surrogate")
+
+
 def _model(spec: Dict[str, Any], train, device, seed: int):
     m = _section(spec, "model")
     if m.get("checkpoint"):
@@ -61,6 +153,7 @@ def _model(spec: Dict[str, Any], train, device, seed: int):
 
 def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, device=None) -> Report:
     """Run a user experiment spec (see the module docstring); returns the saved Report."""
+    validate(spec)
     seed = int(spec.get("seed", 0))
     rep = Report(out_dir, spec.get("name", "advlab experiment"), spec=spec, seed=seed)
     d = _section(spec, "dataset")

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .. import __version__
-from .._util import atomic_write_bytes, atomic_write_text
+from .._util import AdvlabError, atomic_write_bytes, atomic_write_text
 
 
 def _slug(text: str) -> str:
@@ -190,7 +190,11 @@ class Report:
 
     def save(self) -> Path:
         """Write results.json, report.md, the CSVs and PNGs into ``out_dir`` (each atomically)."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+            raise AdvlabError(f"cannot create the report folder {self.out_dir}: {why}") from None
         for key, t in self.tables.items():
             buf = io.StringIO()
             w = csv.DictWriter(buf, fieldnames=t["columns"], extrasaction="ignore")

@@ -21,7 +21,10 @@ from .._util import AdvlabError, unknown_name
 def load_spec(path_or_text) -> Dict[str, Any]:
     """Parse a YAML spec file (or text) into a dict, with a clear error on bad YAML."""
     p = Path(str(path_or_text)) if len(str(path_or_text)) < 4096 else None
-    text = p.read_text() if p is not None and p.is_file() else str(path_or_text)
+    try:
+        text = p.read_text() if p is not None and p.is_file() else str(path_or_text)
+    except UnicodeDecodeError:
+        raise AdvlabError(f"{p} is not a text (YAML) file") from None
     try:
         spec = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -70,6 +73,8 @@ def resolve_spec(name: str, quick: bool = False, overrides: Dict[str, Any] | Non
     else:
         raise unknown_name("reproduction", name, specs)
     quick_over = spec.pop("quick", {}) or {}
+    if not isinstance(quick_over, dict):
+        raise AdvlabError(f"spec key 'quick' must be a mapping of overrides, got {type(quick_over).__name__}")
     if quick:
         spec = deep_update(spec, quick_over)
     spec["quick"] = bool(quick)

@@ -22,6 +22,8 @@ def label_rank(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise AdvlabError(f"logits must be a (N, C) tensor, got "
                           f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
     check_labels(y, logits.shape[0], logits.shape[1], "y")
+    if logits.numel() and not bool(torch.isfinite(logits).all()):
+        raise AdvlabError("logits contains NaN or infinite values")
     y = y.to(logits.device)
     true = logits.gather(1, y.view(-1, 1))
     return (logits > true).sum(1) + 1
@@ -30,7 +32,16 @@ def label_rank(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def rank_pmf(ranks: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``pmf[j - 1] = P(rank = j)`` for j = 1..num_classes over a set of 1-based ranks (float64)."""
     num_classes = check_positive_int(num_classes, "num_classes")
-    ranks = torch.as_tensor(ranks).reshape(-1).long().cpu()
+    try:
+        ranks = torch.as_tensor(ranks).reshape(-1).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise AdvlabError(f"ranks must be a tensor (or list) of 1-based integer ranks, got {type(ranks).__name__}") from None
+    if ranks.dtype == torch.bool or ranks.dtype.is_complex:
+        raise AdvlabError(f"ranks must hold 1-based integer ranks, got dtype {ranks.dtype}")
+    if ranks.dtype.is_floating_point:
+        if not bool(torch.isfinite(ranks).all()) or not bool((ranks == ranks.round()).all()):
+            raise AdvlabError("ranks must hold 1-based integer ranks (found NaN, infinite or fractional values)")
+    ranks = ranks.long()
     if ranks.numel() == 0:
         raise AdvlabError("ranks is empty: the pmf of an empty set is undefined")
     if int(ranks.min()) < 1 or int(ranks.max()) > num_classes:

@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._util import AdvlabError, check_images, check_labels
+from .._util import AdvlabError, check_device, check_images, check_labels
 from .robustness import is_success
 
 __all__ = ["PAPER_KS", "NearestOtherClass", "nearest_other_class", "brute_force_nearest_other_class",
@@ -177,6 +177,8 @@ def nearest_other_class(x: torch.Tensor, y: torch.Tensor, ref_x: Optional[torch.
     missing = {int(c) for c in torch.unique(y).tolist() if bool((ref_y != c).sum() == 0)}
     if missing:
         raise AdvlabError(f"no reference image of another class for label(s) {sorted(missing)}")
+    if isinstance(probe, (bool, str)) or not isinstance(probe, (int, float)) or probe != probe:
+        raise AdvlabError(f"probe must be an integer >= 1, got {probe!r}")
     probe = max(1, int(probe))
     h, w = x.shape[-2:]
     pools = _auto_pools(h, w) if pools is None else [int(p) for p in pools]
@@ -186,7 +188,7 @@ def nearest_other_class(x: torch.Tensor, y: torch.Tensor, ref_x: Optional[torch.
         method = "pruned" if pools else "brute"
     if method == "pruned" and not pools:
         pools = [2]
-    dev = torch.device(device) if device is not None else x.device
+    dev = check_device(device) if device is not None else x.device
     n, n_ref, dim = x.shape[0], ref_x.shape[0], x[0].numel()
     rows = _tile_rows(n_ref, max_tile_mb, chunk_size)
     t0 = time.perf_counter()

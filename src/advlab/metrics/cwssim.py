@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .._util import AdvlabError
+from .._util import AdvlabError, check_positive_int
 
 __all__ = ["cw_ssim", "CWSSIM", "SteerablePyramid", "max_pyramid_scales", "select_reference"]
 
@@ -193,10 +193,13 @@ class CWSSIM:
 
     def __init__(self, scales: Optional[int] = None, orientations: int = 4, window: int = 7, K: float = 1e-4):
         self.pyramid_ = SteerablePyramid(scales, orientations)
-        if isinstance(window, bool) or int(window) != window or int(window) < 1:
-            raise AdvlabError(f"window must be an integer >= 1, got {window}")
-        if not (float(K) > 0.0):
-            raise AdvlabError(f"K must be > 0 (it keeps flat regions at 1 instead of 0/0), got {K}")
+        check_positive_int(window, "window")
+        try:
+            good = not isinstance(K, (bool, str)) and 0.0 < float(K) < math.inf
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise AdvlabError(f"K must be > 0 and finite (it keeps flat regions at 1 instead of 0/0), got {K!r}")
         self.window = int(window)
         self.K = float(K)
 
@@ -254,12 +257,9 @@ def select_reference(ref: Sequence[tuple], index: torch.Tensor) -> List[tuple]:
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
-    for name, t in (("x", x), ("y", y)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
-            raise AdvlabError(f"{name} must be a floating (N, C, H, W) tensor, got "
-                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if x.shape != y.shape:
-        raise AdvlabError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    from .similarity import _check_pair as check
+
+    check(x, y)
 
 
 _DEFAULT: dict = {}
@@ -271,8 +271,13 @@ def cw_ssim(x: torch.Tensor, y: torch.Tensor, scales: Optional[int] = None, orie
 
     Differentiable in both arguments. ``scales=None`` uses the deepest pyramid that fits the
     image (2 for 28x28, 1 for 8x8); channels are scored separately and averaged."""
-    key = (scales, orientations, window, float(K))
-    metric = _DEFAULT.get(key)
+    try:
+        key = (scales, orientations, window, float(K))
+        metric = _DEFAULT.get(key)
+    except (TypeError, ValueError):  # unhashable or not a number: CWSSIM names the bad one
+        key, metric = None, None
     if metric is None:
-        metric = _DEFAULT[key] = CWSSIM(scales, orientations, window, K)
+        metric = CWSSIM(scales, orientations, window, K)
+        if key is not None:
+            _DEFAULT[key] = metric
     return metric(x, y)

@@ -21,9 +21,16 @@ __all__ = ["roc", "detection_auc", "balanced_accuracy", "tpr_at_fpr"]
 
 
 def _scores(s, name: str, allow_empty: bool = False) -> np.ndarray:
-    if hasattr(s, "detach"):
-        s = s.detach().cpu().double().numpy()
-    a = np.asarray(s, dtype=np.float64).reshape(-1) if not isinstance(s, np.ndarray) else s.astype(np.float64).ravel()
+    if s is None or isinstance(s, (str, bytes, dict)):
+        raise AdvlabError(f"{name} must be per-sample scores (a tensor, array or list of numbers), got "
+                          f"{type(s).__name__}")
+    try:
+        if hasattr(s, "detach"):
+            s = s.detach().cpu().double().numpy()
+        a = np.asarray(s, dtype=np.float64).reshape(-1) if not isinstance(s, np.ndarray) else \
+            s.astype(np.float64).ravel()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise AdvlabError(f"{name} must be per-sample scores (numbers): {e}") from None
     if a.size == 0 and not allow_empty:
         raise AdvlabError(f"{name} is empty: a detection metric needs at least one score")
     if np.isnan(a).any():

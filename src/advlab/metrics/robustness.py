@@ -7,6 +7,26 @@ from typing import Dict, Optional
 import torch
 
 from .. import REJECT
+from .._util import AdvlabError
+
+
+def _check_classes(t, name: str, n: Optional[int] = None) -> torch.Tensor:
+    """A 1-D integer tensor of class indices (of length ``n`` when given); shape checks only, no sync."""
+    if not isinstance(t, torch.Tensor):
+        raise AdvlabError(f"{name} must be a torch.Tensor of class indices, got {type(t).__name__}")
+    if t.dim() != 1 or (n is not None and t.shape[0] != n):
+        want = f"({n},)" if n is not None else "(N,)"
+        raise AdvlabError(f"{name} must have shape {want}, got shape {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise AdvlabError(f"{name} must be an integer tensor of class indices, got dtype {t.dtype}")
+    return t
+
+
+def _check_predictions(pred, y, target=None, pred_name: str = "pred") -> None:
+    n = _check_classes(pred, pred_name).shape[0]
+    _check_classes(y, "y", n)
+    if target is not None:
+        _check_classes(target, "target", n)
 
 
 def is_success(pred: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -14,6 +34,7 @@ def is_success(pred: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tenso
     class other than ``y`` (untargeted), and never ``advlab.REJECT``. A rejected adversarial is
     a *detection*, not a success, everywhere: attacks' early stopping, ``AttackResult``, metrics
     and reports all call this function."""
+    _check_predictions(pred, y, target)
     ok = pred == target if target is not None else pred != y
     return ok & (pred != REJECT)
 
@@ -27,6 +48,7 @@ def outcome(adv_pred: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tens
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of ``pred == y`` (a rejection counts as wrong)."""
+    _check_predictions(pred, y)
     if pred.numel() == 0:
         return float("nan")
     return float((pred == y).float().mean())
@@ -47,6 +69,9 @@ def attack_success_rate(adv_pred: torch.Tensor, y: torch.Tensor, target: Optiona
     With ``clean_pred``, only samples the model classified correctly when clean are counted.
     The three rates sum to 1.
     """
+    _check_predictions(adv_pred, y, target, "adv_pred")
+    if clean_pred is not None:
+        _check_classes(clean_pred, "clean_pred", y.shape[0])
     keep = torch.ones_like(y, dtype=torch.bool) if clean_pred is None else clean_pred == y
     adv_pred, y = adv_pred[keep], y[keep]
     n = int(y.numel())
@@ -70,5 +95,11 @@ def linf_norm(delta: torch.Tensor) -> torch.Tensor:
 
 
 def perturbation_norms(delta: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Per-sample L0 (changed pixels), L2 and L-inf of a perturbation batch."""
+    """Per-sample L0 (changed pixels), L2 and L-inf of a perturbation batch (N, ...)."""
+    if not isinstance(delta, torch.Tensor):
+        raise AdvlabError(f"delta must be a torch.Tensor of shape (N, ...), got {type(delta).__name__}")
+    if delta.dim() < 2:
+        raise AdvlabError(f"delta must have shape (N, ...) with one perturbation per row, got shape {tuple(delta.shape)}")
+    if delta.numel() and not bool(torch.isfinite(delta).all()):
+        raise AdvlabError("delta contains NaN or infinite values")
     return {"l0": l0_norm(delta), "l2": l2_norm(delta), "linf": linf_norm(delta)}

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._util import AdvlabError
+from .._util import AdvlabError, check_positive, check_positive_int
 
 __all__ = ["mse", "ssim", "ms_ssim", "MS_SSIM_WEIGHTS"]
 
@@ -22,7 +22,9 @@ __all__ = ["mse", "ssim", "ms_ssim", "MS_SSIM_WEIGHTS"]
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
-def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
+def _check_pair(x: torch.Tensor, y: torch.Tensor, finite: bool = True) -> None:
+    """Two floating (N, C, H, W) batches of the same shape; with ``finite``, no NaN or infinity
+    (one reduction and one host sync for both)."""
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
             raise AdvlabError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(t).__name__}")
@@ -32,6 +34,11 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
             raise AdvlabError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if x.shape != y.shape:
         raise AdvlabError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if finite and x.numel():
+        ok = torch.stack([torch.isfinite(x.detach()).all(), torch.isfinite(y.detach()).all()]).tolist()
+        for name, good in zip(("x", "y"), ok):
+            if not good:
+                raise AdvlabError(f"{name} contains NaN or infinite values")
 
 
 def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -83,12 +90,10 @@ def _ssim_terms(x, y, window_size, sigma, data_range, k1, k2) -> Tuple[torch.Ten
 
 
 def _check_params(window_size, sigma, data_range):
-    if isinstance(window_size, bool) or int(window_size) != window_size or window_size < 1:
-        raise AdvlabError(f"window_size must be a positive integer, got {window_size}")
-    if sigma is not None and not sigma > 0:
-        raise AdvlabError(f"sigma must be > 0 (or None for a uniform window), got {sigma}")
-    if not data_range > 0:
-        raise AdvlabError(f"data_range must be > 0, got {data_range}")
+    check_positive_int(window_size, "window_size")
+    if sigma is not None:
+        check_positive(sigma, "sigma (or None for a uniform window)")
+    check_positive(data_range, "data_range")
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = 11, sigma: Optional[float] = 1.5,

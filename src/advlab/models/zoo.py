@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .._util import AdvlabError, unknown_name
+from .._util import AdvlabError, check_positive_int, unknown_name
 from ..nn import Normalize
 
 
@@ -278,11 +279,22 @@ def build_model(name: str, num_classes: int = 10, in_shape: Sequence[int] | None
     if name not in MODELS:
         raise unknown_name("model", name, MODELS)
     builder, natural, _ = MODELS[name]
-    in_shape = tuple(int(s) for s in (in_shape or natural))
-    if len(in_shape) != 3 or min(in_shape) < 1:
-        raise AdvlabError(f"in_shape must be (C, H, W) with positive sizes, got {in_shape}")
-    if int(num_classes) < 2:
-        raise AdvlabError(f"num_classes must be >= 2, got {num_classes}")
+    given = natural if in_shape is None else in_shape
+    try:
+        sizes = [check_positive_int(s, "in_shape") for s in given]
+    except (AdvlabError, TypeError):
+        sizes = []
+    if len(sizes) != 3:
+        raise AdvlabError(f"in_shape must be (C, H, W) with positive integer sizes, got {given!r}")
+    in_shape = tuple(sizes)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Real) \
+            or not float(num_classes).is_integer() or num_classes < 2:
+        raise AdvlabError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise AdvlabError(f"seed must be an integer or None, got {seed!r}")
+    for label, v in (("mean", mean), ("std", std)):
+        if isinstance(v, (list, tuple)) and len(v) not in (1, in_shape[0]):
+            raise AdvlabError(f"{label} must be one number or one per channel ({in_shape[0]}), got {list(v)}")
     try:
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
@@ -290,6 +302,9 @@ def build_model(name: str, num_classes: int = 10, in_shape: Sequence[int] | None
             model = builder(int(num_classes), in_shape, mean=mean, std=std, **kwargs)
     except TypeError as e:
         raise AdvlabError(f"bad option for model {name!r}: {e}") from None
+    except RuntimeError as e:  # a layer's output would be empty: the input is too small for the architecture
+        raise AdvlabError(f"in_shape {in_shape} is too small for model {name!r} "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     model.advlab_spec = {"name": name, "num_classes": int(num_classes), "in_shape": list(in_shape),
                          "mean": mean, "std": std, "kwargs": dict(kwargs)}
     return model
