@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Mapping, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
-from .._util import (AdvlabError, check_images, check_labels, check_nonneg, frozen_eval, make_generator,
-                     model_device)
+from .._util import (AdvlabError, check_images, check_labels, check_nonneg, check_positive_int, frozen_eval,
+                     make_generator, model_device)
 from .. import REJECT
 from ..metrics.robustness import is_success, perturbation_norms
 from .loop import per_sample
@@ -109,9 +110,105 @@ def merge_reject(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return z.scatter(1, y[:, None], zy)
 
 
+def check_output(out, n: int, where: str = "on the clean input") -> int:
+    """Check a model's output: a floating (n, num_classes) tensor of finite values; returns
+    num_classes. One host sync (the finiteness test); callers run it once per batch on the clean
+    forward they do anyway, never inside an attack's loop."""
+    if not isinstance(out, torch.Tensor):
+        hint = " (it has .logits: wrap the model so that forward returns them)" if hasattr(out, "logits") else ""
+        raise AdvlabError(f"the model must return a tensor of logits of shape (N, num_classes), got "
+                          f"{type(out).__name__}{hint}")
+    if out.dim() != 2 or out.shape[0] != n:
+        raise AdvlabError(f"the model's output must have shape (N, num_classes) = ({n}, C) for {n} image(s), got "
+                          f"shape {tuple(out.shape)} (flatten or squeeze it inside the model)")
+    if not bool(torch.isfinite(out).all()):
+        raise AdvlabError(f"model output contains NaN or infinite values {where}: check the model's weights, "
+                          "its input normalisation and any log/division inside it")
+    return int(out.shape[1])
+
+
 def num_classes_of(model: nn.Module, x: torch.Tensor) -> int:
+    """The number of classes of ``model``'s output on ``x[:1]``, which is checked on the way
+    (:func:`check_output`: 2-D, finite)."""
     with torch.no_grad():
-        return int(model(x[:1]).shape[1])
+        try:
+            out = model(x[:1])
+        except RuntimeError as e:  # a shape or dtype torch cannot feed through the model
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AdvlabError(f"x of shape {tuple(x.shape)} does not fit the model: {first}") from None
+        return check_output(out, min(1, x.shape[0]))
+
+
+def checked_predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
+                    where: str = "on the images judged") -> torch.Tensor:
+    """:func:`advlab.train.predict` (the model's ``predict`` when it has one, else the argmax of
+    its output, in eval mode, on the CPU) with each batch's output checked by :func:`check_output`
+    (2-D, finite): the judge of :meth:`Attack.run`, whose forward on the adversarials costs one
+    sync per batch already, so a model that turned NaN during an attack is an error, not a label."""
+    from ..train import predict
+
+    if callable(getattr(model, "predict", None)):
+        return predict(model, x, batch_size=batch_size)
+    dev = model_device(model)
+    was = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for i in range(0, x.shape[0], batch_size):
+                z = model(x[i: i + batch_size].to(dev))
+                check_output(z, min(batch_size, x.shape[0] - i), where)
+                out.append(z.argmax(1).cpu())
+    finally:
+        model.train(was)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+#: dict keys of a batch's images and labels that :meth:`Attack.run` accepts, in order of preference
+IMAGE_KEYS = ("image", "images", "x", "input", "pixel_values")
+LABEL_KEYS = ("label", "labels", "y", "target")
+
+
+def as_tensor(v, name: str, what: str = "images of shape (N, C, H, W)"):
+    """A numpy array as a tensor (sharing its memory where numpy's layout allows; a read-only,
+    non-contiguous or byte-swapped array is copied), a tensor (or None) unchanged; anything else
+    is an error naming ``name``."""
+    if v is None or isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, np.ndarray):
+        a = v if v.dtype.isnative else v.astype(v.dtype.newbyteorder("="))
+        a = np.ascontiguousarray(a)
+        if not a.flags.writeable:
+            a = a.copy()
+        try:
+            return torch.from_numpy(a)
+        except TypeError:
+            raise AdvlabError(f"{name} is a numpy array of dtype {v.dtype}, which torch cannot hold; "
+                              f"expected {what}") from None
+    raise AdvlabError(f"{name} must be a torch.Tensor or a numpy array of {what}, got {type(v).__name__}")
+
+
+def model_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the model's first floating-point parameter (or buffer); None without one."""
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    for t in model.buffers():
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def to_input_dtype(x_adv: torch.Tensor, x_work: torch.Tensor, x0: torch.Tensor, eps: Optional[float],
+                   norm: Optional[str]) -> torch.Tensor:
+    """An adversarial found on ``x_work`` (``x0`` cast to the model's dtype) brought back to
+    ``x0``'s dtype and device: pixels the attack left unchanged get ``x0``'s exact value, and the
+    result is projected onto the box and the ball around ``x0`` in ``x0``'s own dtype, so the
+    guarantee holds for the images the caller gave."""
+    xa = x_adv.detach().to(device=x0.device, dtype=x0.dtype)
+    xs = x_work.detach().to(device=x0.device, dtype=x0.dtype)
+    x0 = x0.detach()
+    return project(torch.where(xa == xs, x0, xa), x0, eps, norm)
 
 
 @dataclass
@@ -239,26 +336,49 @@ class Attack:
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None,
                 **per_sample: torch.Tensor) -> torch.Tensor:
+        """``x_adv`` for ``(x, y)``: same shape, dtype and device as ``x``, inside [0, 1] and the ball.
+
+        ``x``, ``y``, ``target`` and the per-sample inputs may be numpy arrays (float32/float64
+        NCHW images in [0, 1], integer labels); with a numpy ``x`` the adversarial is a numpy array
+        of its dtype. Images whose dtype differs from the model's (float64 numpy images and a
+        float32 model) are attacked in the model's dtype and brought back to their own
+        (:func:`to_input_dtype`). The model's output on ``x[:1]`` is checked once (2-D, finite),
+        and the result for NaN (a model or gradient that became NaN during the attack)."""
+        as_numpy = isinstance(x, np.ndarray)
+        x = as_tensor(x, "x")
+        y = as_tensor(y, "y", "class indices of shape (N,)")
+        target = as_tensor(target, "target", "class indices of shape (N,)")
         check_images(x, "x")
         per_sample = self._check_per_sample(per_sample, x.shape[0], model_device(self.model))
         dev = model_device(self.model)
         xin = x
-        x = x.detach().to(dev)
+        mdt = model_dtype(self.model)
+        cast = mdt is not None and mdt != x.dtype
+        x = x.detach().to(dev, mdt) if cast else x.detach().to(dev)
         y = y.to(dev)
         with frozen_eval(self.model):
             nc = num_classes_of(self.model, x) if x.shape[0] else None
-            check_labels(y, x.shape[0], nc, "y")
+            y = check_labels(y, x.shape[0], nc, "y").long()  # int32 numpy labels: the losses want int64
             if target is not None:
                 if not self.supports_targeted:
                     raise AdvlabError(f"{type(self).__name__} does not support targeted attacks (target=)")
-                target = check_labels(target.to(dev), x.shape[0], nc, "target")
+                target = check_labels(target.to(dev), x.shape[0], nc, "target").long()
             if x.shape[0] == 0:
-                return xin.clone()
+                return xin.clone().numpy() if as_numpy else xin.clone()
             if self.seed is not None and self._generator is None:
                 self._generator = make_generator(self.seed, dev)
             x_adv = self._perturb(x, y, target, **per_sample)
-        x_adv = project(x_adv.detach(), x, self.eps, self.norm)
-        return x_adv.to(device=xin.device, dtype=xin.dtype)
+        if cast:
+            x_adv = to_input_dtype(x_adv, x, xin, self.eps, self.norm)
+        else:
+            x_adv = project(x_adv.detach(), x, self.eps, self.norm)
+        # one sync per call: projected pixels are in [0, 1] or NaN, so the sum is NaN iff one is
+        if not math.isfinite(float(x_adv.sum())):
+            raise AdvlabError(f"model output contains NaN or infinite values during the attack: {type(self).__name__} "
+                              "produced NaN pixels (the model's output or its gradient became NaN/inf on a perturbed "
+                              "image, e.g. a log of 0 or a division by 0 inside the model)")
+        x_adv = x_adv.to(device=xin.device, dtype=xin.dtype)
+        return x_adv.numpy() if as_numpy else x_adv
 
     def _check_per_sample(self, per_sample: Dict[str, torch.Tensor], n: int, dev) -> Dict[str, torch.Tensor]:
         out = {}
@@ -269,7 +389,7 @@ class Attack:
                                      else ""))
             if v is None:
                 continue
-            v = torch.as_tensor(v)
+            v = as_tensor(v, name, f"{n} per-sample values") if isinstance(v, np.ndarray) else torch.as_tensor(v)
             if v.shape[:1] != (n,):
                 raise AdvlabError(f"{name} must have one entry per sample, shape ({n}, ...), got {tuple(v.shape)}")
             out[name] = v.to(dev)
@@ -318,8 +438,11 @@ class Attack:
     def run(self, data, batch_size: int = 256, targets: Optional[torch.Tensor] = None, keep_adversarials: bool = False,
             progress: Optional[bool] = None, predict_fn=None,
             per_sample: Optional[Dict[str, torch.Tensor]] = None, shard: Optional[bool] = None) -> AttackResult:
-        """Attack a whole dataset (``.images``/``.labels``, any (x, y) Dataset, a DataLoader, or an
-        iterable of (x, y) batches) batch by batch and return an :class:`AttackResult`.
+        """Attack a whole dataset (``.images``/``.labels``, an ``(x, y)`` pair of tensors or numpy
+        arrays, any (x, y) Dataset, a DataLoader, or an iterable of batches) batch by batch and
+        return an :class:`AttackResult`. A batch is an ``(x, y)`` tuple or list, or a dict with an
+        image key (:data:`IMAGE_KEYS`: "image", "images", "x", "input", "pixel_values") and a label
+        key (:data:`LABEL_KEYS`: "label", "labels", "y", "target"); its arrays may be numpy.
 
         ``predict_fn(x) -> labels`` judges the adversarials (default: the attacked model's argmax,
         or its ``predict`` method); a defended model may return ``advlab.REJECT`` there, which
@@ -345,11 +468,20 @@ class Attack:
         another iterable is read in full on every rank and its other batches skipped.
         """
         from tqdm.auto import tqdm
-        from ..train import predict as _predict
         from ..train import progress_enabled
 
+        batch_size = check_positive_int(batch_size, "batch_size")
         world, rank = _run_world(shard)
-        judge = predict_fn or (lambda xb: _predict(self.model, xb))
+        data = _as_data(data)
+        targets = as_tensor(targets, "targets", "class indices of shape (N,)")
+        per_sample = {k: as_tensor(v, k, "per-sample values") if isinstance(v, np.ndarray) else v
+                      for k, v in (per_sample or {}).items()}
+        mdt = model_dtype(self.model)
+
+        def in_model_dtype(xb):  # float64 numpy images for a float32 model: judged as the attack saw them
+            return xb if mdt is None or xb.dtype == mdt else xb.to(mdt)
+        judge = predict_fn or (lambda xb: checked_predict(self.model, in_model_dtype(xb),
+                                                          where="on the attack's images"))
         keys = ("labels", "clean_pred", "adv_pred", "success", "l0", "l2", "linf", "targets", "detected", "adv")
         local: Dict[int, Dict] = {}
         show = progress_enabled(progress) and rank == 0
@@ -376,13 +508,14 @@ class Attack:
                 dt = time.perf_counter() - t0
                 clean = judge(xb).cpu()
                 adv = judge(xa).cpu()
-                yc = yb.cpu()
-                tc = None if tb is None else tb.cpu()
+                yc = yb.cpu().long()  # int32 numpy labels: stored as the int64 every result holds
+                tc = None if tb is None else tb.cpu().long()
                 norms = perturbation_norms(xa.cpu() - xb.cpu())
                 local[b] = {"labels": yc, "clean_pred": clean, "adv_pred": adv, "success": is_success(adv, yc, tc),
                             "l0": norms["l0"], "l2": norms["l2"], "linf": norms["linf"], "targets": tc,
                             "detected": adv == REJECT, "adv": xa.cpu() if keep_adversarials else None,
-                            "extras": {k: v.cpu() for k, v in self.outcome(xb, xa, yb, tb, **ps).items()},
+                            "extras": {k: v.cpu() for k, v in self.outcome(in_model_dtype(xb), in_model_dtype(xa),
+                                                                           yb, tb, **ps).items()},
                             "seconds": dt}
         finally:
             if stream is not None:
@@ -457,19 +590,19 @@ def _own_batches(data, batch_size: int, world: int, rank: int) -> Iterable:
         return
     if hasattr(data, "images") and hasattr(data, "labels"):
         data = (data.images, data.labels)
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+    if _is_pair(data):
         n = data[0].shape[0]
         for b in range(rank, (n + batch_size - 1) // batch_size, world):
             i = b * batch_size
-            yield b, i, data[0][i: i + batch_size], data[1][i: i + batch_size]
+            yield (b, i, *_batch_pair((data[0][i: i + batch_size], data[1][i: i + batch_size])))
     elif isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         n = len(data)
         mine = list(range(rank, (n + batch_size - 1) // batch_size, world))
         idx = [i for b in mine for i in range(b * batch_size, min((b + 1) * batch_size, n))]
         sub = torch.utils.data.Subset(data, idx)
         loader = torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False)
-        for b, (xb, yb) in zip(mine, loader):
-            yield b, b * batch_size, xb, yb
+        for b, batch in zip(mine, loader):
+            yield (b, b * batch_size, *_batch_pair(batch))
     else:
         offset = 0
         for b, (xb, yb) in enumerate(_iter_batches(data, batch_size)):
@@ -485,7 +618,7 @@ def _sliced_batches(data, batch_size) -> Optional[int]:
     map-style Datasets); None for the others (read in full, counted while read)."""
     if hasattr(data, "images") and hasattr(data, "labels"):
         return (len(data.labels) + batch_size - 1) // batch_size
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+    if _is_pair(data):
         return (data[0].shape[0] + batch_size - 1) // batch_size
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         return (len(data) + batch_size - 1) // batch_size
@@ -503,15 +636,62 @@ def _num_batches(data, batch_size):
 
 
 def _iter_batches(data, batch_size: int) -> Iterable:
+    """``(x, y)`` tensor batches of ``data`` (see :meth:`Attack.run`), in order."""
     if hasattr(data, "images") and hasattr(data, "labels"):
         for i in range(0, len(data.labels), batch_size):
-            yield data.images[i: i + batch_size], data.labels[i: i + batch_size]
-    elif isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+            yield _batch_pair((data.images[i: i + batch_size], data.labels[i: i + batch_size]))
+    elif _is_pair(data):
         for i in range(0, data[0].shape[0], batch_size):
             yield data[0][i: i + batch_size], data[1][i: i + batch_size]
-    elif isinstance(data, torch.utils.data.DataLoader):
-        yield from data
-    elif isinstance(data, torch.utils.data.Dataset):
-        yield from torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    elif isinstance(data, torch.utils.data.Dataset):  # samples, batched here (an IterableDataset too)
+        for batch in torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False):
+            yield _batch_pair(batch)
+    else:  # a DataLoader or any iterable of batches
+        try:
+            it = iter(data)
+        except TypeError:
+            raise AdvlabError(f"data must be a dataset (.images/.labels), an (x, y) pair of tensors or numpy "
+                              f"arrays, a Dataset, a DataLoader or an iterable of batches, got "
+                              f"{type(data).__name__}") from None
+        for batch in it:
+            yield _batch_pair(batch)
+
+
+def _is_pair(data) -> bool:
+    """An ``(x, y)`` pair of whole arrays (a tuple of tensors as :func:`_as_data` leaves it)."""
+    return isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor)
+
+
+def _as_data(data):
+    """The input of :meth:`Attack.run` with whole numpy arrays as tensors (sharing memory): an
+    ``(x, y)`` tuple or list whose ``x`` is a tensor or numpy array, or a dict of whole arrays
+    with an image key and a label key, becomes a tuple of tensors; anything else is unchanged
+    (its batches are converted one by one by :func:`_batch_pair`)."""
+    if isinstance(data, Mapping):
+        return tuple(_batch_pair(data))
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (torch.Tensor, np.ndarray)):
+        if isinstance(data, list) and data[0].ndim != 4:
+            return data  # a list of two batches of another form: read as batches
+        return (as_tensor(data[0], "x"), as_tensor(data[1], "y", "class indices of shape (N,)"))
+    return data
+
+
+def _batch_pair(batch) -> tuple:
+    """``(x, y)`` of one batch: an (x, y) tuple or list, or a dict with one of :data:`IMAGE_KEYS`
+    and one of :data:`LABEL_KEYS`; numpy arrays become tensors."""
+    if isinstance(batch, Mapping):
+        xk = next((k for k in IMAGE_KEYS if k in batch), None)
+        yk = next((k for k in LABEL_KEYS if k in batch), None)
+        if xk is None or yk is None:
+            raise AdvlabError(f"a batch of data is a dict with keys {sorted(map(str, batch))}; Attack.run needs an "
+                              f"image key (one of {', '.join(IMAGE_KEYS)}) and a label key (one of "
+                              f"{', '.join(LABEL_KEYS)})")
+        xb, yb = batch[xk], batch[yk]
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        xb, yb = batch
     else:
-        yield from data
+        what = (f"a {type(batch).__name__} of {len(batch)} items" if isinstance(batch, (tuple, list))
+                else type(batch).__name__)
+        raise AdvlabError(f"each batch of data must be an (x, y) tuple or list, or a dict with an image key "
+                          f"({', '.join(IMAGE_KEYS)}) and a label key ({', '.join(LABEL_KEYS)}); got {what}")
+    return as_tensor(xb, "x (a batch of data)"), as_tensor(yb, "y (a batch of data)", "class indices of shape (N,)")

@@ -32,13 +32,14 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from .._util import AdvlabError, check_images, check_labels, check_nonneg, model_device
+from .._util import AdvlabError, check_images, check_labels, check_nonneg, check_positive_int, model_device
 from ..attacks import APGD, FGSM, Square
-from ..attacks.base import AttackResult, check_norm, merge_reject
-from ..train import predict
+from ..attacks.base import (AttackResult, as_tensor, check_norm, check_output, checked_predict, merge_reject,
+                            model_dtype, to_input_dtype)
 from .checks import Flag, attack_checks, eps_sweep_check, model_checks
 
 __all__ = ["evaluate", "EvaluationResult", "BATTERY", "load_evaluated", "write_report"]
@@ -62,6 +63,7 @@ class EvaluationResult:
     detected: float
     flags: List[Flag]
     #: per image: the adversarial that broke it, else the one the model rejected, else the image
+    #: (on the CPU; a numpy array of x's dtype when x was one)
     x_adv: torch.Tensor
     #: per image: "robust", "broken", "detected" or "misclassified" (wrong when clean)
     status: List[str]
@@ -131,10 +133,22 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
     ``steps``: APGD iterations; ``square_queries``: Square's budget per image; ``sweep``: extra
     eps values for the accuracy-vs-eps curve (APGD at each, plus ``eps`` itself); ``checks``:
     run the masking checks (model and numbers); ``bpda``: "auto" (straight-through through the
-    layers that kill the gradient when the checks find zero gradients) or "off"."""
+    layers that kill the gradient when the checks find zero gradients) or "off".
+
+    ``x`` and ``y`` may be numpy arrays (float32/float64 NCHW images in [0, 1], integer labels):
+    ``res.x_adv`` is then a numpy array of ``x``'s dtype. Images whose dtype differs from the
+    model's are attacked in the model's dtype; ``x_adv`` is brought back to theirs and projected
+    onto the ball around them. The model's first output is checked (2-D, finite)."""
+    as_numpy = isinstance(x, np.ndarray)
+    x = as_tensor(x, "x")
+    y = as_tensor(y, "y", "class indices of shape (N,)")
     check_images(x, "x")
     norm = check_norm(norm)
     eps = check_nonneg(eps, "eps")
+    steps = check_positive_int(steps, "steps")
+    square_queries = check_positive_int(square_queries, "square_queries")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    eot_samples = check_positive_int(eot_samples, "eot_samples")
     if x.shape[0] == 0:
         raise AdvlabError("x is an empty batch")
     if not isinstance(model, nn.Module):
@@ -147,14 +161,20 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
     t_all = time.perf_counter()
     dev = model_device(model)
     x, y = x.detach().cpu(), y.detach().cpu()
+    x_given, mdt = x, model_dtype(model)
+    if mdt is not None and mdt != x.dtype:  # float64 numpy images, a float32 model
+        x = x.to(mdt)
     with torch.no_grad():
         was = model.training
         model.eval()
-        nc = int(model(x[:1].to(dev)).shape[1])
-        model.train(was)
+        try:
+            nc = check_output(model(x[:1].to(dev)), 1)
+        finally:
+            model.train(was)
     reject_column = bool(getattr(model, "reject_column", False))
     check_labels(y, x.shape[0], nc - 1 if reject_column else nc, "y")
-    judge = lambda xb: predict(model, xb)  # noqa: E731  the model's own decision, REJECT allowed
+    # the model's own decision, REJECT allowed; an output that turns NaN on an adversarial is an error
+    judge = lambda xb: checked_predict(model, xb, where="on the attack's images")  # noqa: E731
     n = x.shape[0]
     clean = judge(x)
     broken = clean != y
@@ -236,6 +256,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
         if checks and len(grid) >= 2:
             flags += eps_sweep_check(grid, accs)
         seconds["sweep"] = time.perf_counter() - t0
+    if x is not x_given:
+        x_adv = to_input_dtype(x_adv, x, x_given, eps, norm)
+    if as_numpy:
+        x_adv = x_adv.numpy()
     seconds["total"] = time.perf_counter() - t_all
     robust_acc = per_attack[attacks[-1]] if per_attack else float("nan")
     return EvaluationResult(norm=norm, eps=eps, n=n, clean_accuracy=float((clean == y).double().mean()),
