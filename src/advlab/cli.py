@@ -5,6 +5,7 @@ Errors print one line and exit non-zero; ``--debug`` shows the traceback."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -140,6 +141,9 @@ def cmd_attack(args) -> int:
     from .eval.runner import AttackRun, pick_images, run_attacks
     from .train import load_checkpoint
 
+    names = [a.strip() for a in args.attack.split(",") if a.strip()]
+    if not names:
+        raise _err(f"--attack names no attack; valid names: {', '.join(ATTACKS)}")
     model, meta = load_checkpoint(args.checkpoint, device=args.device)
     dataset = args.dataset or meta.get("dataset")
     if not dataset:
@@ -147,7 +151,40 @@ def cmd_attack(args) -> int:
     test = _load_data(dataset, args.root, "test")
     x, y = pick_images(model, test, args.n, only_correct=args.only_correct, seed=args.seed or 0)
     params = {k: getattr(args, k) for k in ATTACK_FLAGS}
-    names = [a.strip() for a in args.attack.split(",") if a.strip()]
+    if isinstance(args.eps, list):  # --eps 0.05,0.1,0.2: one accuracy-vs-eps sweep per attack
+        from .eval.sweep import check_epsilons, eps_sweep, sweeps_figure
+
+        check_epsilons(args.eps, "--eps")
+        rest = {k: v for k, v in params.items() if k not in ("eps", "seed") and v is not None}
+        accepted = {n: attack_parameters(n) for n in names}
+        for k in rest:
+            if not any(k in a for a in accepted.values()):
+                flag = f"--{k.replace('_', '-')}"
+                raise _err(f"attack {names[0]!r} does not take {flag}; it takes: "
+                           + ", ".join(f"--{p.replace('_', '-')}" for p in sorted(accepted[names[0]]))
+                           if len(names) == 1 else f"none of the attacks {', '.join(names)} takes {flag}")
+        sweeps = [eps_sweep(n, model, x, y, epsilons=args.eps, seed=args.seed, batch_size=args.batch_size,
+                            progress=_progress(args), **{k: v for k, v in rest.items() if k in accepted[n]})
+                  for n in names]
+        rep = Report(args.out, f"advlab attack: {', '.join(names)} on {dataset}, eps sweep",
+                     spec={"command": "attack", **{k: v for k, v in vars(args).items() if k != "func"}},
+                     seed=args.seed)
+        rows = [r for sw in sweeps for r in sw.rows()]
+        cols = ["attack", "norm", "eps", "robust accuracy", "success rate", "detected"]
+        rep.add_text(f"{x.shape[0]} test images of {dataset}; clean accuracy {100 * sweeps[0].clean_accuracy:.2f}%.")
+        rep.add_table("Accuracy vs eps", rows, cols,
+                      note="Robust accuracy is over all images, success rate and detected over those classified "
+                           "correctly when clean. A fixed-budget attack is run at each eps; a minimum-norm attack "
+                           "(cw, deepfool, lbfgs: L2; jsma: L0, changed pixels) runs once, and an image counts as "
+                           "broken at eps when its adversarial's norm is <= eps.")
+        rep.add_figure("accuracy-vs-eps", sweeps_figure(sweeps), "robust accuracy against eps")
+        rep.results["sweep"] = {sw.attack: sw.to_dict() for sw in sweeps}
+        rep.results["checkpoint"] = {"path": str(args.checkpoint), "metadata": {k: v for k, v in meta.items()
+                                                                              if k != "history"}}
+        out = rep.save()
+        print(markdown_table(rows, cols))
+        print(f"report: {out}")
+        return 0
     attacks = build_attacks(names, model, **params)
     ev = run_attacks([AttackRun(n, a) for n, a in attacks.items()], x, y, batch_size=args.batch_size,
                      progress=_progress(args))
@@ -203,10 +240,38 @@ def cmd_reproduce(args) -> int:
             print(f"{name:<16} {desc}")
         return 0
     out = args.out or os.path.join("results", Path(args.name).stem + ("-quick" if args.quick else ""))
-    rep = reproduce(args.name, out, quick=args.quick, data_root=args.data_root, device=args.device)
+    try:
+        with _sigterm_as_interrupt():
+            rep = reproduce(args.name, out, quick=args.quick, data_root=args.data_root, device=args.device,
+                            fresh=args.fresh)
+    except KeyboardInterrupt:
+        print(f"advlab: interrupted; the finished stages are kept in {Path(out) / '.stages'}: run the same command "
+              "again to resume (--fresh starts over)", file=sys.stderr)
+        return 130
     print(Path(rep.out_dir, "report.md").read_text())
     print(f"report: {rep.out_dir}")
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``) unwinds like Ctrl-C for the block, so temporary files are removed and
+    the finished stages stay (the main thread only; elsewhere the handler is left as it is)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _torchrun_evaluate(args) -> int:
@@ -237,12 +302,43 @@ def _torchrun_evaluate(args) -> int:
     return 0
 
 
+def _evaluate_sweep(args) -> Optional[List[float]]:
+    """Check ``advlab evaluate``'s numbers (each error names its flag) and return the sweep's eps
+    values (None for ``--sweep none``)."""
+    from ._util import check_nonneg, check_positive_int
+    from .attacks.base import check_norm
+    from .eval.evaluate import BATTERY
+
+    check_nonneg(args.eps, "--eps")
+    check_norm(args.norm)
+    for flag in ("n", "steps", "square_queries", "batch_size", "nproc"):
+        check_positive_int(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if args.reported is not None and not 0.0 <= args.reported <= 1.0:
+        raise _err(f"--reported must be an accuracy in [0, 1], got {args.reported}")
+    if args.attacks is not None:
+        stages = [a.strip() for a in args.attacks.split(",") if a.strip()]
+        unknown = [a for a in stages if a not in BATTERY]
+        if unknown or not stages:
+            raise _err(f"--attacks must name stages among {', '.join(BATTERY)}, got {args.attacks!r}")
+    if args.sweep == "none":
+        return None
+    parts = [v.strip() for v in (args.sweep or "0.25,0.5,2").split(",")]
+    try:
+        values = [float(v) * (1 if args.sweep else args.eps) for v in parts]
+    except ValueError:
+        raise _err(f"--sweep must be 'none' or comma-separated eps values, got {args.sweep!r}") from None
+    for v in values:
+        check_nonneg(v, "--sweep eps")
+    return values
+
+
 def cmd_evaluate(args) -> int:
     from . import distributed
     from .eval.evaluate import BATTERY, evaluate, load_evaluated, write_report
     from .eval.runner import pick_images
     from .train import read_checkpoint
 
+    sweep = _evaluate_sweep(args)  # every number is checked before a process is launched or a file read
     if getattr(args, "launcher", "none") == "torchrun" and "LOCAL_RANK" not in os.environ:
         return _torchrun_evaluate(args)
     distributed.init()  # under torchrun: join the process group (the battery's attacks shard); alone: nothing
@@ -256,8 +352,6 @@ def cmd_evaluate(args) -> int:
     test = _load_data(dataset, args.root, "test")
     x, y = pick_images(model, test, args.n, seed=args.seed)
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else list(BATTERY)
-    sweep = None if args.sweep == "none" else [float(v) * (1 if args.sweep else args.eps)
-                                               for v in (args.sweep or "0.25,0.5,2").split(",")]
     res = evaluate(model, x, y, norm=args.norm, eps=args.eps, seed=args.seed, steps=args.steps,
                    square_queries=args.square_queries, attacks=attacks, batch_size=args.batch_size, sweep=sweep,
                    progress=_progress(args))
@@ -271,8 +365,17 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bound(args) -> int:
+    from ._util import check_device, check_positive, check_positive_int
     from .eval.repro_vib import bound_command
 
+    # checked before the dataset is read and the all-pairs search starts
+    for k in args.k:
+        check_positive(k, "--k")
+    check_positive(args.max_tile_mb, "--max-tile-mb")
+    if args.subset is not None:
+        check_positive_int(args.subset, "--subset")
+    if args.device is not None:
+        check_device(args.device, "--device")
     rep = bound_command(args.dataset, args.root, args.out, ks=args.k, split=args.split, subset=args.subset,
                         seed=args.seed, device=args.device, max_tile_mb=args.max_tile_mb, method=args.method,
                         progress=_progress(args))
@@ -292,6 +395,15 @@ def cmd_defend(args) -> int:
 
 # ----------------------------------------------------------------------------- parser
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with advlab's error format: one line on stderr, ``advlab: error: ...``, exit code 2
+    (the usage is one ``--help`` away). Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        cmd = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        self.exit(2, f"advlab: error: {cmd + ': ' if cmd else ''}{message} (see `{self.prog} --help`)\n")
+
+
 def _add_common(p):
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cpu, or the checkpoint's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -299,7 +411,7 @@ def _add_common(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="advlab", description="Adversarial robustness of image classifiers: "
+    p = _Parser(prog="advlab", description="Adversarial robustness of image classifiers: "
                                 "attack, defend, detect and measure it honestly.")
     p.add_argument("--version", action="version", version=f"advlab {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -340,7 +452,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--only-correct", action="store_true", help="attack only correctly classified images")
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--out", default="results/attack")
+
+    def eps_values(text: str):
+        """One eps (a float: a single attack, as always) or a comma list of them (a sweep)."""
+        parts = [v.strip() for v in text.split(",") if v.strip()]
+        try:
+            values = [float(v) for v in parts]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid eps {text!r}: expected a number or a comma-separated "
+                                             "list of numbers (a sweep)") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"invalid eps {text!r}: expected a number")
+        return values[0] if len(values) == 1 else values
     for flag, (typ, help_) in ATTACK_FLAGS.items():
+        if flag == "eps":
+            typ, help_ = eps_values, help_ + "; a comma-separated list (0.05,0.1,0.2) runs an accuracy-vs-eps sweep"
         s.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None, help=help_)
     _add_common(s)
     s.set_defaults(func=cmd_attack)
@@ -410,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="small settings, a few minutes")
     s.add_argument("--out", default=None, help="report folder (default results/NAME)")
     s.add_argument("--data-root", default=None, help="folder holding mnist-10k/ and fashion-mnist/")
+    s.add_argument("--fresh", action="store_true", help="ignore the stages a previous run of the same spec finished "
+                   "in --out (by default an interrupted run resumes from them)")
     _add_common(s)
     s.set_defaults(func=cmd_reproduce)
     return p
