@@ -13,42 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import threading
 import time
 
 import numpy as np
 import torch
 
+from advlab._util import PeakRSS
 from advlab.data import load_dataset, shared_data_root
 from advlab.metrics.bound import bound_statistics, brute_force_nearest_other_class, nearest_other_class
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Peak resident set size (bytes) of this process while the block runs, sampled every 5 ms."""
-
-    def __enter__(self):
-        self.base = _rss()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss())
 
 
 def measure(x, y, device: str, **kw):
