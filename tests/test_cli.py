@@ -126,6 +126,12 @@ def test_reproduce_runs_a_users_own_yaml(tmp_path, capsys):
     for r in rows:
         assert abs(r["asr"] + r["failed"] + r["detected"] - 1) < 1e-9
     assert rows[2]["asr"] >= max(rows[0]["asr"], rows[1]["asr"])
+    # the same spec into the same folder resumes from its stages (model, defense, attacks): same rows
+    assert sorted(p.name.split("-")[0] for p in (out / ".stages").glob("*.pt")) == ["attacks", "defense", "model"]
+    assert main(["reproduce", str(spec), "--out", str(out), "--quiet"]) == 0
+    again = json.loads((out / "results.json").read_text())["results"]["rows"]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in again] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset: {name: digits}\nmodel: {name: model-e}\nattacks: [{kind: nope}]\n")
     assert main(["reproduce", str(bad), "--out", str(out)]) == 2

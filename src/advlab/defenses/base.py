@@ -88,6 +88,22 @@ class Defense(nn.Module):
     def from_config(cls, model: nn.Module, config: Dict[str, Any]) -> "Defense":
         return cls(model, **config)
 
+    def to_state(self) -> Dict[str, Any]:
+        """The defense as plain data (:meth:`config`, the weights, the training ``history`` if any):
+        what :meth:`save` writes, in memory; :meth:`from_state` rebuilds it on a fresh model."""
+        return {"config": self.config(), "state_dict": self.state_dict(),
+                "history": copy.deepcopy(getattr(self, "history", None))}
+
+    @classmethod
+    def from_state(cls, model: nn.Module, state: Dict[str, Any]) -> "Defense":
+        """Rebuild a defense from :meth:`to_state` on ``model`` (an instance of the architecture it
+        was fitted on; its weights are replaced by the stored ones)."""
+        defense = cls.from_config(model, state.get("config") or {})
+        defense.load_state_dict(state["state_dict"])
+        if state.get("history") is not None:
+            defense.history = state["history"]
+        return defense.eval()
+
     def save(self, path, **metadata) -> Path:
         """Write the defense (weights and :meth:`config`) atomically through the one checkpoint path."""
         from ..train import write_checkpoint

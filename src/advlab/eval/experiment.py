@@ -24,6 +24,7 @@ the report ends with the per-sample worst case over all attacks.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -32,11 +33,12 @@ from torch import nn
 from .._util import AdvlabError
 from ..attacks import build_attack
 from ..data import load_dataset, shared_data_root, shared_folder, split_validation
-from ..defenses import build_defense
+from ..defenses import build_defense, defense_class
 from ..models import build_model
 from ..train import evaluate, fit, load_checkpoint, predict, resolve_device
 from .report import Report
-from .runner import AttackRun, pick_images, random_targets, run_attacks
+from .runner import AttackRun, Evaluation, pick_images, random_targets, run_attacks
+from .stages import stage
 
 COLUMNS = ["attack", "threat model", "n", "clean_acc", "robust_acc", "robust_acc (reported)", "asr", "failed",
            "detected", "mean_l2", "mean_linf", "ssim", "seconds"]
@@ -146,8 +148,12 @@ def _model(spec: Dict[str, Any], train, device, seed: int):
     if not m.get("name"):
         raise AdvlabError("spec 'model' needs a 'checkpoint' path or a zoo 'name'")
     mean, std = train.channel_stats()
-    model = build_model(m["name"], train.num_classes, train.in_shape, mean=mean, std=std, seed=seed)
-    fit(model, train, seed=seed, device=device, progress=False, **(m.get("train") or {}))
+    model = build_model(m["name"], train.num_classes, train.in_shape, mean=mean, std=std, seed=seed).to(device)
+
+    def train_it():
+        fit(model, train, seed=seed, device=device, progress=False, **(m.get("train") or {}))
+        return model.state_dict()
+    model.load_state_dict(stage("model", train_it))  # resumable (advlab.eval.stages)
     return model
 
 
@@ -168,9 +174,12 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     dspec = _section(spec, "defense")
     if dspec:
         fit_set, val_set = split_validation(train, float(dspec.get("val_fraction", 0.15)), seed)
-        target = build_defense(dspec["name"], model, fit_set, seed=seed, **(dspec.get("params") or {}))
-        if hasattr(target, "tune_beta") and dspec.get("beta"):
-            target.tune_beta(val_set, goal=dspec["beta"])
+        def fit_defense():
+            d = build_defense(dspec["name"], model, fit_set, seed=seed, **(dspec.get("params") or {}))
+            if hasattr(d, "tune_beta") and dspec.get("beta"):
+                d.tune_beta(val_set, goal=dspec["beta"])
+            return d.to_state()
+        target = defense_class(dspec["name"]).from_state(copy.deepcopy(model), stage("defense", fit_defense))
         source.update({"defense": target, "surrogate": getattr(target, "surrogate", None)})
     source["defense"] = target
     x, y = pick_images(target, test, d.get("n", 500), only_correct=bool(d.get("only_correct", False)), seed=seed)
@@ -186,7 +195,8 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                               threat, targets))
     if not runs:
         raise AdvlabError("spec has no attacks")
-    ev = run_attacks(runs, x, y, judge=lambda xb: predict(target, xb), batch_size=int(spec.get("batch_size", 256)))
+    ev = Evaluation.from_state(stage("attacks", lambda: run_attacks(
+        runs, x, y, judge=lambda xb: predict(target, xb), batch_size=int(spec.get("batch_size", 256))).to_state()))
     rows = ev.rows + ([ev.worst_row()] if len(runs) > 1 else [])
     reported = spec.get("reported") or {}
     for r in rows:

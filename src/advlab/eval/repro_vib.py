@@ -187,16 +187,10 @@ def _bound_section(spec, root, seed, rep: Report, log) -> Dict[str, Any]:
 def _cached_defense(teacher, dset, k: float, samples: int, dcfg, distances, seed: int) -> VIBDefense:
     """One cell of the defense grid (:meth:`VIBDefense.fit`) as a resumable stage: the student's
     weights and history are stored and loaded back into a defense built on ``teacher``."""
-    def fit_cell():
-        dfn = VIBDefense.fit(teacher, dset, k=k, samples=samples, epochs=int(dcfg.get("epochs", 10)),
-                             lr=float(dcfg.get("lr", 1e-3)), batch_size=int(dcfg.get("batch_size", 64)),
-                             distances=distances, seed=seed, progress=False)
-        return {"state": dfn.state_dict(), "history": dfn.history}
-    st = stage(f"defense k={k:g} samples={samples}", fit_cell)
-    dfn = VIBDefense(teacher, k=k, samples=samples)
-    dfn.load_state_dict(st["state"])
-    dfn.history = st["history"]
-    return dfn.eval()
+    st = stage(f"defense k={k:g} samples={samples}", lambda: VIBDefense.fit(
+        teacher, dset, k=k, samples=samples, epochs=int(dcfg.get("epochs", 10)), lr=float(dcfg.get("lr", 1e-3)),
+        batch_size=int(dcfg.get("batch_size", 64)), distances=distances, seed=seed, progress=False).to_state())
+    return VIBDefense.from_state(teacher, st)
 
 
 def _paper_fgsm(spec, eps: float, cell: Optional[tuple]) -> Optional[float]:
