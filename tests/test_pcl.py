@@ -178,3 +178,40 @@ def test_joint_objective_matches_training_loss(digits_data):
     per_sample = joint_objective(d)(JointLossScores(d)(x), y)
     assert per_sample.shape == (16,)
     assert math.isclose(float(per_sample.detach().mean()), float(d.joint_loss(x, y).detach()), rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_softmax_twin_is_pcl_without_the_pc_loss(digits_data):
+    """The reproduction's Softmax row: the CE warm-up continued for the PC phase's epochs, data,
+    batch order, optimiser and lr decay on CE only — PCL with every PC weight at 0 is the same model."""
+    from advlab.defenses.pcl import pc_milestones
+    from advlab.eval.repro_pcl import softmax_twin
+
+    train, test = digits_data
+    warm = build_model("lenet5", 10, (1, 8, 8), seed=0)
+    fit(warm, train, epochs=1, lr=0.01, batch_size=64, optimizer="adam", seed=0)
+    before = {k: v.clone() for k, v in warm.state_dict().items()}
+    kw = dict(lr=0.01, batch_size=64, optimizer="adam", weight_decay=1e-4, seed=0)
+    twin = softmax_twin(warm, train, 2, **kw)
+    zero = PCLDefense.fit(warm, train, warmup_epochs=0, pc_epochs=2, progress=False, pull=0.0, push=0.0,
+                          separation=0.0, **kw)
+    assert zero.history["pc"][0]["lr_decay_steps"] == pc_milestones(len(train), 2, 64)
+    for (k, a), b in zip(twin.state_dict().items(), zero.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), k
+    assert all(torch.equal(v, before[k]) for k, v in warm.state_dict().items())   # warm-up untouched
+    assert not torch.equal(twin.state_dict()["head.weight"], before["head.weight"])
+
+
+def test_prototype_scores_decide_as_eq6_and_linf_worst_case(digits_data):
+    from advlab.eval.repro_pcl import PrototypeScores, linf_worst
+
+    train, test = digits_data
+    d = PCLDefense.fit(build_model("lenet5", 10, (1, 8, 8), seed=0), train, warmup_epochs=2, pc_epochs=1, lr=0.05,
+                       batch_size=64, seed=0)
+    x, y = test.images[:24], test.labels[:24]
+    assert torch.equal(PrototypeScores(d)(x).argmax(1), d.predict(x, rule="prototype"))
+    spec = {"linf_battery": {"steps": 3, "square_queries": 5, "margin_steps": 3}}
+    r = linf_worst(d, x, y, 0.1, spec, seed=0)
+    assert r["adaptive"] <= min(r[k] for k in ("FGSM", "BIM", "MIM", "PGD"))
+    assert r["robust"].shape == (24,) and math.isclose(float(r["robust"].float().mean()), r["adaptive"])
+    # what broke at a smaller eps stays broken
+    assert linf_worst(d, x, y, 0.1, spec, seed=0, broken_before=torch.ones(24, dtype=torch.bool))["adaptive"] == 0

@@ -23,11 +23,17 @@ Readings of the paper settled here:
   globally average-pooled (the GAP branch of Table 1); the auxiliary map G_phi of eq. 9 is the
   identity (Table 1's branches are already low-dimensional). Other models: ``feature_layers``,
   else ``hidden_layers``, else the input of the last linear layer.
-- Prototypes: one set per layer, initialised N(0, 1) (as the released code), stepped once per
-  batch by their own SGD (lr 0.5) with their gradient rescaled by 1/weight of the term that owns
-  them (the center-loss convention: the step does not depend on the weight).
-- Model optimiser: SGD with momentum; learning rate x0.1 at 2/3 and 5/6 of the PC phase (the
-  paper's T = 200, 250 of 300). The prototypes keep their learning rate (center-loss convention).
+- Prototypes: one set per layer (two with the "official-code" preset), initialised by
+  ``prototype_init``: for the "paper" preset (the default) at the class means of the warmed-up
+  features on up to 2,000 training images (the paper leaves the initialisation open), for
+  "official-code" N(0, 1) as the released code; stepped once per batch by their own plain SGD
+  (lr 0.5) with their gradient rescaled by 1/weight of the term that owns them (the center-loss
+  convention: the step does not depend on the weight).
+- Model optimiser: ``optimizer="sgd"`` (the default: SGD, Nesterov momentum 0.9, lr 0.01, weight
+  decay 1e-4) or ``"adam"`` (what ``advlab reproduce pcl`` uses, see ``specs/pcl.yaml``); the same
+  optimiser for the CE warm-up. Its learning rate goes x0.1 at 2/3 and 5/6 of the PC phase (the
+  paper's T = 200, 250 of 300); the warm-up has no decay. The prototypes keep their learning rate
+  (center-loss convention).
 - CE warm-up: ``warmup_epochs`` of plain cross-entropy first (T' of Algorithm 1); 0 when the model
   handed in is already trained.
 - Adversarial training (Algorithm 1, lines 10-13): see :mod:`advlab.defenses.advtrain`; the
@@ -114,6 +120,13 @@ def pc_loss(f: torch.Tensor, y: torch.Tensor, prototypes: torch.Tensor,
     (see :func:`pc_terms`). With the defaults and one prototype set this is eq. 5 divided by N."""
     a, b, c = pc_terms(f, y, prototypes, push_prototypes, squared)
     return (pull * a - push * b - separation * c).mean()
+
+
+def pc_milestones(n: int, epochs: int, batch_size: int, decay_at: Sequence[float] = (2 / 3, 5 / 6)) -> List[int]:
+    """The optimiser steps at which a PC phase of ``epochs`` on ``n`` images in batches of
+    ``batch_size`` multiplies the learning rate by 0.1 (at the fractions ``decay_at`` of it)."""
+    steps = epochs * max(1, math.ceil(n / batch_size))
+    return sorted({max(1, int(round(f * steps))) for f in decay_at})
 
 
 class PrototypeSet(nn.Module):
@@ -418,9 +431,7 @@ class PCLDefense(Defense):
         record: Dict[str, Any] = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "adversarial": adversarial,
                                   "adv_eps": adv_eps if adversarial else None,
                                   "adv_objective": adv_objective if adversarial else None, "per_epoch": []}
-        n = len(dataset_tensors(dataset)[1])
-        steps = epochs * max(1, math.ceil(n / batch_size))
-        milestones = sorted({max(1, int(round(f * steps))) for f in decay_at})
+        milestones = pc_milestones(len(dataset_tensors(dataset)[1]), epochs, batch_size, decay_at)
         record["lr_decay_steps"] = milestones
         running = {"ce": 0.0, "pc": [0.0] * len(self.layers), "n": 0}
 

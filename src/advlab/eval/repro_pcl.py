@@ -9,18 +9,23 @@ paper's numbers live in ``specs/pcl.yaml``; this module holds the protocol and t
 
 Protocol (written into every report):
 
-- Softmax is cnn6 (Table 1) trained with cross-entropy: it is also the CE warm-up (T') of
-  Algorithm 1, from which PCL continues with CE + L_PC on the GAP, FC 512 and FC 64 features
-  (prototypes: own SGD, lr 0.5, initialised at the class means of the warmed-up features; model:
-  the spec's optimiser, lr x0.1 at 2/3 and 5/6 of the PC phase). The two
-  AdvTrain rows continue from the trained PCL model with clean and adversarial examples 1:1 per
-  batch, eps ~ U[0.1, 0.5] per batch, crafted on the joint loss by FGSM or by PGD (10 steps of
-  eps/10, random start) — the paper trains them for the whole PC phase; we fine-tune (scale);
+- cnn6 (Table 1) is first trained with cross-entropy for the CE warm-up (T') of Algorithm 1; PCL
+  continues from it with CE + L_PC on the GAP, FC 512 and FC 64 features (prototypes: own SGD, lr
+  0.5, initialised at the class means of the warmed-up features; model: the spec's optimiser, lr
+  x0.1 at 2/3 and 5/6 of the PC phase). The Softmax row is PCL's equal-budget softmax twin: the
+  same warm-up continued for the same PC-phase epochs on the same data, in the same batch order,
+  with the same optimiser and learning-rate decay, on cross-entropy only — so "PCL keeps the clean
+  accuracy of its softmax twin" compares two models that differ only in the loss. The two AdvTrain
+  rows continue from the trained PCL model with clean and adversarial examples 1:1 per batch, eps ~
+  U[0.1, 0.5] per batch, crafted on the joint loss by FGSM or by PGD (10 steps of eps/10, random
+  start) — the paper trains them for the whole PC phase; we fine-tune (scale);
 - every number is an accuracy (%) over the same ``n`` test images (drawn by a seeded permutation,
-  not filtered on correctness), judged by the model's own decision (argmax of the logits);
+  not filtered on correctness), judged by the model's own decision (argmax of the logits), except
+  the eq. 6 columns, judged by the nearest-prototype rule;
 - white-box, paper protocol: FGSM, BIM, MIM (decay 1), PGD (random start) at L-inf eps 0.3 with 10
   iterations of eps/10, on the cross-entropy of the logits; C&W L2 with c = 10 (one constant, no
-  binary search, as the paper's "c = 10") on a subset, unbounded in norm;
+  binary search, as the paper's "c = 10"; Adam in tanh space with the spec's steps and lr) on a
+  subset, unbounded in norm; its success rate on the Softmax row says whether it converged;
 - black-box: the same attacks crafted on an independently trained model of another architecture
   (the paper's VGG-19 is out of reach on this machine; LeNet-5 with its own seed stands in) and
   fed to each model;
@@ -29,6 +34,14 @@ Protocol (written into every report):
   attacks, the :func:`advlab.eval.evaluate` battery (APGD-CE, APGD-T with the DLR loss, Square)
   and APGD-DLR / PGD with the margin loss, more steps and restarts; each later attack runs on the
   images every earlier one failed on. It is therefore never above the paper-protocol number;
+- eq. 6 (nearest prototype of the FC 64 features): clean accuracy on the test set, and robust
+  accuracy at eps 0.3 judged by eq. 6 — the Table 2 adversarials (crafted on the logits), PGD-10
+  on the prototype scores (minus the distances, as logits) and, on the survivors, the battery and
+  PGD-margin on the prototype scores; per-sample worst case;
+- Table 9, the accuracy-vs-eps sweep and the layer ablation use one per-sample worst case on a
+  smaller subset: FGSM, BIM, MIM, PGD-10, then the :func:`advlab.eval.evaluate` battery (APGD-CE,
+  APGD-T, Square) and PGD-margin on the survivors; at a larger eps it also counts the adversarials
+  found at a smaller one on the same image (they lie inside the larger ball);
 - C&W is reported on its own (an L2 attack without a budget: another threat model) and is not
   part of the L-inf worst cases.
 """
@@ -43,11 +56,12 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..attacks import build_attack
 from ..data import shared_data_root, load_train_test
 from ..defenses.advtrain import madry_fit
-from ..defenses.pcl import JointLossScores, PCLDefense, joint_objective
+from ..defenses.pcl import JointLossScores, PCLDefense, joint_objective, pc_milestones
 from ..models import build_model
 from ..train import evaluate, fit, predict, resolve_device
 from .checks import attack_checks, eps_sweep_check, zero_gradient_fraction
@@ -57,6 +71,7 @@ from .runner import adversarial_result, pick_images, worst_case
 from .stages import stage
 
 PAPER_ATTACKS = ("FGSM", "BIM", "MIM", "PGD")
+SWEEP_ADAPTIVE = "adaptive (paper attacks + battery + PGD-margin)"
 T2_COLS = ["No Attack", "FGSM", "BIM", "C&W", "MIM", "PGD", "BB FGSM", "BB BIM", "BB C&W", "BB MIM", "BB PGD"]
 
 
@@ -104,6 +119,34 @@ def _alive(results, y: torch.Tensor) -> torch.Tensor:
 
 def _run(atk, x, y, judge, batch_size):
     return adversarial_result(x, y, _batched_attack(atk, x, y, batch_size), judge)
+
+
+class PrototypeScores(nn.Module):
+    """Eq. 6 as a classifier: scores = minus the distances of the ``prototype_layer`` feature to
+    its pull prototypes (:meth:`PCLDefense.prototype_scores`). Their argmax is eq. 6's decision, so
+    the registry's attacks and the :func:`advlab.eval.evaluate` battery attack that rule directly."""
+
+    def __init__(self, defense: PCLDefense):
+        super().__init__()
+        self.defense = defense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.defense.prototype_scores(x)
+
+
+def softmax_twin(warm: nn.Module, train, epochs: int, lr: float, batch_size: int, optimizer: str = "sgd",
+                 weight_decay: float = 1e-4, seed: int = 0) -> nn.Module:
+    """PCL's equal-budget softmax twin: a copy of the CE warm-up ``warm`` (left unchanged) trained
+    for the PC phase's ``epochs`` on the same data with the same seed (so the same batch order),
+    optimiser and learning-rate decay (x0.1 at 2/3 and 5/6), on cross-entropy only. PCL continued
+    from ``warm`` with the same arguments differs from it only in the loss."""
+    twin = copy.deepcopy(warm)
+    ms = pc_milestones(len(train), epochs, batch_size)
+    if epochs:
+        fit(twin, train, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
+            seed=seed, progress=False, desc="softmax twin",
+            schedule=lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, ms, 0.1))
+    return twin.eval()
 
 
 # --------------------------------------------------------------------------- measurements
@@ -184,31 +227,128 @@ def adaptive(model, x, y, eps: float, spec, seed: int, log, earlier: List, joint
     return worst, stages, battery
 
 
+def linf_worst(model, x: torch.Tensor, y: torch.Tensor, eps: float, spec, seed: int,
+               broken_before: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+    """At L-inf ``eps`` on ``(x, y)``: FGSM, BIM, MIM and PGD-10 (paper protocol, each on every
+    image) and the adaptive per-sample worst case: those four, the images in ``broken_before``
+    (broken at a smaller eps: their adversarial lies inside this ball too), then the
+    :func:`advlab.eval.evaluate` battery (APGD-CE, APGD-T, Square; ``spec["linf_battery"]``) on the
+    survivors, then PGD-margin on the battery's survivors. Returns robust accuracies (fractions),
+    the cumulative stages, the per-sample ``robust`` mask and the seconds (plain data)."""
+    cfg = spec.get("linf_battery", {})
+    bs = int(spec.get("batch_size", 256))
+    judge = lambda xb: predict(model, xb)  # noqa: E731
+    t0 = time.perf_counter()
+    if eps == 0:
+        ok = judge(x) == y
+        acc = float(ok.float().mean())
+        return {**{k: acc for k in PAPER_ATTACKS}, "adaptive": acc, "stages": {}, "robust": ok, "seconds": 0.0}
+    res = {k: _run(paper_attack(k, model, eps, seed), x, y, judge, bs) for k in PAPER_ATTACKS}
+    alive = _alive(res.values(), y)
+    stages = {"paper attacks (FGSM, BIM, MIM, PGD-10)": float(alive.float().mean())}
+    if broken_before is not None:
+        alive &= ~broken_before
+        stages["+ broken at a smaller eps"] = float(alive.float().mean())
+    alive = _battery_then_margin(model, x, y, alive, judge, eps, seed, bs, int(cfg.get("steps", 25)),
+                                 int(cfg.get("square_queries", 300)), int(cfg.get("margin_steps", 50)), stages)
+    return {**{k: r.robust_accuracy for k, r in res.items()}, "adaptive": float(alive.float().mean()),
+            "stages": stages, "robust": alive, "seconds": time.perf_counter() - t0}
+
+
+def _battery_then_margin(model, x, y, alive: torch.Tensor, judge, eps: float, seed: int, bs: int, steps: int,
+                         square_queries: int, margin_steps: int, stages: Optional[Dict[str, float]] = None):
+    """On the images still ``alive`` (robust so far): the :func:`advlab.eval.evaluate` battery
+    (APGD-CE, APGD-T, Square; no checks), then PGD-margin with ``margin_steps`` steps on what the
+    battery left; each judged by ``judge``. Returns the new ``alive``; ``stages`` gets the robust
+    accuracy after each."""
+    alive = alive.clone()
+    if bool(alive.any()):
+        idx = alive.nonzero().squeeze(1)
+        bat = run_battery(model, x[idx], y[idx], norm="inf", eps=eps, seed=seed, steps=steps,
+                          square_queries=square_queries, batch_size=bs, checks=False, progress=False)
+        alive[idx] = judge(bat.x_adv) == y[idx]
+    if stages is not None:
+        stages["+ battery (APGD-CE, APGD-T, Square)"] = float(alive.float().mean())
+    if bool(alive.any()):
+        m = on_survivors(build_attack("pgd", model, eps=eps, alpha=2.5 * eps / margin_steps, steps=margin_steps,
+                                      loss="margin", seed=seed + 1), x, y, alive, judge, bs)
+        alive &= m.adv_pred == m.labels
+    if stages is not None:
+        stages["+ PGD-margin"] = float(alive.float().mean())
+    return alive
+
+
+def linf_grid(models: Dict[str, Any], needs: Dict[str, List[float]], x, y, spec, seed, log) -> Dict[str, Dict]:
+    """:func:`linf_worst` for each model at each of its eps in ``needs``, in ascending eps (so the
+    worst case at an eps counts what broke at the smaller ones, whatever table asked first).
+    Returns {model: {eps: result}}."""
+    out: Dict[str, Dict[float, Dict[str, Any]]] = {}
+    for name, grid in needs.items():
+        out[name] = {}
+        broken = None
+        for e in sorted({float(v) for v in grid}):
+            r = linf_worst(models[name], x, y, e, spec, seed, broken)
+            out[name][e] = r
+            broken = ~r["robust"]
+        log(f"    {name}: " + ", ".join(f"eps {e:g} PGD-10 {100 * r['PGD']:.0f} / adaptive {100 * r['adaptive']:.0f}"
+                                      f" ({r['seconds']:.0f} s)" for e, r in out[name].items()))
+    return out
+
+
+def eq6_robust(model: PCLDefense, x: torch.Tensor, y: torch.Tensor, eps: float, spec, seed: int,
+               transfer: Dict[str, torch.Tensor]) -> Dict[str, Optional[float]]:
+    """Robust accuracy under eq. 6 (nearest prototype) at L-inf ``eps``: the adversarials of
+    ``transfer`` (crafted on the logits or the joint loss) judged by eq. 6, PGD-10 on the prototype
+    scores (:class:`PrototypeScores`), then, on the survivors of all of them, the
+    :func:`advlab.eval.evaluate` battery and PGD-margin on the prototype scores (per-sample worst
+    case; ``spec["adaptive"]`` settings)."""
+    ad = spec.get("adaptive", {})
+    bs = int(spec.get("batch_size", 256))
+    j6 = lambda xb: model.predict(xb, rule="prototype")  # noqa: E731
+    scores = PrototypeScores(model)
+    moved = {k: adversarial_result(x, y, v, j6) for k, v in transfer.items()}
+    pgd = _run(paper_attack("PGD", scores, eps, seed), x, y, j6, bs)
+    results = list(moved.values()) + [pgd]
+    alive = _alive(results, y)
+    alive = _battery_then_margin(scores, x, y, alive, j6, eps, seed, bs, int(ad.get("steps", 100)),
+                                 int(ad.get("square_queries", 1000)), int(ad.get("margin_steps", 100)))
+    return {"eq. 6 PGD-10 (logits) %": _pct(moved["PGD"].robust_accuracy) if "PGD" in moved else None,
+            "eq. 6 PGD-10 (prototype scores) %": _pct(pgd.robust_accuracy),
+            "eq. 6 adaptive %": _pct(float(alive.float().mean()))}
+
+
 # --------------------------------------------------------------------------- one dataset
 def _data(exp, data_root, seed: int):
     return load_train_test(exp["dataset"], data_root, exp.get("folder"), exp.get("train_subset"),
                            exp.get("test_subset"), seed)
 
 
+def _train_cfg(exp, spec) -> Dict[str, Any]:
+    return dict(spec.get("train", {}), **exp.get("train", {}))
+
+
 def train_models(exp, spec, train, seed, dev, log) -> Dict[str, Any]:
-    """Softmax (= the CE warm-up), PCL, PCL + AdvTrain FGSM / PGD, optionally Madry PGD-AT, and the
-    independent black-box source."""
-    tr = dict(spec.get("train", {}), **exp.get("train", {}))
+    """The CE warm-up, PCL (continued from it), its equal-budget softmax twin (the Softmax row),
+    PCL + AdvTrain FGSM / PGD, optionally Madry PGD-AT (from the twin), the ablation's extra
+    layer sets, and the independent black-box source."""
+    tr = _train_cfg(exp, spec)
     mean, std = train.channel_stats()
     models: Dict[str, Any] = {}
     secs: Dict[str, float] = {}
-    t0 = time.perf_counter()
-    soft = build_model("cnn6", train.num_classes, train.in_shape, mean=mean, std=std, seed=seed).to(dev)
     opt = str(tr.get("optimizer", "sgd"))
-    fit(soft, train, epochs=int(tr["warmup_epochs"]), lr=float(tr["lr"]), batch_size=int(tr["batch_size"]),
-        optimizer=opt, weight_decay=float(tr.get("weight_decay", 1e-4)), seed=seed, progress=False,
-        desc="softmax / warm-up")
-    models["Softmax"] = soft.eval()
-    secs["Softmax (CE warm-up)"] = time.perf_counter() - t0
+    lr, bsz, wd = float(tr["lr"]), int(tr["batch_size"]), float(tr.get("weight_decay", 1e-4))
     t0 = time.perf_counter()
-    pcl = PCLDefense.fit(soft, train, warmup_epochs=0, pc_epochs=int(tr["pc_epochs"]), lr=float(tr["lr"]),
-                         batch_size=int(tr["batch_size"]), weight_decay=float(tr.get("weight_decay", 1e-4)),
-                         optimizer=opt, preset=spec.get("preset", "paper"), seed=seed, progress=False)
+    warm = build_model("cnn6", train.num_classes, train.in_shape, mean=mean, std=std, seed=seed).to(dev)
+    fit(warm, train, epochs=int(tr["warmup_epochs"]), lr=lr, batch_size=bsz, optimizer=opt, weight_decay=wd,
+        seed=seed, progress=False, desc="CE warm-up")
+    warm.eval()
+    secs["CE warm-up"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    models["Softmax"] = softmax_twin(warm, train, int(tr["pc_epochs"]), lr, bsz, opt, wd, seed)
+    secs["Softmax twin (CE, PC-phase epochs)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pcl = PCLDefense.fit(warm, train, warmup_epochs=0, pc_epochs=int(tr["pc_epochs"]), lr=lr, batch_size=bsz,
+                         weight_decay=wd, optimizer=opt, preset=spec.get("preset", "paper"), seed=seed, progress=False)
     models["PCL"] = pcl
     secs["PCL (PC phase)"] = time.perf_counter() - t0
     adv_set = train.subset(int(tr["adv_subset"]), seed=seed + 7) if tr.get("adv_subset") else train
@@ -216,22 +356,33 @@ def train_models(exp, spec, train, seed, dev, log) -> Dict[str, Any]:
         t0 = time.perf_counter()
         d = copy.deepcopy(pcl)
         d.history = copy.deepcopy(pcl.history)
-        d.train_pc(adv_set, int(tr["adv_epochs"]), lr=float(tr.get("adv_lr", tr["lr"])),
-                   batch_size=int(tr["batch_size"]), weight_decay=float(tr.get("weight_decay", 1e-4)), optimizer=opt,
-                   adversarial=kind.lower(), adv_eps=tuple(spec.get("adv_eps", (0.1, 0.5))), adv_objective="joint",
-                   seed=seed, progress=False, phase="advtrain")
+        d.train_pc(adv_set, int(tr["adv_epochs"]), lr=float(tr.get("adv_lr", lr)), batch_size=bsz, weight_decay=wd,
+                   optimizer=opt, adversarial=kind.lower(), adv_eps=tuple(spec.get("adv_eps", (0.1, 0.5))),
+                   adv_objective="joint", seed=seed, progress=False, phase="advtrain")
         models[f"PCL + AdvTrain {kind}"] = d
         secs[f"PCL + AdvTrain {kind}"] = time.perf_counter() - t0
     if exp.get("madry", spec.get("madry")):
         mcfg = spec.get("madry_train", {})
         t0 = time.perf_counter()
-        m = copy.deepcopy(soft)
+        m = copy.deepcopy(models["Softmax"])
         madry_fit(m, adv_set, eps=float(mcfg.get("eps", 0.3)), steps=int(mcfg.get("steps", 10)),
                   alpha=float(mcfg.get("alpha", 0.03)), epochs=int(tr["adv_epochs"]) * int(mcfg.get("epoch_factor", 1)),
-                  lr=float(tr.get("adv_lr", tr["lr"])), batch_size=int(tr["batch_size"]), optimizer=opt,
-                  weight_decay=float(tr.get("weight_decay", 1e-4)), seed=seed, progress=False)
+                  lr=float(tr.get("adv_lr", lr)), batch_size=bsz, optimizer=opt, weight_decay=wd, seed=seed,
+                  progress=False)
         models["Madry PGD-AT (CE, from Softmax)"] = m.eval()
         secs["Madry PGD-AT"] = time.perf_counter() - t0
+    extra: Dict[str, Any] = {}
+    if spec.get("ablation") and exp.get("ablation", False):
+        for layers in spec["ablation"]["layer_sets"]:
+            layers = list(layers)
+            if not layers or layers == list(pcl.layers):
+                continue  # the twin and PCL themselves (the same budget)
+            t0 = time.perf_counter()
+            extra[" + ".join(layers)] = PCLDefense.fit(warm, train, layers=layers, warmup_epochs=0,
+                                                       pc_epochs=int(tr["pc_epochs"]), lr=lr, batch_size=bsz,
+                                                       weight_decay=wd, optimizer=opt,
+                                                       preset=spec.get("preset", "paper"), seed=seed, progress=False)
+            secs[f"ablation: PCL on {' + '.join(layers)}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     bb = spec.get("blackbox_source", {})
     src = build_model(bb.get("model", "lenet5"), train.num_classes, train.in_shape, mean=mean, std=std,
@@ -240,18 +391,25 @@ def train_models(exp, spec, train, seed, dev, log) -> Dict[str, Any]:
         schedule="onecycle", seed=seed + 1000, progress=False, desc="black-box source")
     secs["black-box source"] = time.perf_counter() - t0
     log(f"  trained in {sum(secs.values()):.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items()))
-    return {"models": models, "source": src.eval(), "seconds": secs}
+    return {"models": models, "ablation": extra, "warmup": warm, "source": src.eval(), "seconds": secs,
+            "twin": {"epochs": int(tr["pc_epochs"]), "lr_decay_steps": pc_milestones(len(train), int(tr["pc_epochs"]),
+                                                                                     bsz),
+                     "pcl_lr_decay_steps": list(pcl.history["pc"][0]["lr_decay_steps"])}}
 
 
 def _cached_models(exp, spec, train, seed, dev, log) -> Dict[str, Any]:
     """:func:`train_models` as a resumable stage (the training is most of an experiment's time):
     plain models are stored as weights, PCL defenses as weights, config and history, and rebuilt
     on fresh zoo models of the same architecture."""
+    def pack(m):
+        return ({"config": m.config(), "state": m.state_dict(), "history": m.history}
+                if isinstance(m, PCLDefense) else {"state": m.state_dict()})
+
     def work():
         tm = train_models(exp, spec, train, seed, dev, log)
-        models = {n: ({"config": m.config(), "state": m.state_dict(), "history": m.history}
-                      if isinstance(m, PCLDefense) else {"state": m.state_dict()}) for n, m in tm["models"].items()}
-        return {"models": models, "source": tm["source"].state_dict(), "seconds": tm["seconds"]}
+        return {"models": {n: pack(m) for n, m in tm["models"].items()},
+                "ablation": {n: pack(m) for n, m in tm["ablation"].items()}, "warmup": pack(tm["warmup"]),
+                "source": tm["source"].state_dict(), "seconds": tm["seconds"], "twin": tm["twin"]}
 
     st = stage(f"{exp['name']}/trained models", work)
     mean, std = train.channel_stats()
@@ -260,18 +418,20 @@ def _cached_models(exp, spec, train, seed, dev, log) -> Dict[str, Any]:
     def fresh(name: str, model_seed: int):
         return build_model(name, train.num_classes, train.in_shape, mean=mean, std=std, seed=model_seed).to(dev)
 
-    models: Dict[str, Any] = {}
-    for n, m in st["models"].items():
+    def unpack(m):
         if "config" in m:
             net = PCLDefense.from_config(fresh("cnn6", seed), m["config"])
             net.history = m["history"]
         else:
             net = fresh("cnn6", seed)
         net.load_state_dict(m["state"])
-        models[n] = net.eval()
+        return net.eval()
+
     src = fresh(bb.get("model", "lenet5"), seed + 1000)
     src.load_state_dict(st["source"])
-    return {"models": models, "source": src.eval(), "seconds": st["seconds"]}
+    return {"models": {n: unpack(m) for n, m in st["models"].items()},
+            "ablation": {n: unpack(m) for n, m in st["ablation"].items()}, "warmup": unpack(st["warmup"]),
+            "source": src.eval(), "seconds": st["seconds"], "twin": st["twin"]}
 
 
 def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: int, device=None,
@@ -285,11 +445,12 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
     eps = float(spec.get("eps", 0.3))
     bs = int(spec.get("batch_size", 256))
     x, y = pick_images(src, test, int(spec.get("n", 200)), seed=seed)
-    n_cw = int(spec.get("cw", {}).get("n", 50))
+    n_cw = min(int(spec.get("cw", {}).get("n", 50)), int(x.shape[0]))
     cwp = {k: v for k, v in spec.get("cw", {}).items() if k != "n"}
     out: Dict[str, Any] = {"name": exp["name"], "paper": exp.get("paper"), "n": int(x.shape[0]), "n_cw": n_cw,
                            "n_train": len(train), "n_test": len(test), "seconds": dict(tm["seconds"]),
-                           "rows": {}, "table3": {}, "headline": [], "history": {}}
+                           "rows": {}, "table3": {}, "headline": [], "history": {}, "cw": {},
+                           "twin": dict(tm["twin"], warmup_clean=_pct(evaluate(tm["warmup"], test)))}
     # black-box: crafted once on the source
     t0 = time.perf_counter()
     bb_adv = {k: _batched_attack(paper_attack(k, src, eps, seed), x, y, bs) for k in PAPER_ATTACKS}
@@ -306,10 +467,18 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
         wb = white_box(model, x, y, eps, spec, seed, log)
         cw = adversarial_result(x[:n_cw], y[:n_cw], _batched_attack(build_attack("cw", model, **cwp), x[:n_cw],
                                                                      y[:n_cw], bs), judge)
+        ok = cw.clean_pred == cw.labels
+        hit = ok & (cw.adv_pred != cw.labels)
+        out["cw"][mname] = {"n": n_cw, "clean": _pct(float(ok.float().mean())), "robust": _pct(cw.robust_accuracy),
+                            "success rate %": _pct(float(hit.sum()) / int(ok.sum())) if bool(ok.any()) else None,
+                            "mean L2 (successes)": float(cw.l2[hit].mean()) if bool(hit.any()) else None}
+        log(f"    C&W: robust {out['cw'][mname]['robust']:.1f}%, success rate "
+            f"{_num(out['cw'][mname], 'success rate %'):.1f}% of the correctly classified")
         bbr = {k: adversarial_result(x[: v.shape[0]], y[: v.shape[0]], v, judge) for k, v in bb_adv.items()}
         row = {"No Attack": _pct(clean), **{k: _pct(r.robust_accuracy) for k, r in wb.items()},
                "C&W": _pct(cw.robust_accuracy), **{f"BB {k}": _pct(r.robust_accuracy) for k, r in bbr.items()}}
         joint = model if isinstance(model, PCLDefense) else None
+        t3: Dict[str, Any] = {}
         if joint is not None:
             t3 = white_box(model, x, y, eps, spec, seed, log, joint=joint)
             out["table3"][mname] = {k: _pct(r.robust_accuracy) for k, r in t3.items()}
@@ -330,6 +499,12 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
         if isinstance(model, PCLDefense):
             head["eq. 6 clean %"] = _pct(float((model.predict(test.images, rule="prototype") == test.labels)
                                                .float().mean()))
+            transfer = {k: r.adversarials for k, r in wb.items()}
+            transfer.update({f"joint {k}": r.adversarials for k, r in t3.items()})
+            transfer["adaptive worst"] = worst.adversarials
+            head.update(eq6_robust(model, x, y, eps, spec, seed, transfer))
+            log(f"    eq. 6: clean {head['eq. 6 clean %']:.2f}%, PGD-10 (logits) "
+                f"{head['eq. 6 PGD-10 (logits) %']:.1f}%, adaptive {head['eq. 6 adaptive %']:.1f}%")
         out["headline"].append(head)
         out.setdefault("stages", {})[mname] = {k: _pct(v) for k, v in stages.items()}
         out.setdefault("flags", {})[mname] = [f.to_dict() for f in battery.flags] if battery else []
@@ -341,110 +516,106 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
         if isinstance(model, PCLDefense):
             out["history"][mname] = model.history
         out["seconds"][f"evaluate {mname}"] = time.perf_counter() - t0
-    if spec.get("table9") and exp.get("table9", True):
-        out["table9"] = table9(models, x, y, spec, seed, log)
-    if spec.get("sweep") and exp.get("sweep", True):
-        out["sweep"] = sweep(models["PCL"], x, y, spec, seed, log)
-    if spec.get("ablation") and exp.get("ablation", False):
-        out["ablation"] = ablation(models["Softmax"], train, test, x, y, spec, seed, log)
+    # Table 9, the sweep and the ablation: one per-sample worst case (paper attacks + battery +
+    # PGD-margin) on a smaller subset, each (model, eps) computed once, in ascending eps
+    do9 = bool(spec.get("table9")) and exp.get("table9", True)
+    dosw = bool(spec.get("sweep")) and exp.get("sweep", True)
+    doab = bool(spec.get("ablation")) and exp.get("ablation", False)
+    if do9 or dosw or doab:
+        t0 = time.perf_counter()
+        n_l = min(int(spec.get("linf_battery", {}).get("n", x.shape[0])), int(x.shape[0]))
+        xs, ys = x[:n_l], y[:n_l]
+        pool = dict(models)
+        needs: Dict[str, List[float]] = {}
+        if do9:
+            for mname in models:
+                needs.setdefault(mname, []).extend(float(e) for e in spec["table9"].get("eps", [0.1, 0.15]))
+        if dosw:
+            needs.setdefault("PCL", []).extend(float(e) for e in spec["sweep"]["eps"])
+        ab_rows = _ablation_models(spec, models, tm["ablation"]) if doab else []
+        for label, mname, model in ab_rows:
+            pool.setdefault(mname, model)
+            needs.setdefault(mname, []).append(eps)
+        log(f"  L-inf worst cases (Table 9 / sweep / ablation) on {n_l} images:")
+        grid = linf_grid(pool, needs, xs, ys, spec, seed, log)
+        out["linf_battery"] = {"n": n_l, "seconds": time.perf_counter() - t0,
+                               "stages": {m: {f"{e:g}": {k: _pct(v) for k, v in r["stages"].items()}
+                                              for e, r in g.items()} for m, g in grid.items()}}
+        if do9:
+            t1 = time.perf_counter()
+            out["table9"] = table9(models, grid, xs, ys, spec, seed, log)
+            out["seconds"]["Table 9 (FGSM columns)"] = time.perf_counter() - t1
+        if dosw:
+            out["sweep"] = sweep(grid["PCL"], spec, n_l)
+        if doab:
+            out["ablation"] = ablation(ab_rows, grid, test, xs, ys, eps)
+        out["seconds"]["Table 9 / sweep / ablation (L-inf worst cases)"] = time.perf_counter() - t0
     out["seconds"]["total"] = time.perf_counter() - t_start
     return out
 
 
-def table9(models, x, y, spec, seed, log) -> Dict[str, Any]:
-    """Table 9 (MNIST): FGSM at 0.1 / 0.2, BIM / MIM / PGD at 0.1 / 0.15, and the adaptive worst
-    case at 0.1 / 0.15 (paper attacks + APGD-DLR and PGD-margin on their survivors)."""
+def table9(models, grid, x, y, spec, seed, log) -> Dict[str, Any]:
+    """Table 9 (MNIST): FGSM at 0.1 / 0.2, BIM / MIM / PGD at 0.1 / 0.15 (paper protocol), and the
+    adaptive per-sample worst case at 0.1 / 0.15 (:func:`linf_worst`: the paper attacks, then the
+    battery and PGD-margin on their survivors)."""
     t9 = spec["table9"]
-    n = int(t9.get("n", x.shape[0]))
-    x, y = x[:n], y[:n]
     bs = int(spec.get("batch_size", 256))
-    ad = spec.get("adaptive", {})
     out: Dict[str, Dict[str, Optional[float]]] = {}
-    t0 = time.perf_counter()
     for mname, model in models.items():
         judge = lambda xb, m=model: predict(m, xb)  # noqa: E731
         col: Dict[str, Optional[float]] = {}
         for e in t9.get("fgsm_eps", [0.1, 0.2]):
-            col[f"FGSM {e}"] = _pct(_run(paper_attack("FGSM", model, float(e), seed), x, y, judge, bs).robust_accuracy)
+            hit = grid[mname].get(float(e))
+            col[f"FGSM {e}"] = _pct(hit["FGSM"] if hit else
+                                    _run(paper_attack("FGSM", model, float(e), seed), x, y, judge, bs).robust_accuracy)
         for e in t9.get("eps", [0.1, 0.15]):
-            res = [_run(paper_attack(k, model, float(e), seed), x, y, judge, bs) for k in ("BIM", "MIM", "PGD")]
-            col.update({f"{k} {e}": _pct(r.robust_accuracy) for k, r in zip(("BIM", "MIM", "PGD"), res)})
-            res.append(on_survivors(build_attack("apgd-dlr", model, eps=float(e), steps=int(ad.get("steps", 100)),
-                                                 seed=seed), x, y, _alive(res, y), judge, bs))
-            res.append(on_survivors(build_attack("pgd", model, eps=float(e), steps=int(ad.get("margin_steps", 100)),
-                                                 alpha=2.5 * float(e) / int(ad.get("margin_steps", 100)),
-                                                 loss="margin", seed=seed + 1), x, y, _alive(res, y), judge, bs))
-            col[f"adaptive {e}"] = _pct(worst_case(res).robust_accuracy)
+            r = grid[mname][float(e)]
+            col.update({f"{k} {e}": _pct(r[k]) for k in ("BIM", "MIM", "PGD")})
+            col[f"adaptive {e}"] = _pct(r["adaptive"])
         out[mname] = col
-    log(f"  Table 9 in {time.perf_counter() - t0:.0f} s")
-    return {"n": n, "columns": out}
+    return {"n": int(x.shape[0]), "columns": out}
 
 
-def sweep(model, x, y, spec, seed, log) -> Dict[str, Any]:
-    """Fig. 4 analogue: accuracy of the PCL model against eps (paper attacks FGSM / PGD-10, and the
-    adaptive worst case of PGD-10 and PGD-margin with more steps on its survivors)."""
-    sw = spec["sweep"]
-    n = int(sw.get("n", x.shape[0]))
-    x, y = x[:n], y[:n]
-    bs = int(spec.get("batch_size", 256))
-    judge = lambda xb: predict(model, xb)  # noqa: E731
-    grid = [float(e) for e in sw["eps"]]
-    curves: Dict[str, List[float]] = {"FGSM": [], "PGD-10 (paper)": [], "adaptive": []}
-    t0 = time.perf_counter()
-    for e in grid:
-        if e == 0:
-            acc = float((judge(x) == y).float().mean())
-            for c in curves.values():
-                c.append(acc)
-            continue
-        f = _run(paper_attack("FGSM", model, e, seed), x, y, judge, bs)
-        p = _run(paper_attack("PGD", model, e, seed), x, y, judge, bs)
-        steps = int(sw.get("margin_steps", 50))
-        m = on_survivors(build_attack("pgd", model, eps=e, alpha=2.5 * e / steps, steps=steps, loss="margin",
-                                      seed=seed + 1), x, y, _alive([f, p], y), judge, bs)
-        curves["FGSM"].append(f.robust_accuracy)
-        curves["PGD-10 (paper)"].append(p.robust_accuracy)
-        curves["adaptive"].append(worst_case([f, p, m]).robust_accuracy)
-    flags = eps_sweep_check(grid, curves["PGD-10 (paper)"])
-    log(f"  sweep in {time.perf_counter() - t0:.0f} s")
+def sweep(res: Dict[float, Dict[str, Any]], spec, n: int) -> Dict[str, Any]:
+    """Fig. 4 analogue: accuracy of the PCL model against eps — FGSM, PGD-10 (paper protocol) and
+    the adaptive per-sample worst case of :func:`linf_worst` (battery included)."""
+    grid = sorted(float(e) for e in spec["sweep"]["eps"])
+    curves: Dict[str, List[float]] = {
+        "FGSM": [res[e]["FGSM"] for e in grid], "PGD-10 (paper)": [res[e]["PGD"] for e in grid],
+        SWEEP_ADAPTIVE: [res[e]["adaptive"] for e in grid]}
+    flags = eps_sweep_check(grid, curves["PGD-10 (paper)"]) + eps_sweep_check(grid, curves[SWEEP_ADAPTIVE])
     return {"eps": grid, "n": n, "curves": curves, "flags": [fl.to_dict() for fl in flags]}
 
 
-def ablation(soft, train, test, x, y, spec, seed, log) -> List[Dict[str, Any]]:
-    """Table 7 style: L_PC on different cnn6 layers (a shorter PC phase, the same for every row)."""
-    ab = spec["ablation"]
-    n = int(ab.get("n", x.shape[0]))
-    x, y = x[:n], y[:n]
-    eps = float(spec.get("eps", 0.3))
-    tr = spec.get("train", {})
-    bs = int(spec.get("batch_size", 256))
+def _ablation_models(spec, models, extra) -> List[tuple]:
+    """(row label, model key, model) for each layer set of the ablation: no layer is the softmax
+    twin, all three is the PCL model (the same training budget), the others were trained in
+    :func:`train_models`."""
     rows = []
-    for layers in ab["layer_sets"]:
-        t0 = time.perf_counter()
-        if layers:
-            model = PCLDefense.fit(soft, train, layers=list(layers), warmup_epochs=0, pc_epochs=int(ab["pc_epochs"]),
-                                   lr=float(tr["lr"]), batch_size=int(tr["batch_size"]), seed=seed, progress=False,
-                                   optimizer=str(tr.get("optimizer", "sgd")),
-                                   weight_decay=float(tr.get("weight_decay", 1e-4)))
+    pcl_layers = list(models["PCL"].layers)
+    for layers in spec["ablation"]["layer_sets"]:
+        layers = list(layers)
+        if not layers:
+            rows.append(("None (CE only: the softmax twin)", "Softmax", models["Softmax"]))
+        elif layers == pcl_layers:
+            rows.append((" + ".join(layers) + " (the PCL model)", "PCL", models["PCL"]))
         else:
-            model = copy.deepcopy(soft)
-            fit(model, train, epochs=int(ab["pc_epochs"]), lr=float(tr["lr"]), batch_size=int(tr["batch_size"]),
-                optimizer=str(tr.get("optimizer", "sgd")), weight_decay=float(tr.get("weight_decay", 1e-4)),
-                seed=seed, progress=False)
-        judge = lambda xb, m=model: predict(m, xb)  # noqa: E731
-        f = _run(paper_attack("FGSM", model, eps, seed), x, y, judge, bs)
-        p = _run(paper_attack("PGD", model, eps, seed), x, y, judge, bs)
-        steps = int(ab.get("margin_steps", 50))
-        m = on_survivors(build_attack("pgd", model, eps=eps, alpha=2.5 * eps / steps, steps=steps, loss="margin",
-                                      seed=seed + 1), x, y, _alive([f, p], y), judge, bs)
-        rows.append({"layers with L_PC": " + ".join(layers) if layers else "None (CE only)",
-                     "No Attack": _pct(evaluate(model, test)), "FGSM": _pct(f.robust_accuracy),
-                     "PGD": _pct(p.robust_accuracy), "adaptive": _pct(worst_case([f, p, m]).robust_accuracy),
-                     "zero CE grad %": 100 * zero_gradient_fraction(model, x, y),
-                     "logit norm": logit_stats(model, x)["logit norm"], "seconds": time.perf_counter() - t0})
-        log(f"  ablation {rows[-1]['layers with L_PC']}: clean {rows[-1]['No Attack']:.1f}, FGSM "
-            f"{rows[-1]['FGSM']:.1f}, PGD {rows[-1]['PGD']:.1f}, adaptive {rows[-1]['adaptive']:.1f}")
+            key = " + ".join(layers)
+            rows.append((key, f"ablation: {key}", extra[key]))
     return rows
+
+
+def ablation(rows, grid, test, x, y, eps) -> List[Dict[str, Any]]:
+    """Table 7 style: L_PC on different cnn6 layers, the same warm-up and PC-phase budget for every
+    row; FGSM, PGD-10 and the adaptive worst case at ``eps``."""
+    out = []
+    for label, key, model in rows:
+        r = grid[key][float(eps)]
+        out.append({"layers with L_PC": label, "No Attack": _pct(evaluate(model, test)), "FGSM": _pct(r["FGSM"]),
+                    "PGD": _pct(r["PGD"]), "adaptive": _pct(r["adaptive"]),
+                    "zero CE grad %": 100 * zero_gradient_fraction(model, x, y),
+                    "logit norm": logit_stats(model, x)["logit norm"]})
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -466,10 +637,40 @@ def _checks_text(r: Dict[str, Any]) -> str:
         c = r["sweep"]["curves"]
         lines.append(f"- PCL accuracy vs eps (n={r['sweep']['n']}): PGD-10 falls from {100 * c['PGD-10 (paper)'][0]:.1f}% "
                      f"at eps 0 to {100 * c['PGD-10 (paper)'][-1]:.1f}% at eps {r['sweep']['eps'][-1]:g}; adaptive to "
-                     f"{100 * c['adaptive'][-1]:.1f}%"
+                     f"{100 * c[SWEEP_ADAPTIVE][-1]:.1f}% (" + ", ".join(
+                         f"{e:g}: {100 * a:.0f}%" for e, a in zip(r["sweep"]["eps"], c[SWEEP_ADAPTIVE])) + ")"
                      + (f"; flags: {', '.join(f['name'] for f in r['sweep']['flags'])}" if r["sweep"]["flags"] else
                         "; no sweep flag") + ".")
     return "\n".join(lines)
+
+
+def twin_check(r: Dict[str, Any]) -> str:
+    """The issue's clean-accuracy check, explicitly: PCL against its equal-budget softmax twin."""
+    p = {h["model"]: h for h in r["headline"]}
+    a, b = p["PCL"]["clean (test set)"], p["Softmax"]["clean (test set)"]
+    d = a - b
+    within = abs(d) <= 1.0
+    return (f"PCL clean {a:.2f}% vs softmax twin {b:.2f}%: within 1 point: {'yes' if within else 'no'} "
+            f"(PCL minus twin {d:+.2f} points" + ("; PCL is the higher, so it loses no clean accuracy"
+                                                  if not within and d > 0 else "") + ")")
+
+
+def _cw_text(r: Dict[str, Any], spec) -> str:
+    """C&W settings, success rates and whether the attack converged (the Softmax row's rate)."""
+    c = dict({"c": 1.0, "steps": 100, "lr": 0.1, "binary_search_steps": 9}, **spec.get("cw", {}))
+    cw = r.get("cw", {})
+    txt = (f"C&W, {r['name']} ({r['n_cw']} images; c = {c['c']:g}, {c['steps']} Adam steps of lr {c['lr']:g} in "
+           f"tanh space, {c['binary_search_steps']} constant(s)): success rate on the images each model classifies "
+           f"correctly: " + ", ".join(f"{m} " + ("n/a (none correct)" if v["success rate %"] is None else
+                                             f"{v['success rate %']:.0f}%") for m, v in cw.items()))
+    soft = cw.get("Softmax")
+    if soft is None or soft["success rate %"] is None:
+        return txt + "."
+    if soft["success rate %"] >= 95:
+        return txt + (f". Converged: the undefended Softmax row keeps {soft['robust']:.1f}% (paper 0.2%), so a high "
+                      f"C&W number on a PCL row is that model's, not the attack's.")
+    return txt + (f". UNDER-CONVERGED: the undefended Softmax row keeps {soft['robust']:.1f}% (paper 0.2%); the C&W "
+                  f"column is an upper bound, not a measurement.")
 
 
 def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, device=None) -> Report:
@@ -489,20 +690,29 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
             rep.time(exp["name"], runs[-1]["seconds"]["total"])
     tr = spec["train"]
     ad = spec.get("adaptive", {})
+    lb = spec.get("linf_battery", {})
     rep.add_text(__doc__.split("Protocol (written into every report):")[1].strip().join(["Protocol:\n\n", "\n\n"])
                  + f"Scale (the paper: T' = 50 CE epochs + 300 PC epochs on 60k images, batch 256): CE warm-up "
                  f"{tr['warmup_epochs']} epoch(s), PC phase {tr['pc_epochs']} epoch(s), AdvTrain fine-tuning "
                  f"{tr['adv_epochs']} epoch(s) on {tr.get('adv_subset') or 'all'} images, batch {tr['batch_size']}, "
-                 f"{tr.get('optimizer', 'sgd')} lr {tr['lr']} (x0.1 at 2/3 and 5/6 of each PC phase); "
+                 f"{tr.get('optimizer', 'sgd')} lr {tr['lr']} (x0.1 at 2/3 and 5/6 of each PC phase); the softmax "
+                 f"twin: the warm-up plus {tr['pc_epochs']} CE epoch(s) with the same decay; "
                  + "; ".join(f"{r['name']}: {r['n_train']} training images, {r['n']} attacked test images (C&W: "
-                             f"{r['n_cw']})" for r in runs)
-                 + f"; adaptive attacks {ad.get('steps')} steps (APGD), {ad.get('margin_steps')} (PGD-margin), "
-                 f"{ad.get('restarts', 1)} restart(s), Square {ad.get('square_queries')} queries; "
+                             f"{r['n_cw']}" + (f"; Table 9 / sweep / ablation: {r['linf_battery']['n']}"
+                                               if r.get("linf_battery") else "") + ")" for r in runs)
+                 + f"; Table 2 adaptive attacks {ad.get('steps')} steps (APGD), {ad.get('margin_steps')} "
+                 f"(PGD-margin), {ad.get('restarts', 1)} restart(s), Square {ad.get('square_queries')} queries; "
+                 f"Table 9 / sweep / ablation battery {lb.get('steps', 25)} APGD steps, Square "
+                 f"{lb.get('square_queries', 300)} queries, PGD-margin {lb.get('margin_steps', 50)} steps; "
                  f"{rep.results['torch_threads']} torch thread(s). Loss preset: {spec.get('preset', 'paper')} "
                  f"(eq. 5: plain L2, pull/push/separation weights 1).")
     if spec.get("cuts"):
         rep.add_text("**Cut to fit the time budget** (stated, not silent):\n\n" + "\n".join(f"- {c}" for c in spec["cuts"]))
     ext = spec.get("paper", {}).get("robustbench")
+    rep.add_text("## Clean accuracy: PCL vs its equal-budget softmax twin\n\n" + "\n".join(
+        f"- {r['name']}: {twin_check(r)}. (The CE warm-up alone, after {tr['warmup_epochs']} epoch(s): "
+        f"{r['twin']['warmup_clean']:.2f}%; twin lr-decay steps {r['twin']['lr_decay_steps']}, PCL's "
+        f"{r['twin']['pcl_lr_decay_steps']}.)" for r in runs if r.get("twin")))
     for r in runs:
         rows = []
         for mname, ours in r["rows"].items():
@@ -510,12 +720,14 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                           "PCL + AdvTrain PGD": "Ours + AdvTrain PGD"}.get(mname)
             rows.append(with_paper({"training": mname, **ours}, _paper_row(spec, r["paper"], paper_name), T2_COLS))
         rep.add_table(f"Table 2, {r['name']} (eps = 0.3, c = 10): accuracy (%)", rows,
-                      note=f"White-box: the model's own CE gradients (paper protocol). BB: crafted on "
+                      note=f"Softmax: the equal-budget softmax twin (the CE warm-up continued for the PC phase's "
+                           f"epochs on CE only). White-box: the model's own CE gradients (paper protocol). BB: "
+                           f"crafted on "
                            f"{r['blackbox_source']['model']} (stand-in for VGG-19; clean "
                            f"{100 * r['blackbox_source']['clean']:.1f}%). C&W on {r['n_cw']} images. 'paper-protocol "
                            f"worst': per-sample worst over the four white-box L-inf attacks; 'adaptive': worst case "
                            f"over those, the joint-loss attacks and the adaptive attacks (L-inf 0.3, white-box). "
-                           f"Our Madry row is not in the paper's Table 2.")
+                           f"Our Madry row is not in the paper's Table 2. " + _cw_text(r, spec))
         rep.add_table(f"Paper number vs paper-protocol vs adaptive, {r['name']}",
                       [dict(h, **{"PGD (paper)": _paper_row(spec, r["paper"], {
                           "PCL": "Ours", "Softmax": "Softmax", "PCL + AdvTrain FGSM": "Ours + AdvTrain FGSM",
@@ -523,12 +735,17 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                        for h in r["headline"]],
                       ["model", "clean (test set)", "PGD (paper)", "PGD-10 (paper protocol)", "paper-protocol worst",
                        "adaptive (worst case)", "zero CE grad %", "zero margin grad %", "logit norm", "max softmax",
-                       "logit gap"] + [k for k in r["headline"][1] if k.startswith("|f|")] + ["eq. 6 clean %",
-                                                                                             "battery flags"],
+                       "logit gap"] + [k for k in r["headline"][1] if k.startswith("|f|")]
+                      + ["eq. 6 clean %", "eq. 6 PGD-10 (logits) %", "eq. 6 PGD-10 (prototype scores) %",
+                         "eq. 6 adaptive %", "battery flags"],
                       note="L-inf eps = 0.3. zero CE grad: share of the attacked images whose cross-entropy input "
                            "gradient is exactly 0 in float32 (a saturated softmax); logit norm / max softmax / gap "
                            "(top-1 minus top-2 logit) on the clean attacked images; |f|: mean feature norm of each "
-                           "supervised layer; eq. 6: nearest-prototype rule on the FC 64 features (test set).")
+                           "supervised layer; eq. 6: nearest-prototype rule on the FC 64 features: clean on the "
+                           "test set; 'PGD-10 (logits)': the Table 2 PGD-10 adversarials judged by eq. 6; 'PGD-10 "
+                           "(prototype scores)': PGD-10 on minus the prototype distances; 'adaptive': per-sample "
+                           "worst case over every Table 2 / Table 3 L-inf adversarial judged by eq. 6, PGD-10 on "
+                           "the prototype scores, then the battery and PGD-margin on them (eps 0.3).")
         rep.add_table(f"Adaptive stages, {r['name']} (cumulative per-sample worst case, %)",
                       [{"model": m, **s} for m, s in r["stages"].items()])
         if r["table3"]:
@@ -557,15 +774,20 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                 row.update({f"{k} (paper)": v for k, v in pv.items()})
                 rows9.append(row)
             rep.add_table(f"Table 9 analogue (MNIST columns), {r['name']}: accuracy (%)", rows9,
-                          note=f"{r['table9']['n']} images. Paper columns: Baseline, Ours, Ours_f*, Ours_p*. "
-                               "'adaptive e': worst case over BIM/MIM/PGD at e and APGD-DLR / PGD-margin on their "
+                          note=f"{r['table9']['n']} images (the first of the Table 2 images). Paper columns: "
+                               "Baseline (our Softmax twin), Ours, Ours_f*, Ours_p*. 'adaptive e': per-sample worst "
+                               "case over FGSM/BIM/MIM/PGD-10 at e, what broke at a smaller eps, then the "
+                               "advlab.eval.evaluate battery (APGD-CE, APGD-T, Square) and PGD-margin on the "
                                "survivors. C&W at c = 0.1 / 1 is cut (time).")
         if r.get("ablation"):
             p7 = spec.get("paper", {}).get("table7", {})
             rep.add_table(f"Table 7-style layer ablation on cnn6, {r['name']} (eps = 0.3, %)", r["ablation"],
-                          note="Every row continues from the same Softmax model with the same (short) PC phase; "
-                               "'None' continues with CE only. Paper (CIFAR-10, ResNet-110, eps 0.03, not "
-                               "comparable in scale): " + "; ".join(f"{k}: {v}" for k, v in p7.items()))
+                          note=f"Every row continues from the same CE warm-up with the same PC-phase budget "
+                               f"({tr['pc_epochs']} epoch(s), same data, optimiser and lr decay); 'None' is the "
+                               f"softmax twin and the all-three row the PCL model itself. FGSM / PGD-10 / adaptive "
+                               f"(as in Table 9) on {r['linf_battery']['n']} images; clean on the test set. Paper "
+                               f"(CIFAR-10, ResNet-110, eps 0.03, not comparable in scale): "
+                               + "; ".join(f"{k}: {v}" for k, v in p7.items()))
     if ext:
         rep.add_text(f"External reference (RobustBench, CIFAR-10 L-inf 8/255, the authors' released PCL model): "
                      f"reported {ext['reported']}%, AutoAttack {ext['autoattack']}%.")
@@ -578,13 +800,18 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                 series[f"{r['name']}: {k}"] = (r["sweep"]["eps"], [100 * a for a in v])
         rep.add_figure("accuracy-vs-eps", line_chart(series, title="PCL: accuracy vs eps (Fig. 4 analogue)",
                                                      xlabel="L-inf eps", ylabel="accuracy (%)"),
-                       "PCL model: accuracy against eps, paper attacks and adaptive worst case")
+                       "PCL model: accuracy against eps, paper attacks and adaptive worst case (battery included)")
     rep.add_text(_discussion(runs, spec))
     for r in runs:
         rep.results[r["name"]] = r
     rep.time("total", time.perf_counter() - t0)
     rep.save()
     return rep
+
+
+def _num(d: Dict[str, Any], key: str) -> float:
+    v = d.get(key)
+    return float("nan") if v is None else float(v)
 
 
 def _discussion(runs, spec) -> str:
@@ -594,14 +821,20 @@ def _discussion(runs, spec) -> str:
         pcl = p.get("PCL", {})
         soft = p.get("Softmax", {})
         pp = _paper_row(spec, r["paper"], "Ours")
-        lines.append(f"- **{r['name']}**: clean accuracy PCL {pcl.get('clean (test set)', float('nan')):.2f}% vs Softmax "
-                     f"{soft.get('clean (test set)', float('nan')):.2f}%. PGD-10 at eps 0.3: paper "
+        lines.append(f"- **{r['name']}**: {twin_check(r)}. PGD-10 at eps 0.3: paper "
                      f"{pp.get('PGD', '-')}%, ours (paper protocol) "
                      f"{pcl.get('PGD-10 (paper protocol)', float('nan')):.1f}%, "
                      f"adaptive {pcl.get('adaptive (worst case)', float('nan')):.1f}%. Zero CE gradients on "
                      f"{pcl.get('zero CE grad %', float('nan')):.0f}% of the PCL model's inputs (Softmax "
                      f"{soft.get('zero CE grad %', float('nan')):.0f}%); mean logit norm "
-                     f"{pcl.get('logit norm', float('nan')):.3g} (Softmax {soft.get('logit norm', float('nan')):.3g}).")
+                     f"{pcl.get('logit norm', float('nan')):.3g} (Softmax {soft.get('logit norm', float('nan')):.3g}). "
+                     f"Eq. 6 (nearest prototype): clean {_num(pcl, 'eq. 6 clean %'):.2f}%, PGD-10 "
+                     f"{_num(pcl, 'eq. 6 PGD-10 (logits) %'):.1f}% (logit adversarials) / "
+                     f"{_num(pcl, 'eq. 6 PGD-10 (prototype scores) %'):.1f}% (on the prototype scores), adaptive "
+                     f"{_num(pcl, 'eq. 6 adaptive %'):.1f}% (logits: {_num(pcl, 'adaptive (worst case)'):.1f}%)"
+                     + (": the prototype rule is no more robust than the logits."
+                        if _num(pcl, 'eq. 6 adaptive %') <= _num(pcl, 'adaptive (worst case)') + 2 else
+                        ": the prototype rule keeps more than the logits under these attacks."))
     lines += ["", "Inconsistencies inside the paper that bear on the comparison:", ""]
     lines += [f"- {t}" for t in spec.get("paper", {}).get("inconsistencies", [])]
     return "\n".join(lines)
