@@ -1,6 +1,7 @@
 """I-defender: the torch log-likelihood equals scikit-learn's, gradients flow through it,
 thresholds keep exactly the configured share of each class's training data, the decision and the
-adversarial column agree, the adaptive attack beats the naive one, save/load, bad input."""
+adversarial column agree, the adaptive attack beats the naive one, save/load, bad input; the
+reproduction's Jacobian-augmented substitute, Table 6 calibration and larger model F."""
 
 import math
 
@@ -124,9 +125,13 @@ def test_predict_detect_and_column(defense, lenet_digits, xy):
 def test_adaptive_beats_naive(defense, lenet_digits, xy):
     x, y = xy
     naive = PGD(lenet_digits, eps=0.1, steps=20, seed=0).run((x, y), predict_fn=defense.predict)
-    adaptive = IDefenderAdaptive(defense, eps=0.1, steps=40, targets=2, seed=0).run((x, y), predict_fn=defense.predict)
+    atk = IDefenderAdaptive(defense, eps=0.1, steps=40, targets=2, restarts=2, seed=0)
+    adaptive = atk.run((x, y), predict_fn=defense.predict)
     assert adaptive.success_rate > naive.success_rate + 0.1
     assert adaptive.detected_rate < naive.detected_rate
+    # every image broken is counted once, by the (target, start) run that broke it first
+    assert set(atk.stats) <= {(t, r) for t in (1, 2) for r in (1, 2)} and atk.stats[(1, 1)] > 0
+    assert sum(atk.stats.values()) == int(adaptive.success.sum())
     feat = IDefenderAdaptive(defense, eps=0.1, steps=40, targets=2, mode="features", seed=0).run(
         (x, y), predict_fn=defense.predict)
     assert feat.success_rate > naive.success_rate
@@ -183,3 +188,99 @@ def test_detection_metrics():
     assert f[0] == 0 and t[-1] == 1
     assert tpr_at_fpr(nat, adv, 0.0) == 1.0
     assert balanced_accuracy(torch.tensor([False, True]), torch.tensor([True, True])) == 0.75
+
+
+class _CountingOracle(torch.nn.Module):
+    """A tiny fixed classifier that counts the images it labels (the attacker's oracle queries)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(torch.randn(64, 10, generator=g), requires_grad=False)
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return (x.flatten(1) - 0.3) @ self.w
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_jacobian_substitute_augmentation_and_queries(seed, digits_data, monkeypatch):
+    from advlab.eval import repro_idefender as R
+
+    test = digits_data[1]
+    n0, rounds, lam = 9 + seed, 3, 0.1
+    perm = torch.randperm(len(test.labels), generator=torch.Generator().manual_seed(seed))
+    seeds = test.images[perm[:n0]]
+    oracle = _CountingOracle(seed)
+    calls, real_fit = [], R.fit
+
+    def spy(model, ds, *args, **kwargs):                       # what each round trains on, and the model
+        calls.append((ds.tensors[0].clone(), ds.tensors[1].clone(), model))
+        return real_fit(model, ds, *args, **kwargs)
+
+    monkeypatch.setattr(R, "fit", spy)
+    sub, queries = R.jacobian_substitute(oracle, seeds, 10, rounds=rounds, lam=lam, epochs=1, seed=seed)
+    # the set doubles between rounds: n0, 2 n0, 4 n0 points; every point is labelled by one oracle query
+    assert [c[0].shape[0] for c in calls] == [n0 * 2 ** r for r in range(rounds)]
+    assert queries == n0 * (2 ** rounds - 1) == oracle.seen
+    assert sub is calls[-1][2]
+    assert torch.equal(calls[0][0], seeds)
+    for r, (xr, yr, _) in enumerate(calls):
+        with torch.no_grad():                                  # labels are the oracle's answers
+            assert torch.equal(yr, ((xr.flatten(1) - 0.3) @ oracle.w).argmax(1))
+        assert float(xr.min()) >= 0.0 and float(xr.max()) <= 1.0
+        if r == 0:
+            continue
+        prev, prev_y, prev_sub = calls[r - 1]
+        assert torch.equal(xr[: prev.shape[0]], prev)          # the old points stay
+        # each new point is its parent moved by lam * sign(d z_label / dx) of the previous substitute
+        xg = prev.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(prev_sub(xg).gather(1, prev_y[:, None]).sum(), xg)
+        torch.testing.assert_close(xr[prev.shape[0]:], (prev + lam * g.sign()).clamp(0, 1), rtol=0, atol=1e-6)
+        step = (xr[prev.shape[0]:] - prev).abs()
+        assert float(step.max()) <= lam + 1e-6 and bool((step > 0).any())
+    # one round: no augmentation, one query per seed
+    oracle.seen = 0
+    _, q1 = R.jacobian_substitute(oracle, seeds, 10, rounds=1, epochs=1, seed=seed)
+    assert q1 == n0 == oracle.seen
+
+
+def test_table6_calibration_bisects(lenet_digits, xy):
+    from advlab.eval import repro_idefender as R
+
+    x, y = xy
+    col = {"name": "FGSM (50%)", "kind": "fgsm", "adv_acc": 50.0, "param": "eps", "grid": [0.0, 0.5], "params": {}}
+    memo = {}
+    (v, acc, xa), tried, n = R._calibrate(col, lenet_digits, x, y, 64, memo, default_n=1000, refine=4)
+    assert n == x.shape[0] and xa.shape == x.shape
+    assert len(tried) == 6 and 0.0 < v < 0.5                   # two grid points, four bisections
+    ends = [a for e, a in tried if e in (0.0, 0.5)]
+    assert abs(acc - 50.0) <= min(abs(a - 50.0) for a in ends)
+    # a second column with the same attack reuses the crafted sets (no new entry for the grid)
+    before = len(memo)
+    R._calibrate(dict(col, adv_acc=20.0), lenet_digits, x, y, 64, memo, default_n=1000, refine=0)
+    assert len(memo) == before
+
+
+def test_larger_model_f():
+    from advlab.eval.repro_idefender import _build
+    from advlab.nn import taps
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    f = _build("model-f", 10, (1, 28, 28), seed=0)
+    deep = _build("model-f-deep2", 10, (1, 28, 28), seed=0)
+    wide = _build("model-f-x2", 10, (1, 28, 28), seed=0)
+    assert (count(f), count(deep), count(wide)) == (310_730, 605_898, 1_211_274)
+    for m in (deep, wide):
+        assert m.hidden_layers == ("flatten",) and m.advlab_spec["in_shape"] == [1, 28, 28]
+        assert m(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    with taps(deep, ["flatten"]) as feats:
+        deep(torch.rand(2, 1, 28, 28))
+    assert feats["flatten"].shape == (2, 1152)                  # F's hidden-state size
+    assert torch.equal(deep.conv3.weight, _build("model-f-deep2", 10, (1, 28, 28), seed=0).conv3.weight)
+    assert _build("model-f-x1.5-deep1", 10, (1, 8, 8), seed=0)(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(AdvlabError):
+        _build("model-f-huge", 10, (1, 28, 28))

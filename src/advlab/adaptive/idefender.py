@@ -8,8 +8,9 @@
   the target class's mixture (``mode="features"``, feature matching; the component is the one
   nearest the clean input). Each sample keeps the first iterate that the defense's own decision
   rule (:meth:`IDefender.decide`) accepts as a wrong class; several targets (the wrong classes
-  ranked by clean logit) and random restarts are tried on the samples still unbroken. This is
-  how Carlini & Wagner (2017) broke per-class density detectors.
+  ranked by clean logit) and random restarts are tried on the samples still unbroken, and
+  ``stats`` counts the images each (target, start) run broke first. This is how Carlini &
+  Wagner (2017) broke per-class density detectors.
 - :class:`IDefenderGrayBox`: the gray-box attack of the paper's eq. 6 on a *source* model with
   its own I-defender: ascend ``CE(z, y) + lam * prod_{k != y} Reject(x, k) * max_{k != y} log
   p(H(x) | k)`` (the product of reject indicators carries no gradient; the max log-likelihood
@@ -71,6 +72,12 @@ class IDefenderAdaptive(Attack):
         self.targets = check_positive_int(targets, "targets")
         self.restarts = check_positive_int(restarts, "restarts")
         self.random_start = bool(random_start)
+        #: images first broken by each run, ``(target rank, start)`` -> count, summed over calls
+        #: (what the extra targets and restarts bought); :meth:`reset_stats` clears it
+        self.stats: dict = {}
+
+    def reset_stats(self) -> None:
+        self.stats = {}
 
     def _perturb(self, x, y, target):
         defense = self.model
@@ -84,8 +91,8 @@ class IDefenderAdaptive(Attack):
         out = x.clone()
         ok = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         first = True
-        for t in plan:
-            for _ in range(self.restarts):
+        for ti, t in enumerate(plan, 1):
+            for ri in range(1, self.restarts + 1):
                 todo = torch.nonzero(~ok).squeeze(1)
                 if todo.numel() == 0:
                     return out
@@ -94,6 +101,7 @@ class IDefenderAdaptive(Attack):
                 keep = cand_ok | first
                 out[todo[keep]] = cand[keep]
                 ok[todo[cand_ok]] = True
+                self.stats[(ti, ri)] = self.stats.get((ti, ri), 0) + int(cand_ok.sum())
                 first = False
         return out
 
