@@ -39,6 +39,14 @@ def test_report_writes_every_artifact(tmp_path):
     assert "| model | acc | acc (paper) |" in md and "![grid](grid.png)" in md
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob("*.tmp"))
+    # a later report into the same folder removes the tables and figures it no longer has, nothing else
+    (out / "notes.txt").write_text("mine")
+    again = Report(out, "second report")
+    again.add_table("Accuracy table", [{"acc": 1.0}])
+    again.save()
+    names = {p.name for p in out.iterdir()}
+    assert {"results.json", "report.md", "accuracy-table.csv", "notes.txt"} <= names
+    assert not names & {"accuracy-table-2.csv", "grid.png", "bars.png", "lines.png"}
 
 
 def test_specs_parse_and_merge(tmp_path):

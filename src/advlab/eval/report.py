@@ -204,9 +204,23 @@ class Report:
             atomic_write_text(self.out_dir / f"{key}.csv", buf.getvalue())
         for fname, data in self.figures.items():
             atomic_write_bytes(self.out_dir / fname, data)
+        stale = self._earlier_outputs() - {f"{k}.csv" for k in self.tables} - set(self.figures)
         atomic_write_text(self.out_dir / "report.md", self.markdown())
         atomic_write_text(self.out_dir / "results.json", json.dumps(_jsonable(self.to_dict()), indent=2))
+        for fname in stale:  # a table or figure an earlier report in this folder had and this one has not
+            with contextlib.suppress(FileNotFoundError):
+                (self.out_dir / fname).unlink()
         return self.out_dir
+
+    def _earlier_outputs(self) -> set:
+        """The CSV and PNG names the report already in ``out_dir`` wrote (from its results.json);
+        nothing else in the folder is ever removed."""
+        try:
+            old = json.loads((self.out_dir / "results.json").read_text())
+            names = {f"{k}.csv" for k in old.get("tables", {})} | set(old.get("figures", []))
+        except (OSError, ValueError, AttributeError, TypeError):
+            return set()
+        return {n for n in names if isinstance(n, str) and n == Path(n).name and n.endswith((".csv", ".png"))}
 
 
 def with_paper(ours: Dict[str, Any], paper: Dict[str, Any], keys: Sequence[str]) -> Dict[str, Any]:
