@@ -82,11 +82,12 @@ def test_stage_refuses_objects_and_keeps_the_callers_rng(tmp_path):
 
 
 def _numbers(path: Path):
-    """results.json without what changes from run to run (timings, environment)."""
+    """results.json without what changes from run to run (timings, environment, which stages were
+    read back)."""
     def strip(o):
         if isinstance(o, dict):
             return {k: strip(v) for k, v in o.items()
-                    if k not in ("environment", "timings", "seconds_total") and "second" not in k.lower()}
+                    if k not in ("environment", "timings", "seconds_total", "stages") and "second" not in k.lower()}
         if isinstance(o, list):
             return [strip(v) for v in o]
         return o
@@ -122,3 +123,6 @@ def test_interrupted_quick_reproduction_resumes_to_the_same_numbers(tmp_path, mn
     full = subprocess.run(_cmd(whole, data_root), env=env, capture_output=True, text=True, timeout=600)
     assert full.returncode == 0, full.stderr
     assert _numbers(cut / "results.json") == _numbers(whole / "results.json")
+    stages = json.loads((cut / "results.json").read_text())["stages"]
+    assert stages["read"] == 1 and stages["computed"] == 1  # the finished stage was read back, not redone
+    assert "read back from an earlier run" in (cut / "report.md").read_text()

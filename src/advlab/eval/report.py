@@ -57,7 +57,7 @@ def markdown_table(rows: Sequence[Dict[str, Any]], columns: Optional[Sequence[st
         columns = []
         for r in rows:
             columns.extend(k for k in r if k not in columns)
-    head = "| " + " | ".join(columns) + " |"
+    head = "| " + " | ".join(str(c).replace("|", "\\|") for c in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(format_value(r.get(c)).replace("|", "\\|") for c in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body]) + "\n"
@@ -178,12 +178,27 @@ class Report:
         if "torch_threads" in self.results:  # what the work ran with, not the restored setting
             env["threads"] = str(self.results["torch_threads"])
         lines.append("---\n")
+        resumed = self._resumed()
         lines.append(f"advlab {env['advlab']}, torch {env['torch']}, {env['platform']}, "
-                     f"{env['threads']} threads; total {time.perf_counter() - self._t0:.1f} s.\n")
+                     f"{env['threads']} threads; total {time.perf_counter() - self._t0:.1f} s"
+                     + (f" ({resumed['read']} of {resumed['read'] + resumed['computed']} stages read back from an "
+                        "earlier run's stage cache: their timings are that run's, the total is this one's)"
+                        if resumed and resumed["read"] else "") + ".\n")
         return "\n".join(lines)
+
+    @staticmethod
+    def _resumed() -> Optional[Dict[str, Any]]:
+        """Which stages of the running reproduction were read back rather than computed."""
+        from .stages import active_cache
+
+        cache = active_cache()
+        if cache is None:
+            return None
+        return {"read": len(cache.hits), "computed": len(cache.computed), "read_back": list(cache.hits)}
 
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "spec": self.spec, "seed": self.seed, "environment": environment(),
+                "stages": self._resumed(),
                 "timings": self.timings, "seconds_total": time.perf_counter() - self._t0,
                 "tables": self.tables, "results": self.results,
                 "figures": sorted(self.figures)}

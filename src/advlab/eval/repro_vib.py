@@ -133,7 +133,7 @@ def _bound_section(spec, root, seed, rep: Report, log) -> Dict[str, Any]:
                       "N x N float32 would be (MiB)": mem["nxn_float32_MiB"],
                       "full-distance pairs (%)": 100.0 * vb.search.exact_pairs / len(tr) ** 2,
                       "brute-force check: images": mem["brute_check_n"],
-                      "max |d - d_brute|": mem["brute_max_abs_diff"],
+                      "max abs(d - d_brute)": mem["brute_max_abs_diff"],
                       "max relative diff": mem["brute_max_rel_diff"]})
         rep.time(f"bound {entry['name']}", vb.search.seconds)
     for name in ("CIFAR-10", "Tiny ImageNet"):

@@ -39,7 +39,7 @@ import torch
 from .. import __version__
 from .._util import AdvlabError, atomic_path
 
-__all__ = ["StageCache", "stage", "stage_cache", "STAGE_FOLDER"]
+__all__ = ["StageCache", "stage", "stage_cache", "active_cache", "STAGE_FOLDER"]
 
 #: the cache's folder inside a report folder
 STAGE_FOLDER = ".stages"
@@ -144,6 +144,11 @@ def stage_cache(out_dir, spec: Dict[str, Any], fresh: bool = False) -> Iterator[
         yield cache
     finally:
         _ACTIVE.reset(token)
+
+
+def active_cache() -> Optional[StageCache]:
+    """The stage cache of the reproduction running now, if any."""
+    return _ACTIVE.get()
 
 
 def stage(name: str, fn: Callable[[], Any]) -> Any:
