@@ -51,6 +51,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils.data import TensorDataset
 
+from .. import REJECT
 from ..adaptive.idefender import IDefenderAdaptive, IDefenderGrayBox
 from ..attacks import build_attack
 from ..data import shared_data_root, load_train_test
@@ -189,7 +190,7 @@ def _fpr(defense: IDefender, x: torch.Tensor) -> Dict[str, float]:
     out = {}
     for q in defense.keeps.tolist():
         defense.set_keep(q)
-        out[f"ID-{round(100 * q)}"] = float((defense.predict(x) == -1).double().mean())
+        out[f"ID-{round(100 * q)}"] = float((defense.predict(x) == REJECT).double().mean())
     defense.set_keep(float(defense.keeps[0]))
     return out
 
@@ -332,7 +333,7 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
             row[f"AUC ({label})"] = d["AUC"]
             row[f"AUC fooling F ({label})"] = d["AUC (fooling F only)"]
             row[f"F fooled % ({label})"] = _pct(d["fooled F"])
-            row[f"ID-95 rejects % ({label})"] = _pct(float((defense.predict(xa) == -1).double().mean()))
+            row[f"ID-95 rejects % ({label})"] = _pct(float((defense.predict(xa) == REJECT).double().mean()))
             if label == "Jacobian E":
                 fr, tr_, _ = roc(s_nat, d["s_adv"])
                 roc_fgsm[f"eps={eps:g} (AUC {d['AUC']:.3f})"] = (fr, tr_)
@@ -395,7 +396,7 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
         for q in defense.keeps.tolist():
             defense.set_keep(q)
             lab = f"ID-{round(100 * q)}"
-            row[lab] = _pct(balanced_accuracy(defense.predict(x) == -1, defense.predict(xa[fooled]) == -1)
+            row[lab] = _pct(balanced_accuracy(defense.predict(x) == REJECT, defense.predict(xa[fooled]) == REJECT)
                             if bool(fooled.any()) else float("nan"))
         defense.set_keep(float(defense.keeps[0]))
         t6.append(row)
