@@ -402,8 +402,7 @@ def _cached_models(exp, spec, train, seed, dev, log) -> Dict[str, Any]:
     plain models are stored as weights, PCL defenses as weights, config and history, and rebuilt
     on fresh zoo models of the same architecture."""
     def pack(m):
-        return ({"config": m.config(), "state": m.state_dict(), "history": m.history}
-                if isinstance(m, PCLDefense) else {"state": m.state_dict()})
+        return m.to_state() if isinstance(m, PCLDefense) else {"state_dict": m.state_dict()}
 
     def work():
         tm = train_models(exp, spec, train, seed, dev, log)
@@ -420,11 +419,9 @@ def _cached_models(exp, spec, train, seed, dev, log) -> Dict[str, Any]:
 
     def unpack(m):
         if "config" in m:
-            net = PCLDefense.from_config(fresh("cnn6", seed), m["config"])
-            net.history = m["history"]
-        else:
-            net = fresh("cnn6", seed)
-        net.load_state_dict(m["state"])
+            return PCLDefense.from_state(fresh("cnn6", seed), m)
+        net = fresh("cnn6", seed)
+        net.load_state_dict(m["state_dict"])
         return net.eval()
 
     src = fresh(bb.get("model", "lenet5"), seed + 1000)
