@@ -21,3 +21,12 @@ def images(n, c=1, h=8, w=8, seed=0, dtype=torch.float32):
 
 def labels(n, classes=5, seed=1):
     return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def catalogue_params(cases: dict) -> list:
+    """One ``pytest.param`` per named case of a bad-input catalogue (``{id: case}``, each case with
+    an ``xfail`` reason or None), sorted by id; a case with a reason is a strict xfail."""
+    import pytest
+
+    return [pytest.param(cid, id=cid, marks=[pytest.mark.xfail(strict=True, reason=cases[cid].xfail)]
+                         if cases[cid].xfail else []) for cid in sorted(cases)]

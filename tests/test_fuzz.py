@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from advlab._util import AdvlabError
-from helpers import images, labels, tiny_model
+from helpers import catalogue_params, images, labels, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -931,14 +931,7 @@ _spec_cases()
 
 # --------------------------------------------------------------------------- the catalogue, run
 
-def _params():
-    for cid in sorted(CASES):
-        c = CASES[cid]
-        marks = [pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else []
-        yield pytest.param(cid, id=cid, marks=marks)
-
-
-@pytest.mark.parametrize("cid", list(_params()))
+@pytest.mark.parametrize("cid", catalogue_params(CASES))
 def test_bad_input(cid, tmp_path):
     c = CASES[cid]
     with pytest.raises(AdvlabError) as info:

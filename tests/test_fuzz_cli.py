@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from advlab.cli import main
+from helpers import catalogue_params
 from test_fuzz import CASES, HYPOTHESIS, absent, leftovers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -334,14 +335,7 @@ for _section in (_global, _datasets, _train, _attack, _evaluate, _bound, _defend
     _section()
 
 
-def _params():
-    for cid in sorted(CLI_CASES):
-        c = CLI_CASES[cid]
-        marks = [pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else []
-        yield pytest.param(cid, id=cid, marks=marks)
-
-
-@pytest.mark.parametrize("cid", list(_params()))
+@pytest.mark.parametrize("cid", catalogue_params(CLI_CASES))
 def test_cli_bad_input(cid, tmp_path, files, capsys, monkeypatch):
     c = CLI_CASES[cid]
     monkeypatch.chdir(tmp_path)  # a default output folder would land here, never in the repository
