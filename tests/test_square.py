@@ -119,6 +119,32 @@ def test_linf_vertices_and_l2_sphere(lenet_digits, digits_correct, norm, eps):
         assert r.max() <= eps * (1 + 1e-5) and r.median() > 0.9 * eps
 
 
+@pytest.mark.parametrize("c", [1, 3])
+def test_linf_candidate_changes_one_shared_window_in_place(c):
+    # one window position per iteration for the batch (colours per sample): the candidate differs
+    # from the current point only inside that s x s window, and in every sample it does differ
+    atk = Square(tiny_model(c), eps=0.2, seed=0)
+    x = images(64, c, 10, 10)
+    lo, hi = (x - 0.2).clamp(0, 1), (x + 0.2).clamp(0, 1)
+    img = atk._linf_start(x, lo, hi)
+    assert ((img == lo) | (img == hi)).all()
+    for p, corner in ((0.3, [0.0, 0.999]), (0.05, [0.5, 0.25]), (0.01, [0.99, 0.0])):
+        s = min(max(round((p * 100) ** 0.5), 1), 9)
+        top, left = min(int(corner[0] * (11 - s)), 10 - s), min(int(corner[1] * (11 - s)), 10 - s)
+        before = img.clone()
+        window, old = atk._linf_patch(img, lo, hi, p, corner)
+        assert window.shape == (64, c, s, s) and torch.equal(old, before[:, :, top:top + s, left:left + s])
+        outside = torch.ones(10, 10, dtype=torch.bool)
+        outside[top:top + s, left:left + s] = False
+        assert torch.equal(img[:, :, outside], before[:, :, outside])
+        assert (img != before).flatten(1).any(dim=1).all()  # every sample's candidate is new
+        assert ((img == lo) | (img == hi)).all()  # still on the vertices of the ball
+        # restoring the rejected samples' windows gives back their old images exactly
+        keep = torch.arange(64) % 2 == 0
+        window.copy_(torch.where(keep.view(-1, 1, 1, 1), window, old))
+        assert torch.equal(img[~keep], before[~keep]) and not torch.equal(img[keep], before[keep])
+
+
 def test_eps_zero_and_already_misclassified_samples_are_returned_unchanged(lenet_digits, digits_correct):
     x, y = digits_correct[0][:6], digits_correct[1][:6]
     wrong = (y + 1) % 10  # the model is right on x, so these labels are already "fooled"

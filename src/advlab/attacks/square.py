@@ -6,8 +6,8 @@ calls backward). Starting from a random point of the ball, each iteration change
 square window of the current perturbation and keeps the candidate only if the loss decreases:
 
 - L-inf: the start is vertical stripes of +-eps (one sign per column and channel); a candidate
-  sets a random ``s x s`` window to one random colour of +-eps per channel (resampled until the
-  window actually changes), so the perturbation stays on the vertices of the ball;
+  sets a random ``s x s`` window to one random colour of +-eps per channel (a different one where
+  the window already holds the drawn colour), so the perturbation stays on the vertices of the ball;
 - L2: the start is a grid of stacked-square "pseudo-Gaussian" bumps with random signs, scaled to
   norm eps; a candidate adds a new bump in a window ``W1``, zeroes a second window ``W2``, moves
   the freed mass into ``W1``, and rescales the perturbation to norm eps.
@@ -15,8 +15,13 @@ square window of the current perturbation and keeps the candidate only if the lo
 The side of the window is ``s = round(sqrt(p * n_features / C))`` where ``p`` follows the
 piecewise-constant schedule of the paper: ``p_init`` halved at iterations 10, 50, 200, 500, 1000,
 2000, 4000, 6000 and 8000 of a 10,000-query budget, rescaled to ``queries`` as in the reference
-code. Window positions are drawn uniformly per sample (every position, including the last row and
-column, which the reference code's ``randint(0, h - s)`` leaves out).
+code. Window positions are uniform over every position, including the last row and column, which
+the reference code's ``randint(0, h - s)`` leaves out. L-inf draws one position per iteration for
+the whole batch, as AutoAttack's implementation does (each sample's search has the same
+distribution as with a window of its own; the colours stay per sample): the candidates are then
+the current images with one window overwritten in place, and a rejected candidate gets its old
+window back, so an iteration touches ``s x s`` pixels of each image besides the forward pass. L2
+draws two positions per sample (its candidate rescales the whole perturbation anyway).
 
 Losses (the quantity minimised; a candidate is accepted when it strictly decreases):
 
@@ -162,15 +167,18 @@ class Square(Attack):
                 budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One random search of at most ``budget`` forward passes per sample (the start included).
         Returns the final points, their losses, success flags and per-sample query counts."""
-        n = x.shape[0]
-        if self.norm == "inf":
+        n, _, h, w = x.shape
+        linf = self.norm == "inf"
+        if linf:
             lo, hi = linf_box(x, self.eps)
             bounds: tuple[torch.Tensor, ...] = (lo, hi)
-            state = self._linf_start(x)
+            state = self._linf_start(x, lo, hi)
+            # the windows' positions of the whole search, in one transfer: uniform [0, 1) pairs
+            corners = self._rand((max(budget - 1, 1), 2), x.device).double().cpu().tolist()
         else:
             bounds = ()
             state = self._l2_start(x)
-        logits = self._decision(self.model(self._image(state, x, bounds)), y)
+        logits = self._decision(self.model(state), y)
         loss = self._loss(logits, y, target)
         ok = is_success(logits.argmax(dim=1), y, target)
         used = torch.ones(n, dtype=torch.long, device=x.device)
@@ -184,12 +192,19 @@ class Square(Attack):
             if idx.numel() == 0:
                 break
             p = p_schedule(self.p_init, it, self.queries)
-            cand = self._linf_step(a_state, p) if self.norm == "inf" else self._l2_step(a_state, a_x, p)
-            logits = self._decision(self.model(self._image(cand, a_x, a_bounds)), a_y)
+            if linf:
+                window, old = self._linf_patch(a_state, *a_bounds, p, corners[it])
+                cand = a_state
+            else:
+                cand = self._l2_step(a_state, a_x, p)
+            logits = self._decision(self.model(cand), a_y)
             used[idx] += 1
             new_loss = self._loss(logits, a_y, a_t)
             improved = new_loss < a_loss
-            a_state = torch.where(_per_sample(improved), cand, a_state)
+            if linf:  # a rejected candidate gets its old window back
+                window.copy_(torch.where(_per_sample(improved), window, old))
+            else:
+                a_state = torch.where(_per_sample(improved), cand, a_state)
             a_loss = torch.where(improved, new_loss, a_loss)
             done = improved & is_success(logits.argmax(dim=1), a_y, a_t)
             if bool(done.any()):
@@ -202,15 +217,7 @@ class Square(Attack):
                 a_bounds = tuple(b[keep] for b in a_bounds)
         state[idx] = a_state
         loss[idx] = a_loss
-        return self._image(state, x, bounds), loss, ok, used
-
-    def _image(self, state: torch.Tensor, x: torch.Tensor, bounds: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The image of a search state: L-inf states are signs (+1 -> the ball's upper bound,
-        -1 -> the lower one, both clipped to [0, 1]); L2 states are the images themselves."""
-        if self.norm == "inf":
-            lo, hi = bounds
-            return torch.where(state > 0, hi, lo)
-        return state
+        return state, loss, ok, used
 
     # ------------------------------------------------------------------ random pieces
     def _signs(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -243,33 +250,38 @@ class Square(Attack):
         return batch, slice(None), rows, cols
 
     # ------------------------------------------------------------------ L-inf
-    def _linf_start(self, x: torch.Tensor) -> torch.Tensor:
-        """Vertical stripes: one random sign per sample, channel and column."""
+    def _linf_start(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Vertical stripes: one random sign per sample, channel and column (+1 -> the ball's upper
+        bound, -1 -> its lower one, both clipped to [0, 1])."""
         n, c, h, w = x.shape
-        return self._signs((n, c, 1, w), x).expand(n, c, h, w).contiguous()
+        return torch.where(self._signs((n, c, 1, w), x) > 0, hi, lo)
 
-    def _linf_step(self, sign: torch.Tensor, p: float) -> torch.Tensor:
-        """Candidate signs: one random window per sample set to a random colour (one sign per
-        channel), redrawn where it would leave the window unchanged."""
-        n, c, h, w = sign.shape
-        s = round(math.sqrt(p * c * h * w / c))
+    def _linf_patch(self, img: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, p: float,
+                    corner: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Overwrite, in place, one ``s x s`` window of every image (at ``corner``, a uniform pair in
+        [0, 1)) with a random colour per sample (one vertex of the ball per channel); where the
+        window already holds that colour, a uniformly random other one. Returns the window (a view
+        of ``img``) and its old content, to restore the samples whose candidate is rejected."""
+        n, c, h, w = img.shape
+        s = round(math.sqrt(p * h * w))
         s = min(max(s, 1), max(min(h, w) - 1, 1))
-        top, left = self._windows(n, s, h, w, sign.device)
-        mask = self._mask(top, left, s, h, w)
-        colour = self._signs((n, c, 1, 1), sign)
-        # the window already holds the colour only where it is uniform in that colour; the
-        # reference code redraws until it differs (a host sync per draw, ~log2(N) draws a step at
-        # small windows), which is a uniform draw among the 2^C - 1 other colours: flip a uniformly
-        # random non-empty subset of the channels instead, in one draw and without a sync
-        same = ~((sign != colour) & mask).flatten(1).any(dim=1)
+        top = min(int(corner[0] * (h - s + 1)), h - s)
+        left = min(int(corner[1] * (w - s + 1)), w - s)
+        rows, cols = slice(top, top + s), slice(left, left + s)
+        window, lo_w, hi_w = img[:, :, rows, cols], lo[:, :, rows, cols], hi[:, :, rows, cols]
+        old = window.clone()
+        up = self._signs((n, c, 1, 1), img) > 0
+        # the reference code redraws until the window changes (a host sync per draw); a uniform draw
+        # among the 2^C - 1 other colours is one flip of a uniformly random non-empty subset of the
+        # channels, in one draw and without a sync
+        same = (torch.where(up, hi_w, lo_w) == old).flatten(1).all(dim=1)
         if c == 1:
-            flip = torch.ones_like(colour).neg_()
+            flip = torch.ones_like(up)
         else:
-            subset = torch.randint(1, 2 ** c, (n, 1), generator=self._generator, device=sign.device)
-            bits = (subset >> torch.arange(c, device=sign.device)) & 1
-            flip = (1 - 2 * bits).to(colour.dtype).view(n, c, 1, 1)
-        colour = torch.where(_per_sample(same), colour * flip, colour)
-        return torch.where(mask, colour, sign)
+            subset = torch.randint(1, 2 ** c, (n, 1), generator=self._generator, device=img.device)
+            flip = ((subset >> torch.arange(c, device=img.device)) & 1).bool().view(n, c, 1, 1)
+        window.copy_(torch.where(up ^ (_per_sample(same) & flip), hi_w, lo_w))
+        return window, old
 
     # ------------------------------------------------------------------ L2
     def _oriented_pattern(self, s: int, n: int, like: torch.Tensor) -> torch.Tensor:
