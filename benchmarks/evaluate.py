@@ -12,22 +12,25 @@ mnist-10k, ``advlab.eval.evaluate`` gives a robust accuracy no higher than torch
    epochs, the alpha scaled with it; the output says so. Its clean accuracy and PGD-40 robust
    accuracy (alpha 0.01, random start) are printed for the whole test split and the first ``--n``.
 2. On the first ``--n`` test images: ``advlab.eval.evaluate(model, x, y, norm="inf", eps=0.3,
-   seed=0)`` with its standard settings (masking checks, APGD-CE and APGD-T with 100 steps, Square
-   with 5000 queries, each stage on what the earlier ones left), and
-   ``torchattacks.AutoAttack(model, norm="Linf", eps=0.3, version="standard", n_classes=10,
-   seed=0)`` (APGD-CE, APGD-T, FAB-T, Square 5000; note that torchattacks' APGD, APGD-T and FAB
-   default to 10 steps where the reference AutoAttack uses 100). Both are timed by the wall clock
-   with the same thread count; the time of one plain forward+backward of the batch (the input
-   gradient, what one attack step costs) is measured just before each, so a drift of the load of a
-   shared machine shows. torchattacks' robust accuracy is recomputed by classifying its
-   adversarials with the model, after checking they lie in the eps ball and in [0, 1] (one outside
-   counts as the clean image). The images robust under one battery but broken by the other are
-   listed, with which of torchattacks' attacks breaks each alone.
+   seed=0)`` with its standard settings (masking checks, APGD-CE with 100 steps, APGD-T with 100
+   steps against the 3 highest wrong classes, Square with 5000 queries, each stage on what the
+   earlier ones left), and ``torchattacks.AutoAttack(model, norm="Linf", eps=0.3,
+   version="standard", n_classes=10, seed=0)`` (APGD-CE, APGD-T against 9 targets, FAB-T, Square
+   5000; note that torchattacks' APGD, APGD-T and FAB default to 10 steps where the reference
+   AutoAttack uses 100). Both are timed by the wall clock with the same thread count, ``--rounds``
+   times each in ABBA order (advlab, torchattacks, torchattacks, advlab, ...) and summed, so a
+   drift of a shared machine's speed cancels; the time of one plain forward+backward of the batch
+   (the input gradient, what one attack step costs) is measured just before each run, so the
+   drift shows. torchattacks' robust accuracy is recomputed by classifying its adversarials with
+   the model, after checking they lie in the eps ball and in [0, 1] (one outside counts as the
+   clean image). The images robust under one battery but broken by the other are listed, with
+   which of torchattacks' attacks breaks each alone.
 
     python benchmarks/evaluate.py                                   # trains first (about 20 epochs)
     python benchmarks/evaluate.py --save-checkpoint /tmp/lenet_at.pt
     python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --n 200
     python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --steps 10   # torchattacks' step count
+    python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --targets 9  # the reference's APGD-T targets
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the training and of both batteries")
     p.add_argument("--steps", type=int, default=100, help="advlab's APGD iterations (100: the reference AutoAttack; "
                    "10: torchattacks' default, for a like-for-like time)")
+    p.add_argument("--rounds", type=int, default=2, help="timed runs of each battery, in ABBA order (default 2)")
+    p.add_argument("--targets", type=int, default=None, help="advlab's APGD-T target classes (default: evaluate's)")
     g = p.add_argument_group("adversarial training (when no --checkpoint is given)")
     g.add_argument("--epochs", type=int, default=20, help="training epochs in all, warm-up and ramp included")
     g.add_argument("--warmup", type=int, default=1, help="clean epochs first")
@@ -271,35 +276,58 @@ def main(argv=None):
           f"PGD-40 (eps {EPS}, alpha 0.01, random start) robust accuracy {float(rob_all.float().mean()):.4f}; "
           f"on the first {n}: PGD-40 {float(rob_all[:n].float().mean()):.4f}")
 
-    # ---- advlab
-    unit_a = time_plain_step(model, x, y, device)
-    sync(device)
-    t0 = time.perf_counter()
-    res = evaluate(model, x, y, norm="inf", eps=EPS, seed=args.seed, steps=args.steps, progress=False)
-    sync(device)
-    sec_a = time.perf_counter() - t0
+    # ---- both batteries, in ABBA order over --rounds (a drift of a shared machine's speed cancels)
+    others = [s.strip() for s in args.others.split(",") if s.strip() and s.strip() != "none"]
+    extra = {} if args.targets is None else {"targets": args.targets}
+    runs_a, runs_t, ta = [], [], None
+    for r in range(args.rounds):
+        order = ("advlab", "torchattacks") if r % 2 == 0 else ("torchattacks", "advlab")
+        for who in order:
+            if who == "advlab":
+                unit = time_plain_step(model, x, y, device)
+                sync(device)
+                t0 = time.perf_counter()
+                res = evaluate(model, x, y, norm="inf", eps=EPS, seed=args.seed, steps=args.steps, progress=False,
+                               **extra)
+                sync(device)
+                runs_a.append((time.perf_counter() - t0, unit, res))
+            elif "torchattacks" in others and (r == 0 or ta is not None):
+                unit = time_plain_step(model, x, y, device)
+                ta = run_torchattacks(model, x, y, device, args.seed)
+                if isinstance(ta, str):
+                    print(f"[torchattacks] {ta}: skipped")
+                    ta = None
+                else:
+                    runs_t.append((ta[2], unit, ta[1]))
+    sec_a = sum(r[0] for r in runs_a)
+    unit_a = statistics.mean(r[1] for r in runs_a)
+    res = runs_a[0][2]
+    same_a = all(torch.equal(torch.as_tensor(r[2].x_adv), torch.as_tensor(res.x_adv)) for r in runs_a)
     robust_a = torch.tensor([s == "robust" for s in res.status])
     _, out_a, linf_a = in_ball(x.cpu(), res.x_adv.cpu())
     stage_s = ", ".join(f"{k} {v:.1f}" for k, v in res.seconds.items() if k != "total")
-
-    # ---- torchattacks
-    others = [s.strip() for s in args.others.split(",") if s.strip() and s.strip() != "none"]
-    ta = None
-    if "torchattacks" in others:
-        unit_t = time_plain_step(model, x, y, device)
-        ta = run_torchattacks(model, x, y, device, args.seed)
-        if isinstance(ta, str):
-            print(f"[torchattacks] {ta}: skipped")
-            ta = None
+    if ta is not None:
+        ta = (ta[0], runs_t[0][2], sum(r[0] for r in runs_t))
+        unit_t = statistics.mean(r[1] for r in runs_t)
+        same_t = all(torch.equal(r[2], runs_t[0][2]) for r in runs_t)
 
     print(f"\n{n} images (first of the test split), L-inf eps {EPS}, clean accuracy {res.clean_accuracy:.4f}")
-    print(f"unit = one plain forward+backward of the {n} images w.r.t. the input, measured just before each battery\n")
+    print(f"unit = one plain forward+backward of the {n} images w.r.t. the input, measured just before each battery; "
+          f"seconds and units: {args.rounds} round(s) in ABBA order, summed / averaged")
+    print("  advlab runs (s): " + ", ".join(f"{r[0]:.1f} (unit {1e3 * r[1]:.1f} ms)" for r in runs_a)
+          + ("" if same_a else "  [adversarials differ between runs]"))
+    if ta is not None:
+        print("  torchattacks runs (s): " + ", ".join(f"{r[0]:.1f} (unit {1e3 * r[1]:.1f} ms)" for r in runs_t)
+              + ("" if same_t else "  [adversarials differ between runs]"))
+    print()
     print(f"{'battery / stage':<52} {'robust acc':>10} {'seconds':>8} {'unit ms':>8}")
     print(f"{'clean':<52} {res.clean_accuracy:10.4f}")
     for name, acc in res.per_attack.items():
         s = res.seconds.get(name)
         print(f"{'  advlab after ' + name:<52} {acc:10.4f} {s if s is not None else float('nan'):8.1f}")
     label = f"advlab evaluate (checks, APGD-CE/T {args.steps} steps, Square)"
+    if args.targets is not None:
+        label = f"advlab evaluate (APGD-CE/T {args.steps}, {args.targets} targets, Square)"
     print(f"{label:<52} {res.robust_accuracy:10.4f} {sec_a:8.1f} {1e3 * unit_a:8.1f}")
     if ta is not None:
         atk, xt, sec_t = ta
@@ -313,7 +341,7 @@ def main(argv=None):
               f"({int(robust_a.sum())} vs {int(robust_t.sum())} robust images)")
         print(f"wall time ratio advlab / torchattacks: {sec_a / sec_t:.2f} "
               f"(normalised by each one's unit: {(sec_a / unit_a) / (sec_t / unit_t):.2f})")
-    print(f"advlab stage seconds: {stage_s}")
+    print(f"advlab stage seconds (first run): {stage_s}")
     if res.flags:
         print("advlab flags: " + "; ".join(f"{f.name}: {f.message}" for f in res.flags))
     else:

@@ -59,8 +59,8 @@ def test_plain_model_battery_is_a_per_sample_worst_case(lenet_digits, xy):
     assert all(a >= b for a, b in zip(accs, accs[1:])) and res.robust_accuracy == accs[-1]
     assert res.robust_accuracy <= res.clean_accuracy
     # never above any single attack's robust accuracy on the same images
-    for atk in (APGD(lenet_digits, eps=0.1, steps=20, loss="ce"), APGD(lenet_digits, eps=0.1, steps=20,
-                                                                        loss="dlr-targeted"),
+    for atk in (APGD(lenet_digits, eps=0.1, steps=20, loss="ce"),
+                APGD(lenet_digits, eps=0.1, steps=20, loss="dlr-targeted", targeted_classes=3),
                 Square(lenet_digits, eps=0.1, queries=100)):
         assert res.robust_accuracy <= atk.run((x, y)).robust_accuracy + 1e-9
     # x_adv holds, for every broken image, an adversarial in the ball that the model gets wrong
@@ -68,6 +68,26 @@ def test_plain_model_battery_is_a_per_sample_worst_case(lenet_digits, xy):
     assert (res.x_adv - x).abs().max() <= 0.1 + 1e-6
     assert bool((lenet_digits(res.x_adv[broken]).argmax(1) != y[broken]).all())
     assert abs(float((~broken).float().mean()) - res.robust_accuracy - (1 - res.clean_accuracy)) < 1e-6
+
+
+@pytest.mark.parametrize("targets, expected", [(None, 3), (1, 1), (9, 9), (20, 9)])
+def test_apgd_t_runs_against_the_requested_number_of_targets(lenet_digits, xy, monkeypatch, targets, expected):
+    import importlib
+
+    ev = importlib.import_module("advlab.eval.evaluate")  # the module (advlab.eval.evaluate is the function)
+    seen = []
+
+    class Recording(APGD):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            seen.append((self.loss, self.targeted_classes))
+
+    monkeypatch.setattr(ev, "APGD", Recording)
+    x, y = xy
+    kw = {} if targets is None else {"targets": targets}
+    res = evaluate(lenet_digits, x[:20], y[:20], eps=0.1, attacks=("APGD-T",), checks=False, steps=3, **kw)
+    # 10 classes: at most the 9 wrong ones
+    assert seen == [("dlr-targeted", expected)] and 0 <= res.robust_accuracy <= res.clean_accuracy
 
 
 @pytest.mark.parametrize("masked, flag", [(lambda m: nn.Sequential(Quantise(), m), "zero-gradients"),

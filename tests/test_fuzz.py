@@ -267,6 +267,8 @@ def _evaluate_cases():
     # the random tiny model gets every clean image wrong, so no stage runs: the checks must come first
     bad("evaluate/steps=0", "steps", ev(steps=0))
     bad("evaluate/square_queries=0", "queries", ev(attacks=["Square"], square_queries=0))
+    for t in (0, -3, 2.5, "three"):
+        bad(f"evaluate/targets={t}", "targets", ev(targets=t))
     bad("evaluate/steps=0-on-a-model-that-is-right", "steps", ev(model=_always(Y), steps=0))
     bad("evaluate/square_queries=0-on-a-model-that-is-right", "queries",
         ev(model=_always(Y), attacks=["Square"], square_queries=0))

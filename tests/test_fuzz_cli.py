@@ -233,6 +233,8 @@ def _evaluate():
     cli("evaluate/steps=0", r"--steps", ev("--steps", "0"), after=no_report)
     cli("evaluate/square-queries=0", r"--square-queries", ev("--square-queries", "0"), after=no_report)
     cli("evaluate/batch-size=0", r"--batch-size", ev("--batch-size", "0"), after=no_report)
+    cli("evaluate/targets=0", r"--targets", ev("--targets", "0"), after=no_report)
+    cli("evaluate/targets=abc", r"argument --targets: invalid int", ev("--targets", "abc"))
     cli("evaluate/attacks=nope", r"--attacks.*APGD-CE", ev("--attacks", "nope"), after=no_report)
     cli("evaluate/attacks-empty", r"--attacks", ev("--attacks", ","), after=no_report)
     cli("evaluate/sweep=abc", r"--sweep", ev("--sweep", "abc"), after=no_report)
@@ -395,7 +397,7 @@ def test_hyp_cli_bad_counts(cmd, flag, value, files, capsys, tmp_path_factory):
 
 #: the distinct bad inputs this suite was built with (Python API + CLI + hypothesis families); the
 #: catalogue may grow, never shrink below this
-BUILT = 1239
+BUILT = 1245
 
 
 def test_fuzz_catalogue_count(tmp_path, capsys):

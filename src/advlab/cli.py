@@ -311,7 +311,7 @@ def _evaluate_sweep(args) -> Optional[List[float]]:
 
     check_nonneg(args.eps, "--eps")
     check_norm(args.norm)
-    for flag in ("n", "steps", "square_queries", "batch_size", "nproc"):
+    for flag in ("n", "steps", "square_queries", "targets", "batch_size", "nproc"):
         check_positive_int(getattr(args, flag), "--" + flag.replace("_", "-"))
     if args.reported is not None and not 0.0 <= args.reported <= 1.0:
         raise _err(f"--reported must be an accuracy in [0, 1], got {args.reported}")
@@ -353,8 +353,8 @@ def cmd_evaluate(args) -> int:
     x, y = pick_images(model, test, args.n, seed=args.seed)
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else list(BATTERY)
     res = evaluate(model, x, y, norm=args.norm, eps=args.eps, seed=args.seed, steps=args.steps,
-                   square_queries=args.square_queries, attacks=attacks, batch_size=args.batch_size, sweep=sweep,
-                   progress=_progress(args))
+                   square_queries=args.square_queries, targets=args.targets, attacks=attacks,
+                   batch_size=args.batch_size, sweep=sweep, progress=_progress(args))
     if not distributed.is_main():  # every rank holds the gathered result; rank 0 writes it
         return 0
     out = write_report(res, args.out, f"advlab evaluate: {Path(args.checkpoint).name} on {dataset}",
@@ -483,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attacks", default=None, help="stages, comma-separated (default APGD-CE,APGD-T,Square)")
     s.add_argument("--steps", type=int, default=100, help="APGD iterations")
     s.add_argument("--square-queries", type=int, default=5000, help="Square's query budget per image")
+    s.add_argument("--targets", type=int, default=3, help="wrong classes APGD-T runs against, highest clean "
+                   "logit first (9: the reference AutoAttack's)")
     s.add_argument("--sweep", default=None, help="eps values for the accuracy-vs-eps curve, comma-separated "
                    "(default: 0.25, 0.5 and 2 times --eps; 'none' to skip)")
     s.add_argument("--batch-size", type=int, default=256)
