@@ -13,7 +13,7 @@ mnist-10k, ``advlab.eval.evaluate`` gives a robust accuracy no higher than torch
    accuracy (alpha 0.01, random start) are printed for the whole test split and the first ``--n``.
 2. On the first ``--n`` test images: ``advlab.eval.evaluate(model, x, y, norm="inf", eps=0.3,
    seed=0)`` with its standard settings (masking checks, APGD-CE with 100 steps, APGD-T with 100
-   steps against the 3 highest wrong classes, Square with 5000 queries, each stage on what the
+   steps against the 9 highest wrong classes, Square with 5000 queries, each stage on what the
    earlier ones left), and ``torchattacks.AutoAttack(model, norm="Linf", eps=0.3,
    version="standard", n_classes=10, seed=0)`` (APGD-CE, APGD-T against 9 targets, FAB-T, Square
    5000; note that torchattacks' APGD, APGD-T and FAB default to 10 steps where the reference
@@ -30,7 +30,7 @@ mnist-10k, ``advlab.eval.evaluate`` gives a robust accuracy no higher than torch
     python benchmarks/evaluate.py --save-checkpoint /tmp/lenet_at.pt
     python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --n 200
     python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --steps 10   # torchattacks' step count
-    python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --targets 9  # the reference's APGD-T targets
+    python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --targets 3  # fewer APGD-T targets
 """
 
 from __future__ import annotations

@@ -483,8 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attacks", default=None, help="stages, comma-separated (default APGD-CE,APGD-T,Square)")
     s.add_argument("--steps", type=int, default=100, help="APGD iterations")
     s.add_argument("--square-queries", type=int, default=5000, help="Square's query budget per image")
-    s.add_argument("--targets", type=int, default=3, help="wrong classes APGD-T runs against, highest clean "
-                   "logit first (9: the reference AutoAttack's)")
+    s.add_argument("--targets", type=int, default=9, help="wrong classes APGD-T runs against, highest clean "
+                   "logit first (default 9, the reference AutoAttack's)")
     s.add_argument("--sweep", default=None, help="eps values for the accuracy-vs-eps curve, comma-separated "
                    "(default: 0.25, 0.5 and 2 times --eps; 'none' to skip)")
     s.add_argument("--batch-size", type=int, default=256)

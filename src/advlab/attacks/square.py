@@ -174,7 +174,7 @@ class Square(Attack):
             bounds: tuple[torch.Tensor, ...] = (lo, hi)
             state = self._linf_start(x, lo, hi)
             # the windows' positions of the whole search, in one transfer: uniform [0, 1) pairs
-            corners = self._rand((max(budget - 1, 1), 2), x.device).double().cpu().tolist()
+            corners = self._rand((max(budget - 1, 1), 2), x.device).cpu().double().tolist()
         else:
             bounds = ()
             state = self._l2_start(x)
