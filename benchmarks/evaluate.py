@@ -31,6 +31,7 @@ mnist-10k, ``advlab.eval.evaluate`` gives a robust accuracy no higher than torch
     python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --n 200
     python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --steps 10   # torchattacks' step count
     python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --targets 3  # fewer APGD-T targets
+    python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --ta-steps 100 --rounds 1  # both at the reference's budgets
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the training and of both batteries")
     p.add_argument("--steps", type=int, default=100, help="advlab's APGD iterations (100: the reference AutoAttack; "
                    "10: torchattacks' default, for a like-for-like time)")
+    p.add_argument("--ta-steps", type=int, default=None, help="iterations of torchattacks' APGD, APGD-T and FAB-T "
+                   "(default: its own, 10; 100 gives the reference AutoAttack's budgets)")
     p.add_argument("--rounds", type=int, default=2, help="timed runs of each battery, in ABBA order (default 2)")
     p.add_argument("--targets", type=int, default=None, help="advlab's APGD-T target classes (default: evaluate's)")
     g = p.add_argument_group("adversarial training (when no --checkpoint is given)")
@@ -203,14 +206,19 @@ def time_plain_step(model, x, y, device, reps=5):
     return statistics.median(times)
 
 
-def run_torchattacks(model, x, y, device, seed):
-    """(AutoAttack instance, adversarials, seconds), or a string saying why it did not run."""
+def run_torchattacks(model, x, y, device, seed, steps=None):
+    """(AutoAttack instance, adversarials, seconds), or a string saying why it did not run.
+    ``steps``: the iterations of its APGD, APGD-T and FAB-T (None: torchattacks' default, 10)."""
     try:
         import torchattacks
     except Exception as e:  # ImportError, or a broken torchvision under it
         return f"torchattacks not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     try:
         atk = torchattacks.AutoAttack(model, norm="Linf", eps=EPS, version="standard", n_classes=10, seed=seed)
+        if steps is not None:
+            for sub in atk._autoattack.attacks:
+                if hasattr(sub, "steps"):
+                    sub.steps = steps
         with torch.random.fork_rng(devices=[]):  # it seeds torch's global RNG
             sync(device)
             t0 = time.perf_counter()
@@ -293,7 +301,7 @@ def main(argv=None):
                 runs_a.append((time.perf_counter() - t0, unit, res))
             elif "torchattacks" in others and (r == 0 or ta is not None):
                 unit = time_plain_step(model, x, y, device)
-                ta = run_torchattacks(model, x, y, device, args.seed)
+                ta = run_torchattacks(model, x, y, device, args.seed, args.ta_steps)
                 if isinstance(ta, str):
                     print(f"[torchattacks] {ta}: skipped")
                     ta = None
@@ -335,7 +343,8 @@ def main(argv=None):
         with torch.no_grad():
             robust_t = (model(xt_ok).argmax(1) == y).cpu()
         acc_t = float(robust_t.float().mean())
-        label = f"torchattacks AutoAttack ({', '.join(ta_stage_names(atk))})"
+        label = f"torchattacks AutoAttack ({', '.join(ta_stage_names(atk))}" + \
+            (f", {args.ta_steps} steps)" if args.ta_steps else ")")
         print(f"{label:<52} {acc_t:10.4f} {sec_t:8.1f} {1e3 * unit_t:8.1f}")
         print(f"\nrobust accuracy advlab - torchattacks: {round(res.robust_accuracy - acc_t, 6) + 0.0:+.4f} "
               f"({int(robust_a.sum())} vs {int(robust_t.sum())} robust images)")

@@ -12,9 +12,10 @@ them (per-sample worst case).
 
 ``targets`` trades APGD-T's breadth for time. On the Madry-trained LeNet-5 of
 ``benchmarks/evaluate.py`` (500 MNIST images, L-inf 0.3) 9, 3 and 1 targets leave the same 410
-images robust after the whole battery, with APGD-T taking 41, 16 and 5 s of a battery that Square
-dominates; but on the I-defender reproduction's defended MNIST model 3 targets leave 1 image of
-83 robust that 9 targets break, so the default stays at the reference AutoAttack's 9. Before the attacks the
+images robust after the whole battery, and APGD-T's time is about proportional to the number of
+targets (35 s of a 101 s battery at 9); but on the I-defender reproduction's defended MNIST model
+3 targets leave 1 image of 83 robust that 9 targets break, so the default stays at the reference
+AutoAttack's 9. Before the attacks the
 model is checked for gradient masking (:mod:`advlab.eval.checks`), and the battery adapts:
 
 - exactly-zero input gradients from a non-differentiable layer (a quantiser, ``sign``): the
