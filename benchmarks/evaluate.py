@@ -29,7 +29,7 @@ mnist-10k, ``advlab.eval.evaluate`` gives a robust accuracy no higher than torch
     python benchmarks/evaluate.py                                   # trains first (about 20 epochs)
     python benchmarks/evaluate.py --save-checkpoint /tmp/lenet_at.pt
     python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --n 200
-    python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --steps 10   # torchattacks' step count
+    python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --steps 20   # twice torchattacks' step count
     python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --targets 3  # fewer APGD-T targets
     python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --ta-steps 100 --rounds 1  # both at the reference's budgets
 """
