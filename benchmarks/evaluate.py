@@ -287,7 +287,8 @@ def main(argv=None):
     # ---- both batteries, in ABBA order over --rounds (a drift of a shared machine's speed cancels)
     others = [s.strip() for s in args.others.split(",") if s.strip() and s.strip() != "none"]
     extra = {} if args.targets is None else {"targets": args.targets}
-    runs_a, runs_t, ta = [], [], None
+    runs_a, runs_t, atk = [], [], None  # atk: torchattacks' AutoAttack, once it has run
+    skip_ta = "torchattacks" not in others
     for r in range(args.rounds):
         order = ("advlab", "torchattacks") if r % 2 == 0 else ("torchattacks", "advlab")
         for who in order:
@@ -299,14 +300,15 @@ def main(argv=None):
                                **extra)
                 sync(device)
                 runs_a.append((time.perf_counter() - t0, unit, res))
-            elif "torchattacks" in others and (r == 0 or ta is not None):
+            elif not skip_ta:
                 unit = time_plain_step(model, x, y, device)
-                ta = run_torchattacks(model, x, y, device, args.seed, args.ta_steps)
-                if isinstance(ta, str):
-                    print(f"[torchattacks] {ta}: skipped")
-                    ta = None
+                out = run_torchattacks(model, x, y, device, args.seed, args.ta_steps)
+                if isinstance(out, str):
+                    print(f"[torchattacks] {out}: skipped")
+                    skip_ta = True
                 else:
-                    runs_t.append((ta[2], unit, ta[1]))
+                    atk = out[0]
+                    runs_t.append((out[2], unit, out[1]))
     sec_a = sum(r[0] for r in runs_a)
     unit_a = statistics.mean(r[1] for r in runs_a)
     res = runs_a[0][2]
@@ -314,8 +316,9 @@ def main(argv=None):
     robust_a = torch.tensor([s == "robust" for s in res.status])
     _, out_a, linf_a = in_ball(x.cpu(), res.x_adv.cpu())
     stage_s = ", ".join(f"{k} {v:.1f}" for k, v in res.seconds.items() if k != "total")
-    if ta is not None:
-        ta = (ta[0], runs_t[0][2], sum(r[0] for r in runs_t))
+    ta = bool(runs_t) and not skip_ta  # torchattacks ran in every round
+    if ta:
+        xt, sec_t = runs_t[0][2], sum(r[0] for r in runs_t)
         unit_t = statistics.mean(r[1] for r in runs_t)
         same_t = all(torch.equal(r[2], runs_t[0][2]) for r in runs_t)
 
@@ -324,7 +327,7 @@ def main(argv=None):
           f"seconds and units: {args.rounds} round(s) in ABBA order, summed / averaged")
     print("  advlab runs (s): " + ", ".join(f"{r[0]:.1f} (unit {1e3 * r[1]:.1f} ms)" for r in runs_a)
           + ("" if same_a else "  [adversarials differ between runs]"))
-    if ta is not None:
+    if ta:
         print("  torchattacks runs (s): " + ", ".join(f"{r[0]:.1f} (unit {1e3 * r[1]:.1f} ms)" for r in runs_t)
               + ("" if same_t else "  [adversarials differ between runs]"))
     print()
@@ -337,8 +340,7 @@ def main(argv=None):
     if args.targets is not None:
         label = f"advlab evaluate (APGD-CE/T {args.steps}, {args.targets} targets, Square)"
     print(f"{label:<52} {res.robust_accuracy:10.4f} {sec_a:8.1f} {1e3 * unit_a:8.1f}")
-    if ta is not None:
-        atk, xt, sec_t = ta
+    if ta:
         xt_ok, out_t, linf_t = in_ball(x, xt)
         with torch.no_grad():
             robust_t = (model(xt_ok).argmax(1) == y).cpu()
@@ -358,7 +360,7 @@ def main(argv=None):
     for note in res.notes:
         print(f"advlab note: {note}")
     print(f"advlab adversarials: max L-inf {linf_a:.6f}, {out_a} outside the ball or [0, 1]")
-    if ta is None:
+    if not ta:
         return 0
     print(f"torchattacks adversarials: max L-inf {linf_t:.6f}, {out_t} outside the ball or [0, 1] "
           f"(counted as the clean image)")

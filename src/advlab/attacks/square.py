@@ -167,7 +167,7 @@ class Square(Attack):
                 budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One random search of at most ``budget`` forward passes per sample (the start included).
         Returns the final points, their losses, success flags and per-sample query counts."""
-        n, _, h, w = x.shape
+        n = x.shape[0]
         linf = self.norm == "inf"
         if linf:
             lo, hi = linf_box(x, self.eps)

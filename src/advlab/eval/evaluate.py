@@ -15,8 +15,10 @@ them (per-sample worst case).
 images robust after the whole battery, and APGD-T's time is about proportional to the number of
 targets (35 s of a 101 s battery at 9); but on the I-defender reproduction's defended MNIST model
 3 targets leave 1 image of 83 robust that 9 targets break, so the default stays at the reference
-AutoAttack's 9. Before the attacks the
-model is checked for gradient masking (:mod:`advlab.eval.checks`), and the battery adapts:
+AutoAttack's 9.
+
+Before the attacks the model is checked for gradient masking (:mod:`advlab.eval.checks`), and
+the battery adapts:
 
 - exactly-zero input gradients from a non-differentiable layer (a quantiser, ``sign``): the
   gradient attacks run through :func:`advlab.adaptive.auto_bpda` (straight-through BPDA); the
