@@ -10,7 +10,7 @@ from advlab.attacks import PGD
 from advlab.defenses.advtrain import AdversarialBatches, adversarial_fit, check_eps_range, madry_fit
 from advlab.defenses.pcl import PCLDefense
 from advlab.models import build_model
-from advlab.train import evaluate, fit
+from advlab.train import accuracy, fit
 
 EPS = 0.15  # L-inf budget on the 8x8 digits
 
@@ -33,7 +33,7 @@ def test_adversarial_training_raises_pgd_robustness(digits_data):
     assert all(0.05 <= e <= 0.25 for e in h.eps_drawn) and len(set(h.eps_drawn)) > 10
     a_plain, a_robust = _pgd_acc(plain, test), _pgd_acc(robust, test)
     assert a_robust > a_plain + 0.2, (a_plain, a_robust)
-    assert evaluate(robust, test) > 0.85
+    assert accuracy(robust, test) > 0.85
     madry = build_model("lenet5", 10, (1, 8, 8), seed=0)
     madry_fit(madry, train, eps=EPS, steps=5, alpha=EPS / 4, **kw)
     assert _pgd_acc(madry, test) > a_plain + 0.2
@@ -67,7 +67,7 @@ def test_pcl_adversarial_training_on_joint_loss(digits_data):
                        adversarial="fgsm", adv_eps=(0.05, 0.25), adv_objective="joint")
     rec = d.history["pc"][0]
     assert rec["adversarial"] == "fgsm" and rec["adv_objective"] == "joint"
-    assert evaluate(d, test) > 0.6
+    assert accuracy(d, test) > 0.6
     r = d.train_pc(train, 1, adversarial="pgd", adv_eps=0.1, adv_steps=3, adv_objective="ce", lr=0.01,
                    batch_size=64, phase="adv")
     assert d.history["adv"][0] is r and r["epochs"] == 1

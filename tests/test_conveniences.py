@@ -12,7 +12,7 @@ from torch import nn
 from advlab import REJECT
 from advlab._util import AdvlabError
 from advlab.attacks import PGD, DeepFool, build_attack
-from advlab.attacks.base import _own_batches
+from advlab.streaming import own_batches
 from advlab.eval import SweepResult, eps_sweep, evaluate
 
 from helpers import images, labels, tiny_model
@@ -236,13 +236,13 @@ def test_sharded_batches_of_dict_loaders_match_the_single_process_stream(digits_
     _, x, y = digits_model
     for data in (torch.utils.data.DataLoader(_DictSet(x, y), batch_size=10), _DictSet(x, y),
                  (x.numpy(), y.numpy())):
-        from advlab.attacks.base import _as_data
+        from advlab.streaming import as_data
 
-        data = _as_data(data)
-        one = [(b, o, xb, yb) for b, o, xb, yb in _own_batches(data, 10, 1, 0)]
+        data = as_data(data)
+        one = [(b, o, xb, yb) for b, o, xb, yb in own_batches(data, 10, 1, 0)]
         got = {}
         for rank in range(2):
-            for b, o, xb, yb in _own_batches(data, 10, 2, rank):
+            for b, o, xb, yb in own_batches(data, 10, 2, rank):
                 if xb is not None:
                     assert b % 2 == rank and b not in got
                     got[b] = (o, xb, yb)

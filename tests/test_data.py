@@ -19,6 +19,7 @@ from advlab._util import AdvlabError
 from advlab.data import download as dl
 from advlab.data import list_datasets, load_dataset, read_idx
 from advlab.data.download import RemoteFile, Source, download_file, verify_file
+from advlab.data.prepare import download_dataset
 
 OFFLINE_URL = "http://127.0.0.1:9/"  # discard port: connection refused at once
 
@@ -252,7 +253,7 @@ def test_download_through_mirror_argument(idx_mirror, tmp_path):
 def test_download_through_env_mirror_falls_back_in_order(idx_mirror, tmp_path, monkeypatch):
     # the first mirror is unreachable, the second (a plain folder path) works
     monkeypatch.setenv(dl.ENV_MIRROR, f"{OFFLINE_URL} {idx_mirror}")
-    paths = dl.download_dataset("mnist", tmp_path / "data")
+    paths = download_dataset("mnist", tmp_path / "data")
     assert len(paths) == 4 and all(p.is_file() for p in paths)
     assert load_dataset("mnist", tmp_path / "data", "train").images.shape == (10, 1, 6, 6)
 

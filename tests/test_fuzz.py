@@ -858,7 +858,8 @@ _data_cases()
 # --------------------------------------------------------------------------- specs and the experiment runner
 
 def _spec_cases():
-    from advlab.eval.specs import load_spec, reproduce, resolve_spec
+    from advlab.eval.specs import load_spec
+    from advlab.papers import reproduce, resolve_spec
 
     def spec_file(tmp: Path, text, name: str = "s.yaml") -> Path:
         p = tmp / name
@@ -882,7 +883,7 @@ def _spec_cases():
     bad("resolve_spec/yaml-is-a-list", r"YAML mapping", lambda tmp: resolve_spec(str(spec_file(tmp, "- a\n"))))
     bad("resolve_spec/quick-not-a-mapping", r"quick",
         lambda tmp: resolve_spec(str(spec_file(tmp, "quick: 5\n")), quick=True))
-    bad("resolve_spec/runner-unknown", r"runner 'nope'",
+    bad("resolve_spec/runner-in-user-spec", r"spec key 'runner' \('nope'\)",
         lambda tmp: reproduce(str(spec_file(tmp, "runner: nope\n")), tmp / "out"), after=absent("out"))
 
     # the generic experiment runner (advlab reproduce my.yaml): wrong types are found before any work

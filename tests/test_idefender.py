@@ -1,7 +1,8 @@
 """I-defender: the torch log-likelihood equals scikit-learn's, gradients flow through it,
 thresholds keep exactly the configured share of each class's training data, the decision and the
 adversarial column agree, the adaptive attack beats the naive one, save/load, bad input; the
-reproduction's Jacobian-augmented substitute, Table 6 calibration and larger model F."""
+Jacobian-augmented substitute (advlab.adaptive), the AUC's standard error, ``advlab defend
+idefender``'s back end, and the reproduction's Table 6 calibration (through advlab.papers.reproduce)."""
 
 import math
 
@@ -15,7 +16,7 @@ from advlab.adaptive.idefender import IDefenderAdaptive, IDefenderGrayBox
 from advlab.attacks import FGSM, PGD
 from advlab.defenses import DEFENSES
 from advlab.defenses.idefender import IDefender, MixtureLogLik, threshold_for_keep
-from advlab.metrics.detection import balanced_accuracy, detection_auc, roc, tpr_at_fpr
+from advlab.metrics.detection import auc_standard_error, balanced_accuracy, detection_auc, roc, tpr_at_fpr
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -184,6 +185,16 @@ def test_bad_input(defense, lenet_digits, digits_data):
 def test_detection_metrics():
     nat, adv = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([3.0, 4.0, float("inf")])
     assert detection_auc(nat, adv) == 1.0
+    assert detection_auc(nat, adv[:0], allow_empty=True) is None
+    with pytest.raises(AdvlabError, match="empty"):
+        detection_auc(nat, adv[:0])
+    # Hanley & McNeil (1982): Q1 = A / (2 - A), Q2 = 2 A^2 / (1 + A); A = 0.8, 50 + 50 scores
+    q1, q2 = 0.8 / 1.2, 2 * 0.64 / 1.8
+    se = math.sqrt((0.8 * 0.2 + 49 * (q1 - 0.64) + 49 * (q2 - 0.64)) / 2500)
+    assert auc_standard_error(0.8, 50, 50) == pytest.approx(se) and se == pytest.approx(0.0445, abs=1e-4)
+    assert auc_standard_error(1.0, 10, 10) == 0.0
+    with pytest.raises(AdvlabError):
+        auc_standard_error(1.2, 10, 10)
     f, t, _ = roc(nat, adv)
     assert f[0] == 0 and t[-1] == 1
     assert tpr_at_fpr(nat, adv, 0.0) == 1.0
@@ -206,7 +217,7 @@ class _CountingOracle(torch.nn.Module):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_jacobian_substitute_augmentation_and_queries(seed, digits_data, monkeypatch):
-    from advlab.eval import repro_idefender as R
+    from advlab.adaptive import substitute as R
 
     test = digits_data[1]
     n0, rounds, lam = 9 + seed, 3, 0.1
@@ -246,41 +257,36 @@ def test_jacobian_substitute_augmentation_and_queries(seed, digits_data, monkeyp
     assert q1 == n0 == oracle.seen
 
 
-def test_table6_calibration_bisects(lenet_digits, xy):
-    from advlab.eval import repro_idefender as R
+def test_defend_idefender_back_end(lenet_digits, digits_data, tmp_path):
+    from advlab.eval.defend import defend_idefender
 
-    x, y = xy
+    train, test = digits_data
+    rep = defend_idefender(lenet_digits, train, test, tmp_path, n=40, components=(1,), covariance="diag", steps=5)
+    rows = {r["attack"].split()[0]: r for r in rep.results["attacks"]}
+    assert set(rows) == {"FGSM", "PGD", "adaptive"} and rows["adaptive"]["threat model"].startswith("white-box")
+    assert all(r["auc"] is None or 0.0 <= r["auc"] <= 1.0 for r in rows.values())
+    assert set(rep.results["fpr"]) == {"ID-95", "ID-99"} and (tmp_path / "report.md").is_file()
+    back = IDefender.load(tmp_path / "idefender.pt")
+    assert back.keep == pytest.approx(0.95) and back.predict(test.images[:5]).shape == (5,)
+
+
+def test_reproduction_table6_calibration_bisects(tmp_path):
+    """Table 6's strength calibration (the paper's protocol: strength chosen so that F's accuracy on
+    the adversarials is the paper's Adv Acc) through the reproduction itself, on the digits."""
+    import json
+
+    from advlab.papers import reproduce
+
     col = {"name": "FGSM (50%)", "kind": "fgsm", "adv_acc": 50.0, "param": "eps", "grid": [0.0, 0.5], "params": {}}
-    memo = {}
-    (v, acc, xa), tried, n = R._calibrate(col, lenet_digits, x, y, 64, memo, default_n=1000, refine=4)
-    assert n == x.shape[0] and xa.shape == x.shape
-    assert len(tried) == 6 and 0.0 < v < 0.5                   # two grid points, four bisections
-    ends = [a for e, a in tried if e in (0.0, 0.5)]
-    assert abs(acc - 50.0) <= min(abs(a - 50.0) for a in ends)
-    # a second column with the same attack reuses the crafted sets (no new entry for the grid)
-    before = len(memo)
-    R._calibrate(dict(col, adv_acc=20.0), lenet_digits, x, y, 64, memo, default_n=1000, refine=0)
-    assert len(memo) == before
-
-
-def test_larger_model_f():
-    from advlab.eval.repro_idefender import _build
-    from advlab.nn import taps
-
-    def count(m):
-        return sum(p.numel() for p in m.parameters())
-
-    f = _build("model-f", 10, (1, 28, 28), seed=0)
-    deep = _build("model-f-deep2", 10, (1, 28, 28), seed=0)
-    wide = _build("model-f-x2", 10, (1, 28, 28), seed=0)
-    assert (count(f), count(deep), count(wide)) == (310_730, 605_898, 1_211_274)
-    for m in (deep, wide):
-        assert m.hidden_layers == ("flatten",) and m.advlab_spec["in_shape"] == [1, 28, 28]
-        assert m(torch.rand(2, 1, 28, 28)).shape == (2, 10)
-    with taps(deep, ["flatten"]) as feats:
-        deep(torch.rand(2, 1, 28, 28))
-    assert feats["flatten"].shape == (2, 1152)                  # F's hidden-state size
-    assert torch.equal(deep.conv3.weight, _build("model-f-deep2", 10, (1, 28, 28), seed=0).conv3.weight)
-    assert _build("model-f-x1.5-deep1", 10, (1, 8, 8), seed=0)(torch.rand(2, 1, 8, 8)).shape == (2, 10)
-    with pytest.raises(AdvlabError):
-        _build("model-f-huge", 10, (1, 28, 28))
+    over = {"experiments": [{"name": "digits", "paper": "mnist", "dataset": "digits"}], "n": 60, "quiet": True,
+            "fgsm_eps": [0.3], "other_attacks": [], "ablation_components": [], "graybox": {}, "battery": {},
+            "adaptive": {"eps": []}, "substitute": {"seeds": 30, "rounds": 1, "epochs": 1},
+            "table6": {"calibration_n": 1000, "refine": 4, "columns": [col]}}
+    reproduce("idefender", tmp_path, quick=True, overrides=over, fresh=True)
+    (row,) = json.loads((tmp_path / "results.json").read_text())["results"]["digits"]["table6"]
+    assert row["calibrated_on"] == 60                          # calibration_n >= n: on every evaluated image
+    vals = [v for v, _ in row["tried"]]
+    assert len(vals) == 6 and vals == sorted(vals) and 0.0 < row["value"] < 0.5   # two grid points, four bisections
+    ends = [a for v, a in row["tried"] if v in (0.0, 0.5)]
+    assert abs(row["adv_acc"] - 50.0) <= min(abs(a - 50.0) for a in ends)
+    assert dict(map(tuple, row["tried"]))[row["value"]] == row["adv_acc"]

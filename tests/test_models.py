@@ -68,6 +68,26 @@ def test_taps_capture_named_activations_and_remove_hooks():
             pass
 
 
+def test_larger_model_f():
+    """model-f-deep2 (the I-defender Table 8 analogue's second architecture) and F's width option."""
+    f = build_model("model-f", 10, (1, 28, 28), seed=0)
+    deep = build_model("model-f-deep2", 10, (1, 28, 28), seed=0)
+    wide = build_model("model-f", 10, (1, 28, 28), seed=0, width=2)
+    assert (count_parameters(f), count_parameters(deep), count_parameters(wide)) == (310_730, 605_898, 1_211_274)
+    for m in (deep, wide):
+        assert m.hidden_layers == ("flatten",) and m.advlab_spec["in_shape"] == [1, 28, 28]
+        assert m(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    with taps(deep, ["flatten"]) as feats:
+        deep(torch.rand(2, 1, 28, 28))
+    assert feats["flatten"].shape == (2, 1152)                  # F's hidden-state size
+    again = build_model("model-f-deep2", 10, (1, 28, 28), seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(deep.state_dict().values(), again.state_dict().values()))
+    # F's own layers draw the same initial weights with or without the extra convolutions
+    assert torch.equal(deep.conv2.weight, f.conv2.weight) and not torch.equal(deep.head.bias, f.head.bias)
+    m = build_model("model-f", 10, (1, 8, 8), seed=0, width=1.5, extra_convs=1)
+    assert m(torch.rand(2, 1, 8, 8)).shape == (2, 10) and m.conv3.weight.shape == (192, 192, 3, 3)
+
+
 def test_taps_work_on_resnet_feature_points_and_user_models():
     r = build_model("resnet", 10, depth=20).eval()
     with taps(r, list(r.feature_layers)) as feats:

@@ -14,7 +14,7 @@ from advlab.adaptive.msvdd import MSVDDFullKnowledge, verifier_loss
 from advlab.data import split_validation
 from advlab.defenses.msvdd import MSVDDDefense
 from advlab.eval.runner import adversarial_result
-from advlab.train import evaluate, predict
+from advlab.train import accuracy, predict
 
 
 def defended_asr(defense, x, y, x_adv):
@@ -62,7 +62,7 @@ def test_fit_builds_defense_and_surrogate(defense, lenet_digits, digits_data):
     assert isinstance(defense, nn.Module) and defense.num_classes == 10
     pred = predict(defense, test.images)                     # advlab.train.predict uses .predict
     assert set(pred.unique().tolist()) <= set(range(-1, 10))
-    assert evaluate(defense, test) > 0.85
+    assert accuracy(defense, test) > 0.85
     assert defense(test.images[:5]).shape == (5, 11) and defense.verified(test.images[:5]).shape == (5, 11)
     # forward gives attackers real gradients; the clamped r~ of eq. 13 has none for most images
     x = test.images[:100].clone().requires_grad_(True)
@@ -76,7 +76,7 @@ def test_fit_builds_defense_and_surrogate(defense, lenet_digits, digits_data):
     assert torch.equal(sur.head.weight, lenet_digits.head.weight) and torch.equal(sur.head.bias, lenet_digits.head.bias)
     assert torch.equal(sur.fc1.weight, defense.net.fc1.weight)
     assert not torch.equal(sur.fc1.weight, lenet_digits.fc1.weight)      # the backbone was fine-tuned
-    assert evaluate(sur, test) > 0.9
+    assert accuracy(sur, test) > 0.9
     # the SVDD layer stayed frozen during fine-tuning and the user's model is untouched
     assert all(not p.requires_grad for p in defense.svdd.parameters())
     assert isinstance(lenet_digits.head, nn.Linear)
@@ -121,7 +121,7 @@ def test_tune_beta(defense, split, digits_data):
     accs = []
     for b in grid:                                           # brute force with the public API
         d.set_beta(b)
-        accs.append(evaluate(d, val))
+        accs.append(accuracy(d, val))
     oc = d.tune_beta(val, goal="classification", grid=grid)
     assert oc["accuracy"] == pytest.approx(max(accs), abs=1e-6)
     assert accs[grid.index(oc["beta"])] == pytest.approx(max(accs), abs=1e-6)
@@ -129,7 +129,7 @@ def test_tune_beta(defense, split, digits_data):
     od = d.tune_beta(val, goal="defense", grid=grid, max_accuracy_drop=0.05)
     ok = [b for b, a in zip(grid, accs) if a >= max(accs) - 0.05 - 1e-9]
     assert od["beta"] == min(ok) and od["beta"] <= oc["beta"]
-    assert evaluate(d, val) == pytest.approx(accs[grid.index(od["beta"])], abs=1e-6)
+    assert accuracy(d, val) == pytest.approx(accs[grid.index(od["beta"])], abs=1e-6)
     # a smaller beta never lets more inputs through: the verified set shrinks
     q = d.scaled_distances(digits_data[1].images)
     acc_small = ((0.7 - q) > d.v_a).sum()
@@ -168,7 +168,7 @@ def test_save_load_round_trip_and_corrupt_file(defense, digits_data, tmp_path):
 
 
 def test_transfer_split_and_full_knowledge_attack(defense, digits_data):
-    from advlab.attacks.base import linf_box
+    from advlab.attacks.geometry import linf_box
 
     test = digits_data[1]
     x, y = test.images[:60], test.labels[:60]
@@ -204,7 +204,7 @@ def test_reproduction_quick_writes_report(mnist_root, tmp_path):
     """The bundled spec under --quick, reduced further: one model, PGD as the transferred attack."""
     import csv
 
-    from advlab.eval.specs import reproduce
+    from advlab.papers import reproduce
 
     over = {"quiet": True, "n": 20, "batch_size": 20,
             "experiments": [{"name": "MNIST-FC1", "paper": "MNIST-FC1", "model": "mnist-fc1", "dataset": "mnist",
@@ -222,15 +222,15 @@ def test_reproduction_quick_writes_report(mnist_root, tmp_path):
     res = runs[0]
     acc = res["accuracy"]
     assert all(0.0 <= v <= 1.0 for v in acc.values())
-    assert acc["W-LC"] > 0.8 and acc["W~-LC"] > 0.8 and acc["W~-SVDD (beta=O_c)"] > 0.6
+    assert acc["w_lc"] > 0.8 and acc["w_tilde_lc"] > 0.8 and acc["svdd_o_c"] > 0.6
     rows = res["attack_rows"]
     assert {r["beta"].split("=")[0] for r in rows if r["attack"] == "PGD"} == {"1", "O_c", "O_d"}
     for r in rows:
-        assert r["ASR"] + r["F"] + r["D"] == pytest.approx(100.0, abs=1e-3)
+        assert r["asr"] + r["failed"] + r["detected"] == pytest.approx(1.0, abs=1e-5)
     # the worst case is never below any single attack at the same beta
     od = [r for r in rows if r["beta"].startswith("O_d=")]
     worst = next(r for r in od if r["attack"] == "worst case")
-    assert worst["ASR"] >= max(r["ASR"] for r in od if r["attack"] != "worst case") - 1e-9
+    assert worst["asr"] >= max(r["asr"] for r in od if r["attack"] != "worst case") - 1e-9
     curve = res["beta_curve"]
     assert len(curve["beta"]) == len(curve["ASR"]) == 8
     assert curve["clean accuracy"][0] <= curve["clean accuracy"][-1]  # tighter spheres reject more

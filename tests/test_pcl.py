@@ -11,10 +11,10 @@ from torch import nn
 
 from advlab._util import AdvlabError
 from advlab.defenses import DEFENSES
-from advlab.defenses.pcl import (PRESETS, JointLossScores, PCLDefense, joint_objective, pc_loss, pc_terms,
-                                 resolve_layers)
+from advlab.defenses.pcl import (PRESETS, JointLossScores, PCLDefense, PrototypeScores, joint_objective, pc_loss,
+                                 pc_terms, resolve_layers, softmax_twin)
 from advlab.models import build_model
-from advlab.train import evaluate, fit
+from advlab.train import accuracy, fit
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,7 +116,7 @@ def test_pcl_keeps_clean_accuracy_of_softmax_twin(digits_data):
     fit(soft, train, epochs=20, lr=0.05, batch_size=64, optimizer="sgd", weight_decay=1e-4, seed=0)
     d = PCLDefense.fit(build_model("lenet5", 10, (1, 8, 8), seed=0), train, warmup_epochs=10, pc_epochs=10,
                        lr=0.05, batch_size=64, seed=0)
-    acc_soft, acc_pcl = evaluate(soft, test), evaluate(d, test)
+    acc_soft, acc_pcl = accuracy(soft, test), accuracy(d, test)
     assert acc_pcl >= acc_soft - 0.01, (acc_pcl, acc_soft)
     # eq. 6 (nearest prototype) agrees with the softmax rule on most images
     proto = float((d.predict(test.images, rule="prototype") == test.labels).float().mean())
@@ -184,7 +184,6 @@ def test_softmax_twin_is_pcl_without_the_pc_loss(digits_data):
     """The reproduction's Softmax row: the CE warm-up continued for the PC phase's epochs, data,
     batch order, optimiser and lr decay on CE only — PCL with every PC weight at 0 is the same model."""
     from advlab.defenses.pcl import pc_milestones
-    from advlab.eval.repro_pcl import softmax_twin
 
     train, test = digits_data
     warm = build_model("lenet5", 10, (1, 8, 8), seed=0)
@@ -201,17 +200,31 @@ def test_softmax_twin_is_pcl_without_the_pc_loss(digits_data):
     assert not torch.equal(twin.state_dict()["head.weight"], before["head.weight"])
 
 
-def test_prototype_scores_decide_as_eq6_and_linf_worst_case(digits_data):
-    from advlab.eval.repro_pcl import PrototypeScores, linf_worst
+def test_prototype_scores_decide_as_eq6_and_the_attacks_on_pcl_chain(digits_data):
+    """Eq. 6's scores, the adaptive attacks on PCL (prototype scores, joint loss) and the one
+    survivor chain on a PCL defense: later links run only on what every earlier result left
+    correct, and what broke before stays broken."""
+    from advlab.adaptive import joint_loss_attack, prototype_attack
+    from advlab.eval.runner import AttackRun, adversarial_result, survivor_chain, worst_case
 
     train, test = digits_data
     d = PCLDefense.fit(build_model("lenet5", 10, (1, 8, 8), seed=0), train, warmup_epochs=2, pc_epochs=1, lr=0.05,
                        batch_size=64, seed=0)
     x, y = test.images[:24], test.labels[:24]
     assert torch.equal(PrototypeScores(d)(x).argmax(1), d.predict(x, rule="prototype"))
-    spec = {"linf_battery": {"steps": 3, "square_queries": 5, "margin_steps": 3}}
-    r = linf_worst(d, x, y, 0.1, spec, seed=0)
-    assert r["adaptive"] <= min(r[k] for k in ("FGSM", "BIM", "MIM", "PGD"))
-    assert r["robust"].shape == (24,) and math.isclose(float(r["robust"].float().mean()), r["adaptive"])
-    # what broke at a smaller eps stays broken
-    assert linf_worst(d, x, y, 0.1, spec, seed=0, broken_before=torch.ones(24, dtype=torch.bool))["adaptive"] == 0
+    j6 = lambda xb: d.predict(xb, rule="prototype")  # noqa: E731
+    fgsm = adversarial_result(x, y, prototype_attack("fgsm", d, eps=0.1)(x, y), j6)
+    joint = joint_loss_attack("fgsm", d, eps=0.1)(x, y)
+    with torch.no_grad():
+        assert float(d.joint_loss(joint, y)) > float(d.joint_loss(x, y))
+    runs = [AttackRun("PGD eq. 6", prototype_attack("pgd", d, eps=0.1, alpha=0.02, steps=5, seed=0)),
+            AttackRun("BIM joint", lambda xs, ys: joint_loss_attack("bim", d, eps=0.1, alpha=0.02, steps=5)(xs, ys))]
+    chain = survivor_chain(runs, x, y, j6, start=fgsm)
+    assert torch.equal(chain.ran_on["PGD eq. 6"], (fgsm.adv_pred == y).nonzero().squeeze(1))
+    assert chain.worst.robust_accuracy <= fgsm.robust_accuracy
+    assert torch.equal(chain.robust, (chain.worst.adv_pred == y) & (chain.clean_pred == y))
+    assert torch.equal(j6(chain.x_adv), chain.worst.adv_pred)
+    assert float((chain.x_adv - x).abs().max()) <= 0.1 + 1e-6
+    # an earlier result that broke every image: nothing is left to attack
+    gone = adversarial_result(x, y, x.clone(), lambda xb: (y + 1) % 10)
+    assert survivor_chain(runs, x, y, j6, start=worst_case([fgsm, gone])).results == {}

@@ -3,7 +3,7 @@ import torch
 
 from advlab._util import AdvlabError
 from advlab.models import build_model
-from advlab.train import evaluate, fit, load_checkpoint, predict, read_checkpoint, save_checkpoint
+from advlab.train import accuracy, fit, load_checkpoint, predict, read_checkpoint, save_checkpoint
 
 
 def test_fit_learns_digits_and_is_deterministic(digits_data):
@@ -56,7 +56,7 @@ def test_checkpoint_round_trip_rebuilds_model(tmp_path, lenet_digits, digits_dat
     assert "advlab_version" in meta and "torch_version" in meta
     x = digits_data[1].images[:16]
     assert torch.equal(predict(model, x), predict(lenet_digits, x))
-    assert evaluate(model, digits_data[1]) == evaluate(lenet_digits, digits_data[1])
+    assert accuracy(model, digits_data[1]) == accuracy(lenet_digits, digits_data[1])
     assert not list(tmp_path.joinpath("sub").glob("*.tmp"))  # atomic write leaves no temp file
 
 
@@ -97,4 +97,4 @@ def test_lenet_on_mnist10k_three_epochs(mnist_data):
     mean, std = train.channel_stats()
     m = build_model("lenet5", 10, (1, 28, 28), mean=mean, std=std, seed=0)
     fit(m, train, epochs=3, lr=3e-3, batch_size=32, schedule="onecycle", seed=0, progress=False)
-    assert evaluate(m, test) >= 0.97
+    assert accuracy(m, test) >= 0.97

@@ -10,7 +10,7 @@ import torch
 
 from advlab import REJECT
 from advlab._util import AdvlabError
-from advlab.attacks.base import AttackResult
+from advlab.attacks.result import AttackResult
 from advlab.metrics.bound import (bound_statistics, brute_force_nearest_other_class, effectiveness_score,
                                   nearest_other_class, perturbation_magnitude, sigma_bound, visual_bound)
 
@@ -146,7 +146,7 @@ def test_noisy_copies():
 def test_defense_trains_saves_loads(lenet_digits, digits_data, tmp_path):
     from advlab.defenses import DEFENSES
     from advlab.defenses.vib import VIBDefense
-    from advlab.train import evaluate
+    from advlab.train import accuracy
 
     train, test = digits_data
     before = {k: v.clone() for k, v in lenet_digits.state_dict().items()}
@@ -157,7 +157,7 @@ def test_defense_trains_saves_loads(lenet_digits, digits_data, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in lenet_digits.state_dict().items())   # model untouched
     assert all(torch.equal(before[k], v) for k, v in d.surrogate.state_dict().items())    # teacher frozen
     assert any(not torch.equal(before[k], v) for k, v in d.net.state_dict().items())      # student trained
-    acc = evaluate(d, test)
+    acc = accuracy(d, test)
     assert acc > 0.85
     x = test.images[:16]
     x.requires_grad_(True)
@@ -216,7 +216,7 @@ def test_bad_input():
 def test_bound_command_and_defend_vib(lenet_digits, digits_data, tmp_path):
     import json
 
-    from advlab.eval.repro_vib import bound_command, defend_vib
+    from advlab.eval.defend import bound_command, defend_vib
 
     rep = bound_command("digits", None, tmp_path / "bound", ks=(1.0, 2.0), subset=300)
     out = tmp_path / "bound"

@@ -1,7 +1,8 @@
 """advlab: adversarial robustness of image classifiers, in PyTorch.
 
 Attack, defend, detect, and measure it honestly. Subpackages follow one import chain:
-``nn -> data -> models -> metrics -> train -> attacks -> defenses -> adaptive -> eval -> cli``.
+``nn -> data -> models -> metrics -> train -> attacks -> defenses -> adaptive -> eval -> papers -> cli``
+(checked by import-linter: ``lint-imports``, contracts in pyproject.toml).
 """
 
 __version__ = "0.1.0"

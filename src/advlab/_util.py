@@ -6,9 +6,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -148,6 +149,13 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     except (RuntimeError, ValueError, OverflowError):  # out of range for a 64-bit seed
         raise AdvlabError(f"seed must be a 64-bit integer, got {seed!r}") from None
     return g
+
+
+def progress_enabled(enabled: Optional[bool]) -> bool:
+    """Whether to draw progress bars: as given, else on a terminal unless $ADVLAB_QUIET is set."""
+    if enabled is None:
+        return sys.stderr.isatty() and not os.environ.get("ADVLAB_QUIET")
+    return bool(enabled)
 
 
 def _cannot_write(path: Path, e: OSError) -> AdvlabError:

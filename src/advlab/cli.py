@@ -114,7 +114,7 @@ def _load_data(name: str, root, split: str, download: bool = False):
 
 def cmd_train(args) -> int:
     from .models import build_model
-    from .train import evaluate, fit, save_checkpoint
+    from .train import accuracy, fit, save_checkpoint
 
     from .models import model_info
 
@@ -126,7 +126,7 @@ def cmd_train(args) -> int:
     hist = fit(model, train, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
                schedule=None if args.schedule == "none" else args.schedule, seed=args.seed, device=args.device,
                eval_dataset=test, progress=_progress(args))
-    acc = evaluate(model, test)
+    acc = accuracy(model, test)
     out = Path(args.out)
     save_checkpoint(model, out, dataset=args.dataset, test_accuracy=acc, epochs=args.epochs, seed=args.seed,
                     history=hist.epochs)
@@ -232,7 +232,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .eval.specs import list_reproductions, reproduce
+    from .papers import list_reproductions, reproduce
 
     if args.list or not args.name:
         print(f"{'name':<16} description")
@@ -306,7 +306,7 @@ def _evaluate_sweep(args) -> Optional[List[float]]:
     """Check ``advlab evaluate``'s numbers (each error names its flag) and return the sweep's eps
     values (None for ``--sweep none``)."""
     from ._util import check_nonneg, check_positive_int
-    from .attacks.base import check_norm
+    from .attacks.geometry import check_norm
     from .eval.evaluate import BATTERY
 
     check_nonneg(args.eps, "--eps")
@@ -366,7 +366,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_bound(args) -> int:
     from ._util import check_device, check_positive, check_positive_int
-    from .eval.repro_vib import bound_command
+    from .eval.defend import bound_command
 
     # checked before the dataset is read and the all-pairs search starts
     for k in args.k:

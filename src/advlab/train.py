@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
 from ._util import (AdvlabError, atomic_write_bytes, check_device, check_images, check_labels, check_positive,
-                    check_positive_int, model_device)
+                    check_positive_int, model_device, progress_enabled)
 
 
 @dataclass
@@ -86,13 +85,6 @@ def seeded_rng(seed: int, device=None):
         yield
 
 
-def progress_enabled(enabled: Optional[bool]) -> bool:
-    """Whether to draw progress bars: as given, else on a terminal unless $ADVLAB_QUIET is set."""
-    if enabled is None:
-        return sys.stderr.isatty() and not os.environ.get("ADVLAB_QUIET")
-    return bool(enabled)
-
-
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Class predictions of ``model`` for ``x``: ``model.predict(x)`` when the model defines it
@@ -113,7 +105,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def evaluate(model: nn.Module, dataset, batch_size: int = 1024) -> float:
+def accuracy(model: nn.Module, dataset, batch_size: int = 1024) -> float:
     """Accuracy of ``model`` on a dataset with ``.images``/``.labels`` or any (x, y) dataset."""
     if hasattr(dataset, "images"):
         x, y = dataset.images, dataset.labels
@@ -248,7 +240,7 @@ def fit(model: nn.Module, dataset: Dataset, epochs: int = 3, lr: float = 1e-3, b
             metrics = {"epoch": epoch, "loss": tot_loss / max(tot_n, 1), "train_acc": tot_correct / max(tot_n, 1),
                        "seconds": time.perf_counter() - t0, "images_per_s": tot_n / max(time.perf_counter() - t0, 1e-9)}
             if eval_dataset is not None:
-                metrics["test_acc"] = evaluate(model, eval_dataset)
+                metrics["test_acc"] = accuracy(model, eval_dataset)
             history.epochs.append(metrics)
             if show:
                 msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

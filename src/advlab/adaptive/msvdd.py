@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from .._util import AdvlabError, check_nonneg, check_positive_int
-from ..attacks.base import Attack, best_other, check_norm, runner_up
+from ..attacks.base import Attack
+from ..attacks.geometry import check_norm
+from ..attacks.logits import best_other, runner_up
 from ..attacks.loop import ActiveSet, AttackLoop, ball_projection, step_rule
 from ..metrics.robustness import is_success
 

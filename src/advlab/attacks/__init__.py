@@ -1,7 +1,10 @@
 """Attacks: ``atk = PGD(model, eps=0.3); x_adv = atk(x, y)``; by name: ``build_attack("pgd", model)``."""
 
 from .apgd import APGD
-from .base import Attack, AttackResult, best_other, keep_if_adversarial, project, runner_up
+from .base import Attack
+from .geometry import project
+from .logits import best_other, keep_if_adversarial, runner_up
+from .result import AttackResult
 from .cw import CarliniWagnerL2
 from .deepfool import DeepFool
 from .gradient import BIM, FGSM, MIM, PGD, IterativeL2

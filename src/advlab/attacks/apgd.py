@@ -47,8 +47,10 @@ from torch import nn
 
 from .._util import AdvlabError, check_nonneg, check_positive_int
 from ..metrics.robustness import is_success
-from .base import Attack, best_other, check_norm
+from .base import Attack
+from .geometry import check_norm
 from .gradient import DEFAULT_EPS
+from .logits import best_other
 from .loop import ActiveSet, AttackLoop, autograd, ball_projection, per_sample
 
 __all__ = ["APGD", "APGDStep", "apgd_checkpoints", "dlr_loss", "dlr_targeted_loss", "eot_autograd"]

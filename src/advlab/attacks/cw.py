@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from .._util import check_nonneg, check_positive, check_positive_int
-from .base import Attack, best_other, keep_if_adversarial
+from .base import Attack
+from .logits import best_other, keep_if_adversarial
 from .loop import ActiveSet, AdamStep, AttackLoop
 
 

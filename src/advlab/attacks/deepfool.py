@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from .._util import AdvlabError, check_nonneg, check_positive_int
-from .base import Attack, keep_if_adversarial
+from .base import Attack
+from .logits import keep_if_adversarial
 from .loop import logit_grads
 
 

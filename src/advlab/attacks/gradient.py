@@ -3,7 +3,7 @@ attack of Metzen et al.
 
 Every step is one forward and one backward pass of the whole batch, differentiating the loss with
 respect to the input only; the adversarial tensor is updated in place and projected onto the
-threat model's ball and [0, 1] after every step (exactly, see :func:`~advlab.attacks.base.linf_box`).
+threat model's ball and [0, 1] after every step (exactly, see :func:`~advlab.attacks.geometry.linf_box`).
 The per-step loop has no host/device synchronisation unless ``early_stop=True``.
 
 Losses (the quantity each step ascends):
@@ -27,7 +27,9 @@ from torch import nn
 
 from .._util import AdvlabError, check_nonneg, check_positive_int
 from ..metrics.robustness import is_success
-from .base import Attack, best_other, check_norm
+from .base import Attack
+from .geometry import check_norm
+from .logits import best_other
 from .loop import ActiveSet, AttackLoop, ball_projection, step_rule
 
 __all__ = ["FGSM", "BIM", "MIM", "PGD", "IterativeL2", "attack_objective"]

@@ -9,7 +9,8 @@ from typing import Optional, Tuple
 import torch
 
 from .._util import AdvlabError, check_positive, check_positive_int
-from .base import Attack, keep_if_adversarial, runner_up
+from .base import Attack
+from .logits import keep_if_adversarial, runner_up
 from .loop import logit_grads
 
 

@@ -30,8 +30,9 @@ from torch import nn
 from .._util import AdvlabError, check_nonneg, check_positive_int, frozen_eval, model_device
 from ..metrics.anonymity import label_rank
 from ..metrics.cwssim import CWSSIM, select_reference
-from .base import Attack, AttackResult
+from .base import Attack
 from .loop import ActiveSet, AdamStep, AttackLoop, BoxProjection
+from .result import AttackResult
 
 __all__ = ["KA3", "ka3_targets"]
 

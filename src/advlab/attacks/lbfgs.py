@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from .._util import check_positive, check_positive_int
-from .base import Attack, keep_if_adversarial, runner_up
+from .base import Attack
+from .logits import keep_if_adversarial, runner_up
 
 
 class LBFGS(Attack):

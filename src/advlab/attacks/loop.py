@@ -27,6 +27,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import torch
 
 from .._util import AdvlabError, check_positive_int
+from .geometry import linf_box
 
 __all__ = ["ActiveSet", "AttackLoop", "SignStep", "L2Step", "AdamStep", "LinfProjection", "L2Projection",
            "BoxProjection", "autograd", "per_sample"]
@@ -212,14 +213,12 @@ class AdamStep:
 
 class LinfProjection:
     """Onto the exact L-inf ball around ``s.x`` intersected with [0, 1]; the per-pixel bounds are
-    computed once (:func:`~advlab.attacks.base.linf_box`) and kept in the active set."""
+    computed once (:func:`~advlab.attacks.geometry.linf_box`) and kept in the active set."""
 
     def __init__(self, eps: float):
         self.eps = float(eps)
 
     def init(self, s: ActiveSet) -> None:
-        from .base import linf_box
-
         s.lo, s.hi = linf_box(s.x, self.eps)
 
     def __call__(self, s: ActiveSet) -> None:

@@ -12,6 +12,18 @@ from typing import Any, Dict, Tuple
 from torch import nn
 
 from .._util import AdvlabError, unknown_name
+from .apgd import APGD
+from .cw import CarliniWagnerL2
+from .deepfool import DeepFool
+from .gradient import BIM, FGSM, MIM, PGD, IterativeL2
+from .jsma import JSMA
+from .kanon import KA3
+from .lbfgs import LBFGS
+from .square import Square
+
+#: the attack classes the registry's names refer to (all exported by advlab.attacks)
+_CLASSES = {cls.__name__: cls for cls in (FGSM, BIM, MIM, PGD, IterativeL2, CarliniWagnerL2, DeepFool, LBFGS, JSMA, KA3,
+                                          APGD, Square)}
 
 #: name -> (class name in advlab.attacks, fixed keyword arguments)
 ATTACKS: Dict[str, Tuple[str, Dict[str, Any]]] = {
@@ -37,12 +49,10 @@ ATTACKS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 
 def attack_class(name: str) -> Tuple[type, Dict[str, Any]]:
     """(class, fixed keyword arguments) of a registered attack name; an unknown name is an error."""
-    from .. import attacks
-
     if name not in ATTACKS:
         raise unknown_name("attack", name, ATTACKS)
     cls_name, fixed = ATTACKS[name]
-    return getattr(attacks, cls_name), dict(fixed)
+    return _CLASSES[cls_name], dict(fixed)
 
 
 def attack_parameters(name: str) -> set:

@@ -49,7 +49,8 @@ from torch import nn
 
 from .._util import AdvlabError, check_positive_int
 from ..metrics.robustness import is_success
-from .base import Attack, check_norm, linf_box
+from .base import Attack
+from .geometry import check_norm, linf_box
 from .gradient import DEFAULT_EPS, Loss, _check_loss, attack_objective
 
 __all__ = ["Square", "p_schedule"]

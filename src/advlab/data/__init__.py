@@ -13,8 +13,9 @@ as they are; only downloads are checked against the official SHA-256/MD5.
 
 from .core import (DATASETS, TensorImageDataset, dataset_info, dataset_tensors, list_datasets, load_dataset,
                    register_dataset, shared_data_root, shared_folder, split_validation, load_train_test)
-from .download import SOURCES, default_root, download_dataset, download_file, verify_file
+from .download import SOURCES, default_root, download_file, verify_file
 from .idx import read_idx
+from .prepare import download_dataset
 
 __all__ = ["TensorImageDataset", "load_dataset", "list_datasets", "dataset_info", "register_dataset",
            "read_idx", "DATASETS", "SOURCES", "default_root", "download_dataset", "download_file",

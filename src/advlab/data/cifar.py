@@ -215,11 +215,11 @@ def load_cifar10(root=None, split: str = "train", download: bool = False, mirror
     extracted). The train split is every ``data_batch_<k>`` present; a warning says when fewer
     than the official five are there. The batch files are pickles: load only trusted files
     (they are read with :class:`RestrictedUnpickler`)."""
-    from .core import TensorImageDataset, _check_split, _no_extra_options
+    from .tensors import TensorImageDataset, check_split, no_extra_options
     from .download import default_root
 
-    _check_split(split)
-    _no_extra_options("cifar10", kwargs)
+    check_split(split)
+    no_extra_options("cifar10", kwargs)
     root = Path(root) if root is not None else default_root("cifar10")
     src = _find(root) if not download else None
     if src is None:

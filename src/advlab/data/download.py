@@ -295,23 +295,3 @@ def ensure_files(name: str, root: str | os.PathLike, split: str, download: bool 
             raise AdvlabError(f"{e}\n{name} {split} files still missing in {root}: {', '.join(left)}") from None
     return [found[r.name] for r in remotes]
 
-
-def download_dataset(name: str, root: str | os.PathLike | None = None, splits: Sequence[str] | None = None,
-                     mirrors=None, timeout: float = 60.0, progress: Optional[bool] = None) -> List[Path]:
-    """Download every official file of ``name`` (or of the given ``splits``) into ``root``
-    (default :func:`default_root`), skipping files already there. Returns the paths.
-    CIFAR-10's tarball is also extracted (after its checksum is verified)."""
-    root = Path(root) if root is not None else default_root(name)
-    if name not in SOURCES:
-        raise unknown_name("downloadable dataset", name, SOURCES)
-    if name == "cifar10":
-        from .cifar import ensure_cifar10
-
-        return [ensure_cifar10(root, download=True, mirrors=mirrors, timeout=timeout, progress=progress)]
-    paths: List[Path] = []
-    for split in (splits or [s for s in SOURCES[name].files if s != "extra"]):
-        for p in ensure_files(name, root, split, download=True, mirrors=mirrors, timeout=timeout,
-                              progress=progress):
-            if p not in paths:
-                paths.append(p)
-    return paths

@@ -109,10 +109,10 @@ def load_folder(root=None, split: str = "train", download: bool = False, size=No
     ``split``: ``train``/``test`` (from ``root/train`` and ``root/test`` if both exist, else a
     seeded stratified split with ``test_fraction`` and ``seed``) or ``all``. ``size=(H, W)``
     resizes every image (bilinear); ``grayscale=True`` gives one channel, else RGB."""
-    from .core import TensorImageDataset, _check_split, _no_extra_options
+    from .tensors import TensorImageDataset, check_split, no_extra_options
 
-    _check_split(split, ("train", "test", "all"))
-    _no_extra_options("folder", kwargs)
+    check_split(split, ("train", "test", "all"))
+    no_extra_options("folder", kwargs)
     if download:
         raise AdvlabError("the folder dataset is local: download=True does not apply")
     if root is None:

@@ -48,11 +48,11 @@ def read_svhn_mat(path: str | Path):
 def load_svhn(root=None, split: str = "train", download: bool = False, mirrors=None, **kwargs):
     """SVHN cropped digits as a TensorImageDataset of (N, 3, 32, 32) images; split is
     ``train``, ``test`` or ``extra``."""
-    from .core import TensorImageDataset, _check_split, _no_extra_options
+    from .tensors import TensorImageDataset, check_split, no_extra_options
     from .download import default_root, ensure_files
 
-    _check_split(split, ("train", "test", "extra"))
-    _no_extra_options("svhn", kwargs)
+    check_split(split, ("train", "test", "extra"))
+    no_extra_options("svhn", kwargs)
     root = Path(root) if root is not None else default_root("svhn")
     (path,) = ensure_files("svhn", root, split, download=download, mirrors=mirrors)
     images, labels = read_svhn_mat(path)

@@ -6,8 +6,8 @@ from .base import DEFENSES, Defense, build_defense, defense_class, register_defe
 from .advtrain import AdversarialBatches, adversarial_fit, madry_fit
 from .idefender import IDefender
 from .msvdd import MSVDDDefense
-from .pcl import PCLDefense
+from .pcl import PCLDefense, PrototypeScores
 from .vib import VIBDefense
 
 __all__ = ["Defense", "DEFENSES", "register_defense", "defense_class", "build_defense", "MSVDDDefense", "PCLDefense",
-           "IDefender", "VIBDefense", "AdversarialBatches", "adversarial_fit", "madry_fit"]
+           "PrototypeScores", "IDefender", "VIBDefense", "AdversarialBatches", "adversarial_fit", "madry_fit"]

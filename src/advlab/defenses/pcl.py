@@ -63,8 +63,8 @@ from ..data import dataset_tensors
 from ..nn import find_module, last_linear_name, taps
 from .base import Defense, register_defense
 
-__all__ = ["PRESETS", "pc_terms", "pc_loss", "PrototypeSet", "PCLDefense", "JointLossScores", "joint_objective",
-           "resolve_layers"]
+__all__ = ["PRESETS", "pc_terms", "pc_loss", "PrototypeSet", "PCLDefense", "PrototypeScores", "JointLossScores",
+           "joint_objective", "resolve_layers", "softmax_twin"]
 
 #: loss presets: the paper's eq. 5 and the authors' released code
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -533,6 +533,37 @@ class PCLDefense(Defense):
         return cls(model, **config)
 
 
+# ---------------------------------------------------------------------------------------------- eq. 6 and the twin
+class PrototypeScores(nn.Module):
+    """Eq. 6 as a classifier: scores = minus the distances of the ``prototype_layer`` feature to
+    its pull prototypes (:meth:`PCLDefense.prototype_scores`). Their argmax is eq. 6's decision, so
+    the registry's attacks and the :func:`advlab.eval.evaluate` battery attack that rule directly."""
+
+    def __init__(self, defense: PCLDefense):
+        super().__init__()
+        self.defense = defense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.defense.prototype_scores(x)
+
+
+def softmax_twin(warm: nn.Module, train, epochs: int, lr: float, batch_size: int, optimizer: str = "sgd",
+                 weight_decay: float = 1e-4, seed: int = 0) -> nn.Module:
+    """PCL's equal-budget softmax twin: a copy of the CE warm-up ``warm`` (left unchanged) trained
+    for the PC phase's ``epochs`` on the same data with the same seed (so the same batch order),
+    optimiser and learning-rate decay (x0.1 at 2/3 and 5/6), on cross-entropy only. PCL continued
+    from ``warm`` with the same arguments differs from it only in the loss."""
+    from ..train import fit as train_fit
+
+    twin = copy.deepcopy(warm)
+    ms = pc_milestones(len(train), epochs, batch_size)
+    if epochs:
+        train_fit(twin, train, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                  weight_decay=weight_decay, seed=seed, progress=False, desc="softmax twin",
+                  schedule=lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, ms, 0.1))
+    return twin.eval()
+
+
 # ---------------------------------------------------------------------------------------------- attacks on the joint loss
 class JointLossScores(nn.Module):
     """Scores that let the registry's attacks ascend the joint loss CE + sum_l L_PC (the paper's
@@ -540,7 +571,9 @@ class JointLossScores(nn.Module):
     ``[logits | for each layer: d(f, w_pull) | d(f, w_push)]``, (N, C + 2 k L), and
     :func:`joint_objective` turns it back into the per-sample joint loss. Only for attacks that
     use no argmax of their model's output (FGSM, BIM, MIM, PGD with one restart); judge their
-    adversarials with the defense's own ``predict``."""
+    adversarials with the defense's own ``predict``. It lives here, not in :mod:`advlab.adaptive`,
+    because :meth:`PCLDefense.train_pc` crafts Algorithm 1's adversarial examples with it;
+    :func:`advlab.adaptive.pcl.joint_loss_attack` builds the attacks on it."""
 
     def __init__(self, defense: PCLDefense):
         super().__init__()

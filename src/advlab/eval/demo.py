@@ -12,7 +12,7 @@ import torch
 from .._util import AdvlabError
 from ..data import load_dataset
 from ..models import build_model
-from ..train import evaluate, fit, resolve_device, save_checkpoint
+from ..train import accuracy, fit, resolve_device, save_checkpoint
 from .figures import example_grid, training_curve
 from .report import Report, markdown_table
 from .runner import AttackRun, pick_images, run_attacks
@@ -61,7 +61,7 @@ def run_demo(out_dir="results/demo", dataset: str = "digits", root=None, quick: 
     model.to(resolve_device(device))
     hist = fit(model, train, epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"], schedule="onecycle",
                seed=seed, eval_dataset=test, progress=progress, desc="demo train")
-    clean_acc = evaluate(model, test)
+    clean_acc = accuracy(model, test)
     rep = Report(out_dir, f"advlab demo ({dataset})", spec={"dataset": dataset, "quick": quick, **cfg}, seed=seed)
     rep.time("train", sum(e["seconds"] for e in hist.epochs))
     rep.add_text(f"{cfg['model']} trained on `{dataset}` ({len(train)} images, {cfg['epochs']} epochs): "

@@ -29,7 +29,7 @@ the battery adapts:
   to the scale of the scores, and Square needs no gradient;
 - a defense whose ``predict`` may return ``advlab.REJECT`` and whose output has an adversarial
   column (``reject_column``): the attacks' goal is "be accepted as a wrong class"
-  (:func:`advlab.attacks.base.merge_reject`); robust accuracy counts correct predictions and the
+  (:func:`advlab.attacks.logits.merge_reject`); robust accuracy counts correct predictions and the
   rejected share is reported as ``detected``.
 
 Each warning sign becomes a :class:`~advlab.eval.checks.Flag` in ``res.flags`` with what it means.
@@ -48,9 +48,12 @@ from torch import nn
 
 from .._util import AdvlabError, check_images, check_labels, check_nonneg, check_positive_int, model_device
 from ..attacks import APGD, FGSM, Square
-from ..attacks.base import (AttackResult, as_tensor, check_norm, check_output, checked_predict, merge_reject,
-                            model_dtype, to_input_dtype)
+from ..attacks.dtypes import model_dtype, to_input_dtype
+from ..attacks.geometry import check_norm
+from ..attacks.logits import check_output, checked_predict, merge_reject
+from ..streaming import as_tensor
 from .checks import Flag, attack_checks, eps_sweep_check, model_checks
+from .runner import AttackRun, survivor_chain
 
 __all__ = ["evaluate", "EvaluationResult", "BATTERY", "load_evaluated", "write_report"]
 
@@ -125,13 +128,6 @@ def _attack_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: Lis
     return out
 
 
-def _stage(atk, x: torch.Tensor, y: torch.Tensor, todo: torch.Tensor, judge, batch_size: int,
-           progress: Optional[bool]) -> AttackResult:
-    idx = todo.nonzero().squeeze(1)
-    return atk.run((x[idx], y[idx]), batch_size=batch_size, keep_adversarials=True, progress=progress,
-                   predict_fn=judge)
-
-
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "inf", eps: float = 0.3,
              seed: int = 0, steps: int = 100, square_queries: int = 5000, targets: int = 9,
              attacks: Sequence[str] = BATTERY,
@@ -190,9 +186,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
     judge = lambda xb: checked_predict(model, xb, where="on the attack's images")  # noqa: E731
     n = x.shape[0]
     clean = judge(x)
-    broken = clean != y
-    detected = torch.zeros(n, dtype=torch.bool)
-    x_adv = x.clone()
     flags: List[Flag] = []
     notes: List[str] = []
     seconds: Dict[str, float] = {}
@@ -216,26 +209,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
                         targeted_classes=min(targets, (nc - 1 if reject_column else nc) - 1), scores=scores)
         return Square(model, eps=budget, norm=norm, queries=square_queries, seed=seed, scores=scores)
 
-    per_attack: Dict[str, float] = {}
+    links = [AttackRun(name, build(name, eps)) for name in attacks] if eps > 0 else []
+    chain = survivor_chain(links, x, y, judge, clean=clean, batch_size=batch_size, progress=progress)
+    seconds.update(chain.seconds)
+    per_attack = dict(chain.stages) if links else {name: float((clean == y).double().mean()) for name in attacks}
     standalone: Dict[str, float] = {}
-    for name in attacks:
-        todo = ~broken
-        if bool(todo.any()) and eps > 0:
-            t0 = time.perf_counter()
-            res = _stage(build(name, eps), x, y, todo, judge, batch_size, progress)
-            seconds[name] = time.perf_counter() - t0
-            idx = todo.nonzero().squeeze(1)
-            hit = res.adv_pred != res.labels
-            newly = idx[hit & ~res.detected]
-            rej = idx[res.detected & ~detected[idx]]
-            x_adv[rej] = res.adversarials[res.detected & ~detected[idx]]
-            detected[rej] = True
-            x_adv[newly] = res.adversarials[hit & ~res.detected]
-            broken[newly] = True
-            detected[newly] = False
-            if name == "APGD-CE" and bool(todo.all()):
-                standalone[name] = res.robust_accuracy
-        per_attack[name] = float((~broken & ~detected & (clean == y)).double().mean())
+    if "APGD-CE" in chain.results and len(chain.ran_on["APGD-CE"]) == n:
+        standalone["APGD-CE"] = chain.results["APGD-CE"].robust_accuracy
+    broken, detected, x_adv = ~chain.robust & ~chain.detected, chain.detected, chain.x_adv
     code = torch.where(clean != y, 3, torch.where(broken, 1, torch.where(detected, 2, 0)))
     status = [("robust", "broken", "detected", "misclassified")[c] for c in code.tolist()]
 

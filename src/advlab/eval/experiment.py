@@ -35,7 +35,7 @@ from ..attacks import build_attack
 from ..data import load_dataset, shared_data_root, shared_folder, split_validation
 from ..defenses import build_defense, defense_class
 from ..models import build_model
-from ..train import evaluate, fit, load_checkpoint, predict, resolve_device
+from ..train import accuracy, fit, load_checkpoint, predict, resolve_device
 from .report import Report
 from .runner import AttackRun, Evaluation, pick_images, random_targets, run_attacks
 from .stages import stage
@@ -202,7 +202,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     for r in rows:
         r["robust_acc (reported)"] = reported.get(r["attack"])
     rep.add_text(f"{len(x)} test images of `{d['name']}`; clean accuracy of the evaluated model on the whole test "
-                 f"set {evaluate(target, test):.4f}. Rates over the clean-correct images; a rejection "
+                 f"set {accuracy(target, test):.4f}. Rates over the clean-correct images; a rejection "
                  "(`advlab.REJECT`) is a detection, never a success. The worst case counts a sample as robust "
                  "only if every attack failed on it.")
     rep.add_table("Attacks", rows, COLUMNS)

@@ -99,6 +99,35 @@ def training_curve(history, title: str = "training"):
     return fig
 
 
+def roc_figure(curves: Dict[str, tuple], title: str = ""):
+    """ROC curves: ``curves[name] = (fpr, tpr)`` (as from :func:`advlab.metrics.detection.roc`),
+    with the chance diagonal."""
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    for name, (f, t) in curves.items():
+        ax.plot(f, t, label=name)
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.5, ls="--")
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(title, fontsize=9)
+    if curves:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def histogram(values: Dict[str, torch.Tensor], xlabel: str = "", title: str = "", bins: int = 80):
+    """Overlaid density histograms, one per key (its label gets the number of values)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, v in values.items():
+        v = torch.as_tensor(v).detach().cpu().reshape(-1)
+        ax.hist(v.numpy(), bins=bins, alpha=0.55, density=True, label=f"{name} (n={v.numel()})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.legend()
+    ax.set_title(title)
+    return fig
+
+
 def rank_pmf_figure(pmfs: Dict[str, Sequence[float]], max_rank: int = 10, title: str = "",
                     K_lines: Sequence[int] = (5, 9)):
     """Fig. 4 of the K-A3 paper: grouped bars of p(j) = P(true label at rank j), j = 1..max_rank,

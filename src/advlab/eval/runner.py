@@ -11,6 +11,9 @@ computes its numbers the same way:
 - :func:`run_attacks` runs each through :meth:`Attack.run`, judged by the attacked model's own
   decision (``predict``, which may return ``advlab.REJECT``: a detection, never a success), and
   keeps the per-sample worst case: a sample counts as robust only if every attack failed on it;
+- :func:`survivor_chain` is the one chain of attacks: each runs only on the images every earlier
+  one failed on; it gives the per-sample worst case and the robust accuracy after each link (the
+  :func:`advlab.eval.evaluate` battery and the reproductions' adaptive rows are chains);
 - :func:`result_row` is the one table row: clean and robust accuracy, ASR split into success /
   failed / detected over the clean-correct samples, norms and SSIM / MS-SSIM / MSE over the true
   successes.
@@ -20,13 +23,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, fields
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .._util import AdvlabError, check_positive_int
-from ..attacks.base import Attack, AttackResult
+from ..attacks.base import Attack
+from ..attacks.result import AttackResult
 from ..metrics.robustness import is_success, perturbation_norms
 from ..train import predict
 
@@ -107,10 +111,12 @@ def adversarial_result(x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, ju
 
 @dataclass
 class AttackRun:
-    """One attack of an evaluation: built on its source model, labelled with its threat model."""
+    """One attack of an evaluation: built on its source model, labelled with its threat model.
+    In a :func:`survivor_chain`, ``attack`` may also be any function ``(x, y) -> x_adv`` (another
+    chain, a batched attack call), judged by the chain's judge."""
 
     name: str
-    attack: Attack
+    attack: Union[Attack, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
     threat: str = "white-box"
     targets: Optional[torch.Tensor] = None
 
@@ -196,3 +202,93 @@ def run_attacks(runs: Sequence[AttackRun], x: torch.Tensor, y: torch.Tensor, jud
     if results:
         ev.worst = worst_case(results.values())
     return ev
+
+
+@dataclass
+class Chain:
+    """The outcome of :func:`survivor_chain` on ``n`` images.
+
+    ``stages``: robust accuracy after each link (cumulative, in order); ``results``: each link's
+    :class:`AttackResult` over the images it ran on (``ran_on``: their indices); ``robust`` /
+    ``detected``: per-sample masks after the last link (a detected image is not robust);
+    ``x_adv``: per sample, the adversarial that broke it, else the last one a detector rejected,
+    else the clean image; ``worst``: all of it as one :class:`AttackResult` over the ``n`` images."""
+
+    stages: Dict[str, float]
+    results: Dict[str, AttackResult]
+    ran_on: Dict[str, torch.Tensor]
+    seconds: Dict[str, float]
+    clean_pred: torch.Tensor
+    robust: torch.Tensor
+    detected: torch.Tensor
+    x_adv: torch.Tensor
+    worst: AttackResult
+
+    @property
+    def robust_accuracy(self) -> float:
+        return float(self.robust.double().mean()) if len(self.robust) else float("nan")
+
+
+def survivor_chain(runs: Sequence[AttackRun], x: torch.Tensor, y: torch.Tensor, judge: Callable,
+                   start: Optional[AttackResult] = None, clean: Optional[torch.Tensor] = None,
+                   batch_size: int = 256, progress: Optional[bool] = None,
+                   log: Callable[[str], None] = lambda msg: None) -> Chain:
+    """Run ``runs`` in order, each only on the images that every earlier link (and ``start``)
+    failed on, all judged by ``judge(x) -> labels`` (``advlab.REJECT`` allowed).
+
+    An image is *broken* once a link makes the judge give it a wrong class (a rejection is a
+    detection: the image stays in the chain, and a later link may still break it); without
+    ``start`` the clean-misclassified images count as broken from the outset; with ``start`` (an
+    earlier result on all of ``x``, e.g. the :func:`worst_case` of attacks run on every image)
+    exactly the images whose adversarial there was classified correctly go on. ``clean``: the
+    judge's labels for ``x`` when the caller has them already (a randomized judge is then not
+    asked twice). An :class:`Attack` link runs through :meth:`Attack.run` (its targets indexed
+    along); a function link ``(x, y) -> x_adv`` is judged here. Returns a :class:`Chain`."""
+    batch_size = check_positive_int(batch_size, "batch_size")
+    x, y = x.cpu(), y.cpu()
+    n = x.shape[0]
+    if clean is None:
+        clean = judge(x).cpu() if start is None else start.clean_pred
+    detected = torch.zeros(n, dtype=torch.bool)
+    if start is None:
+        broken, x_adv, adv_pred = clean != y, x.clone(), clean.clone()
+    else:
+        broken, adv_pred = start.adv_pred != y, start.adv_pred.clone()
+        detected = start.detected & ~broken
+        x_adv = start.adversarials.clone() if start.adversarials is not None else x.clone()
+    stages: Dict[str, float] = {}
+    results: Dict[str, AttackResult] = {}
+    ran_on: Dict[str, torch.Tensor] = {}
+    seconds: Dict[str, float] = {}
+    for run in runs:
+        if run.name in results or run.name in stages:
+            raise AdvlabError(f"two links of the chain are named {run.name!r}")
+        idx = (~broken).nonzero().squeeze(1)
+        if idx.numel():
+            t0 = time.perf_counter()
+            if isinstance(run.attack, Attack):
+                tg = None if run.targets is None else run.targets[idx]
+                res = run.attack.run((x[idx], y[idx]), batch_size=batch_size, targets=tg, keep_adversarials=True,
+                                     progress=progress, predict_fn=judge)
+            else:
+                res = adversarial_result(x[idx], y[idx], run.attack(x[idx], y[idx]), judge)
+            seconds[run.name] = res.seconds = time.perf_counter() - t0
+            hit = res.adv_pred != res.labels
+            newly, rejected = hit & ~res.detected, res.detected & ~detected[idx]
+            x_adv[idx[rejected]] = res.adversarials[rejected]
+            adv_pred[idx[rejected]] = res.adv_pred[rejected]
+            detected[idx[rejected]] = True
+            x_adv[idx[newly]] = res.adversarials[newly]
+            adv_pred[idx[newly]] = res.adv_pred[newly]
+            broken[idx[newly]] = True
+            detected[idx[newly]] = False
+            results[run.name], ran_on[run.name] = res, idx
+        stages[run.name] = float((~broken & ~detected & (clean == y)).double().mean()) if n else float("nan")
+        log(f"  {run.name} ({run.threat}): robust accuracy {100 * stages[run.name]:.1f}% after it"
+            + (f", {seconds[run.name]:.1f} s on {idx.numel()} images" if run.name in seconds else ""))
+    robust = ~broken & ~detected & (clean == y)
+    norms = perturbation_norms((x_adv - x).double())
+    worst = AttackResult(labels=y, clean_pred=clean, adv_pred=adv_pred, success=broken & (clean == y),
+                         seconds=sum(seconds.values()), detected=detected, adversarials=x_adv,
+                         **{k: v.float() for k, v in norms.items()})
+    return Chain(stages, results, ran_on, seconds, clean, robust, detected, x_adv, worst)

@@ -1,21 +1,21 @@
-"""Experiment specs (YAML) and the registry of bundled paper reproductions.
+"""Experiment specs (YAML): parsing, ``quick:`` overrides and running one on a runner inside the
+stage cache.
 
-A spec is a YAML mapping. A bundled reproduction ``NAME`` has ``specs/NAME.yaml`` with a top-level
-``runner`` (a module of ``advlab.eval`` exposing ``run(spec, out_dir, data_root, device) -> Report``),
-a ``description``, its parameters, and a ``quick:`` mapping of overrides applied by ``--quick``.
+A spec is a YAML mapping with its parameters and an optional ``quick:`` mapping of overrides
+applied by ``--quick``. A user's spec runs on the generic :mod:`advlab.eval.experiment` runner; the
+bundled paper reproductions (:mod:`advlab.papers`) pass their own runner to :func:`run_spec`. The
+engine knows no paper.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
-from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, Optional
 
 import yaml
 
-from .._util import AdvlabError, unknown_name
+from .._util import AdvlabError
 
 
 def load_spec(path_or_text) -> Dict[str, Any]:
@@ -44,34 +44,11 @@ def deep_update(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def bundled_specs() -> Dict[str, Path]:
-    folder = resources.files("advlab.eval") / "specs"
-    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
-
-
-def list_reproductions() -> List[tuple]:
-    """(name, description) of every bundled reproduction."""
-    out = []
-    for name, path in sorted(bundled_specs().items()):
-        out.append((name, load_spec(path).get("description", "")))
-    return out
-
-
-def resolve_spec(name: str, quick: bool = False, overrides: Dict[str, Any] | None = None) -> Dict[str, Any]:
-    """A bundled reproduction by name, or a user's spec file by path (``.yaml``/``.yml``); a spec
-    without ``runner:`` runs on the generic :mod:`advlab.eval.experiment` runner."""
-    specs = bundled_specs()
-    path = Path(str(name))
-    if name in specs:
-        spec = load_spec(specs[name])
-    elif path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise AdvlabError(f"spec file not found: {path}")
-        spec = load_spec(path)
-        spec.setdefault("runner", "experiment")
-        name = spec.get("name", path.stem)
-    else:
-        raise unknown_name("reproduction", name, specs)
+def apply_quick(spec: Dict[str, Any], name: str, quick: bool = False,
+                overrides: Dict[str, Any] | None = None) -> Dict[str, Any]:
+    """``spec`` with its ``quick:`` overrides applied when ``quick``, then ``overrides``; records
+    ``quick`` and ``name`` in it (the form a runner and the stage cache's key see)."""
+    spec = dict(spec)
     quick_over = spec.pop("quick", {}) or {}
     if not isinstance(quick_over, dict):
         raise AdvlabError(f"spec key 'quick' must be a mapping of overrides, got {type(quick_over).__name__}")
@@ -82,29 +59,32 @@ def resolve_spec(name: str, quick: bool = False, overrides: Dict[str, Any] | Non
     return deep_update(spec, overrides or {})
 
 
-def run_spec(spec: Dict[str, Any], out_dir, data_root=None, device=None, resume: bool = True, fresh: bool = False):
-    """Run a resolved spec with its runner module; returns the saved Report.
+def resolve_user_spec(path, quick: bool = False, overrides: Dict[str, Any] | None = None) -> Dict[str, Any]:
+    """A user's spec file (``.yaml``/``.yml``), to run on the generic :mod:`advlab.eval.experiment`
+    runner."""
+    path = Path(str(path))
+    if not path.is_file():
+        raise AdvlabError(f"spec file not found: {path}")
+    spec = load_spec(path)
+    if "runner" in spec:
+        raise AdvlabError(f"spec key 'runner' ({spec['runner']!r}) is not for user specs: a spec file runs on the "
+                          f"generic experiment runner; a bundled paper reproduction is run by its name")
+    return apply_quick(spec, str(spec.get("name", path.stem)), quick, overrides)
+
+
+def run_spec(spec: Dict[str, Any], out_dir, runner: Optional[Callable] = None, data_root=None, device=None,
+             resume: bool = True, fresh: bool = False):
+    """Run a resolved spec with ``runner(spec, out_dir, data_root=, device=) -> Report`` (default: the
+    generic experiment runner); returns the saved Report.
 
     ``resume``: keep finished stages in ``out_dir/.stages`` and reuse them when the same spec runs
     again into the same folder (:mod:`advlab.eval.stages`); ``fresh``: empty that cache first."""
     from .stages import stage_cache
 
-    runner = spec.get("runner")
-    if not runner:
-        raise AdvlabError("spec has no 'runner'")
-    try:
-        mod = importlib.import_module(f"advlab.eval.{runner}")
-    except ModuleNotFoundError:
-        raise AdvlabError(f"spec runner {runner!r} is not an advlab.eval module") from None
+    if runner is None:
+        from .experiment import run as runner
     root = None if data_root is None else Path(data_root)
     if not resume:
-        return mod.run(spec, Path(out_dir), data_root=root, device=device)
+        return runner(spec, Path(out_dir), data_root=root, device=device)
     with stage_cache(out_dir, spec, fresh=fresh):
-        return mod.run(spec, Path(out_dir), data_root=root, device=device)
-
-
-def reproduce(name: str, out_dir, quick: bool = False, data_root=None, device=None, overrides=None,
-              resume: bool = True, fresh: bool = False):
-    """Run the bundled reproduction ``name`` (or a spec file) into ``out_dir``, resuming from the
-    stages a previous run of the same spec into the same folder finished (``fresh``: start over)."""
-    return run_spec(resolve_spec(name, quick, overrides), out_dir, data_root, device, resume=resume, fresh=fresh)
+        return runner(spec, Path(out_dir), data_root=root, device=device)

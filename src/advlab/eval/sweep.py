@@ -39,9 +39,13 @@ import torch
 from torch import nn
 
 from .._util import AdvlabError, check_images, check_labels
-from ..attacks.base import Attack, AttackResult, as_tensor, checked_predict, model_dtype
+from ..attacks.base import Attack
+from ..attacks.dtypes import model_dtype
+from ..attacks.logits import checked_predict
 from ..attacks.registry import attack_parameters, build_attack
+from ..attacks.result import AttackResult
 from ..metrics.robustness import is_success
+from ..streaming import as_tensor
 
 __all__ = ["eps_sweep", "SweepResult", "check_epsilons", "sweeps_figure"]
 

@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._util import AdvlabError, check_device, check_images, check_labels
+from .._util import AdvlabError, check_device, check_images, check_labels, progress_enabled
 from .robustness import is_success
 
 __all__ = ["PAPER_KS", "NearestOtherClass", "nearest_other_class", "brute_force_nearest_other_class",
@@ -159,8 +159,6 @@ def nearest_other_class(x: torch.Tensor, y: torch.Tensor, ref_x: Optional[torch.
     ``pools`` the block sizes of the pruning cascade (default: about side/7, then 2); ``probe``
     the number of best-ranked candidates whose full distance sets the first upper bound.
     """
-    from ..train import progress_enabled  # lazy: metrics sit before train in the import chain
-
     if ref_x is None and ref_y is not None or ref_x is not None and ref_y is None:
         raise AdvlabError("pass ref_x and ref_y together (or neither: the set is its own reference)")
     _check_set(x, y, "x", "y")

@@ -1,23 +1,26 @@
-"""Detection metrics: ROC curve and AUC (scikit-learn's ``roc_curve`` / ``roc_auc_score``), the
-balanced accuracy of a thresholded decision, and the true-positive rate at a given false-positive
-rate. Pure functions of per-sample scores (tensors, arrays or lists); larger scores mean "more
-likely adversarial", natural samples are the negatives and adversarial ones the positives.
+"""Detection metrics: ROC curve and AUC (scikit-learn's ``roc_curve`` / ``roc_auc_score``) with its
+standard error, the balanced accuracy of a thresholded decision, and the true-positive rate at a
+given false-positive rate. Pure functions of per-sample scores (tensors, arrays or lists); larger
+scores mean "more likely adversarial", natural samples are the negatives and adversarial ones the
+positives.
 
 >>> auc = detection_auc(defense.detect(x_nat), defense.detect(x_adv))
 >>> fpr, tpr, thr = roc(s_nat, s_adv)
 >>> balanced_accuracy(flag_nat, flag_adv)       # booleans: True = flagged as adversarial
 >>> tpr_at_fpr(s_nat, s_adv, 0.05)
+>>> auc_standard_error(auc, len(x_nat), len(x_adv))   # Hanley & McNeil
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+import math
+from typing import Optional, Tuple
 
 import numpy as np
 
 from .._util import AdvlabError
 
-__all__ = ["roc", "detection_auc", "balanced_accuracy", "tpr_at_fpr"]
+__all__ = ["roc", "detection_auc", "auc_standard_error", "balanced_accuracy", "tpr_at_fpr"]
 
 
 def _scores(s, name: str, allow_empty: bool = False) -> np.ndarray:
@@ -60,13 +63,27 @@ def roc(natural, adversarial) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     return fpr, tpr, thr
 
 
-def detection_auc(natural, adversarial) -> float:
+def detection_auc(natural, adversarial, allow_empty: bool = False) -> Optional[float]:
     """Area under the ROC curve (:func:`sklearn.metrics.roc_auc_score`): the probability that an
-    adversarial sample scores above a natural one (ties count one half)."""
+    adversarial sample scores above a natural one (ties count one half). ``allow_empty``: None
+    when either set has no score (e.g. no adversarial fooled the model), instead of an error."""
     from sklearn.metrics import roc_auc_score
 
+    if allow_empty and (_scores(natural, "natural", True).size == 0
+                        or _scores(adversarial, "adversarial", True).size == 0):
+        return None
     y, s = _labelled(natural, adversarial)
     return float(roc_auc_score(y, s))
+
+
+def auc_standard_error(auc: float, n_natural: int, n_adversarial: int) -> float:
+    """Hanley & McNeil's (1982) standard error of an AUC ``auc`` measured on ``n_natural`` and
+    ``n_adversarial`` scores."""
+    a, n1, n2 = float(auc), int(n_natural), int(n_adversarial)
+    if not (0.0 <= a <= 1.0) or n1 < 1 or n2 < 1:
+        raise AdvlabError(f"auc must be in [0, 1] and both counts >= 1, got {auc}, {n_natural}, {n_adversarial}")
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    return math.sqrt(max(0.0, a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n2 - 1) * (q2 - a * a)) / (n1 * n2))
 
 
 def balanced_accuracy(natural_flagged, adversarial_flagged) -> float:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numbers
 from collections import OrderedDict
+from functools import partial
 from typing import Callable, Dict, Sequence, Tuple
 
 import torch
@@ -109,18 +110,24 @@ def cnn6(num_classes: int, in_shape, mean=None, std=None) -> nn.Module:
     return m
 
 
-def model_f(num_classes: int, in_shape, mean=None, std=None) -> nn.Module:
+def model_f(num_classes: int, in_shape, mean=None, std=None, width: float = 1.0, extra_convs: int = 0) -> nn.Module:
     """Model F of the I-defender paper (Table 1): Conv64 8x8 stride 2 - ReLU - Conv128 6x6 stride 2 -
     ReLU - FC10. For inputs too small for those kernels (the 8x8 digits) the convolutions are
-    padded to keep a positive spatial size."""
+    padded to keep a positive spatial size. Larger variants (the Table 8 analogue's second
+    architecture, as the paper's WRN-46-8 is a deeper WRN-34-8): ``width`` times the channels, and
+    ``extra_convs`` 3x3 convolutions (padding 1, ReLU) after the second one; the hidden state stays
+    the flattened last convolution (``model-f-deep2``: 606k parameters on 28x28, F's 1152 values)."""
     c, h, w = in_shape
     small = min(h, w) < 20
+    c1, c2 = int(round(64 * width)), int(round(128 * width))
     feats = [
         ("normalize", _norm(in_shape, mean, std)),
-        ("conv1", nn.Conv2d(c, 64, 8, stride=2, padding=3 if small else 0)), ("relu1", nn.ReLU()),
-        ("conv2", nn.Conv2d(64, 128, 6, stride=2, padding=2 if small else 0)), ("relu2", nn.ReLU()),
-        ("flatten", nn.Flatten()),
+        ("conv1", nn.Conv2d(c, c1, 8, stride=2, padding=3 if small else 0)), ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(c1, c2, 6, stride=2, padding=2 if small else 0)), ("relu2", nn.ReLU()),
     ]
+    for j in range(3, 3 + int(extra_convs)):
+        feats += [(f"conv{j}", nn.Conv2d(c2, c2, 3, padding=1)), (f"relu{j}", nn.ReLU())]
+    feats.append(("flatten", nn.Flatten()))
     d = _flat_dim(feats, in_shape)
     m = ZooSequential(OrderedDict(feats + [("head", nn.Linear(d, num_classes))]))
     m.hidden_layers = ("flatten",)
@@ -248,6 +255,8 @@ MODELS: Dict[str, Tuple[Callable[..., nn.Module], Tuple[int, int, int], str]] = 
     "lenet5": (lenet5, (1, 28, 28), "LeNet-5: two 5x5 convs, FC120, FC84"),
     "cnn6": (cnn6, (1, 28, 28), "six 5x5 convs with PReLU, GAP, FC512, FC64 (PCL Table 1)"),
     "model-f": (model_f, (1, 28, 28), "Conv64 8x8/2, Conv128 6x6/2, FC (I-defender Table 1, model F)"),
+    "model-f-deep2": (partial(model_f, extra_convs=2), (1, 28, 28),
+                      "model F with two more 3x3 convs, 128 channels (I-defender Table 8 analogue)"),
     "resnet": (_resnet, (3, 32, 32), "CIFAR ResNet, depth 6n+2 (depth=20/56/110)"),
     "mobilenetv2": (_mobilenet, (3, 32, 32), "MobileNetV2 for 32x32 inputs"),
 }

@@ -52,31 +52,59 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from ..adaptive.pcl import joint_loss_attack, prototype_attack
 from ..attacks import build_attack
 from ..data import shared_data_root, load_train_test
 from ..defenses.advtrain import madry_fit
-from ..defenses.pcl import JointLossScores, PCLDefense, joint_objective, pc_milestones
+from ..defenses.pcl import PCLDefense, PrototypeScores, pc_milestones, softmax_twin
 from ..models import build_model
-from ..train import evaluate, fit, predict, resolve_device
-from .checks import attack_checks, eps_sweep_check, zero_gradient_fraction
-from .evaluate import evaluate as run_battery
-from .report import Report, with_paper
-from .runner import adversarial_result, pick_images, worst_case
-from .stages import stage
+from ..train import accuracy, fit, predict, resolve_device
+from ..eval.checks import attack_checks, eps_sweep_check, zero_gradient_fraction
+from ..eval.evaluate import evaluate as run_battery
+from ..eval.report import Report, with_paper
+from ..eval.runner import AttackRun, Chain, adversarial_result, pick_images, survivor_chain, worst_case
+from ..eval.stages import stage
 
 PAPER_ATTACKS = ("FGSM", "BIM", "MIM", "PGD")
-SWEEP_ADAPTIVE = "adaptive (paper attacks + battery + PGD-margin)"
 T2_COLS = ["No Attack", "FGSM", "BIM", "C&W", "MIM", "PGD", "BB FGSM", "BB BIM", "BB C&W", "BB MIM", "BB PGD"]
+#: the results' stable keys -> the column names of Table 2, Table 3 and the ablation (used at render time only)
+COLUMNS = {"layers": "layers with L_PC", "clean": "No Attack", "fgsm": "FGSM", "bim": "BIM", "mim": "MIM", "pgd": "PGD",
+           "cw": "C&W", "bb_fgsm": "BB FGSM", "bb_bim": "BB BIM", "bb_mim": "BB MIM", "bb_pgd": "BB PGD",
+           "bb_cw": "BB C&W", "paper_protocol_worst": "paper-protocol worst", "adaptive": "adaptive",
+           "zero_ce_grad_pct": "zero CE grad %", "logit_norm": "logit norm"}
+#: the same for the paper-number-vs-adaptive table (``feature_norms`` become one "|f| layer" column each)
+HEADLINE = {"model": "model", "clean": "clean (test set)", "pgd": "PGD-10 (paper protocol)",
+            "paper_protocol_worst": "paper-protocol worst", "adaptive": "adaptive (worst case)",
+            "zero_ce_grad_pct": "zero CE grad %", "zero_margin_grad_pct": "zero margin grad %",
+            "logit_norm": "logit norm", "max_softmax": "max softmax", "logit_gap": "logit gap",
+            "battery_flags": "battery flags", "eq6_clean": "eq. 6 clean %", "eq6_pgd_logits": "eq. 6 PGD-10 (logits) %",
+            "eq6_pgd_prototype": "eq. 6 PGD-10 (prototype scores) %", "eq6_adaptive": "eq. 6 adaptive %"}
+#: the sweep's curves -> their labels in the figure
+CURVES = {"fgsm": "FGSM", "pgd": "PGD-10 (paper)", "adaptive": "adaptive (paper attacks + battery + PGD-margin)"}
+BATTERY_STAGE = "+ battery (APGD-CE, APGD-T, Square)"
+
+
+def _key(attack: str) -> str:
+    return attack.lower().replace("c&w", "cw")
+
+
+def _render(row: Dict[str, Any], names: Dict[str, str]) -> Dict[str, Any]:
+    out = {names.get(k, k): v for k, v in row.items() if k != "feature_norms"}
+    out.update({f"|f| {n}": v for n, v in row.get("feature_norms", {}).items()})
+    return out
 
 
 def _pct(v: Optional[float]) -> Optional[float]:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else 100.0 * float(v)
+
+
+def _f(v: Optional[float]) -> float:
+    return float("nan") if v is None else float(v)
 
 
 def _log(spec):
@@ -84,13 +112,14 @@ def _log(spec):
 
 
 # --------------------------------------------------------------------------- attacks
-def paper_attack(name: str, model, eps: float, seed: int, loss="ce", steps: int = 10):
-    """The paper's attack ``name`` at ``eps``: FGSM, or BIM / MIM / PGD with ``steps`` steps of eps/steps."""
-    if name == "FGSM":
-        return build_attack("fgsm", model, eps=eps, loss=loss)
-    kind = {"BIM": "bim", "MIM": "mim", "PGD": "pgd"}[name]
-    kw = {"seed": seed} if kind == "pgd" else {}
-    return build_attack(kind, model, eps=eps, alpha=eps / steps, steps=steps, loss=loss, **kw)
+def paper_attack(name: str, model, eps: float, seed: int, steps: int = 10, build=None):
+    """The paper's attack ``name`` at ``eps``: FGSM, or BIM / MIM / PGD with ``steps`` steps of
+    eps/steps, on the CE of ``model``'s logits; with ``build`` (:func:`advlab.adaptive.pcl.joint_loss_attack`
+    or :func:`~advlab.adaptive.pcl.prototype_attack`) on that PCL defense's joint loss or eq. 6."""
+    kind = name.lower()
+    kw = {"eps": eps} if kind == "fgsm" else {"eps": eps, "alpha": eps / steps, "steps": steps,
+                                              **({"seed": seed} if kind == "pgd" else {})}
+    return build_attack(kind, model, loss="ce", **kw) if build is None else build(kind, model, **kw)
 
 
 def _batched_attack(atk, x, y, batch_size: int) -> torch.Tensor:
@@ -98,60 +127,55 @@ def _batched_attack(atk, x, y, batch_size: int) -> torch.Tensor:
         if x.shape[0] else x.clone()
 
 
-def on_survivors(atk, x: torch.Tensor, y: torch.Tensor, alive: torch.Tensor, judge: Callable,
-                 batch_size: int = 256):
-    """Run ``atk`` on the images still ``alive`` only; the others keep their clean image. Returns
-    an AttackResult over all of ``x`` (for the per-sample worst case)."""
-    x_adv = x.clone()
-    idx = alive.nonzero().squeeze(1)
-    t0 = time.perf_counter()
-    if idx.numel():
-        x_adv[idx] = _batched_attack(atk, x[idx], y[idx], batch_size)
-    return adversarial_result(x, y, x_adv, judge, seconds=time.perf_counter() - t0)
-
-
-def _alive(results, y: torch.Tensor) -> torch.Tensor:
-    ok = torch.ones_like(y, dtype=torch.bool)
-    for r in results:
-        ok &= r.adv_pred == r.labels
-    return ok
-
-
 def _run(atk, x, y, judge, batch_size):
     return adversarial_result(x, y, _batched_attack(atk, x, y, batch_size), judge)
 
 
-class PrototypeScores(nn.Module):
-    """Eq. 6 as a classifier: scores = minus the distances of the ``prototype_layer`` feature to
-    its pull prototypes (:meth:`PCLDefense.prototype_scores`). Their argmax is eq. 6's decision, so
-    the registry's attacks and the :func:`advlab.eval.evaluate` battery attack that rule directly."""
-
-    def __init__(self, defense: PCLDefense):
-        super().__init__()
-        self.defense = defense
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.defense.prototype_scores(x)
+def _link(name: str, make, batch_size: int) -> AttackRun:
+    """A chain link that builds its attack when it runs and calls it batch by batch."""
+    return AttackRun(name, lambda xs, ys: _batched_attack(make(), xs, ys, batch_size))
 
 
-def softmax_twin(warm: nn.Module, train, epochs: int, lr: float, batch_size: int, optimizer: str = "sgd",
-                 weight_decay: float = 1e-4, seed: int = 0) -> nn.Module:
-    """PCL's equal-budget softmax twin: a copy of the CE warm-up ``warm`` (left unchanged) trained
-    for the PC phase's ``epochs`` on the same data with the same seed (so the same batch order),
-    optimiser and learning-rate decay (x0.1 at 2/3 and 5/6), on cross-entropy only. PCL continued
-    from ``warm`` with the same arguments differs from it only in the loss."""
-    twin = copy.deepcopy(warm)
-    ms = pc_milestones(len(train), epochs, batch_size)
-    if epochs:
-        fit(twin, train, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
-            seed=seed, progress=False, desc="softmax twin",
-            schedule=lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, ms, 0.1))
-    return twin.eval()
+def _after_paper_attacks(model, eps: float, seed: int, bs: int, steps: int, square_queries: int, margin_steps: int,
+                         restarts: int = 1, dlr: bool = False, checks: bool = False,
+                         kept: Optional[list] = None) -> List[AttackRun]:
+    """The links a chain runs on the paper attacks' survivors: the :func:`advlab.eval.evaluate`
+    battery (APGD-CE, APGD-T, Square; appended to ``kept``), with ``dlr`` APGD-DLR, then
+    PGD-margin with ``margin_steps`` steps."""
+    def battery(xs, ys):
+        bat = run_battery(model, xs, ys, norm="inf", eps=eps, seed=seed, steps=steps, square_queries=square_queries,
+                          batch_size=bs, checks=checks, progress=False)
+        if kept is not None:
+            kept.append(bat)
+        return bat.x_adv
+
+    runs = [AttackRun(BATTERY_STAGE, battery)]
+    if dlr:
+        runs.append(_link("APGD-DLR", lambda: build_attack("apgd-dlr", model, eps=eps, steps=steps, restarts=restarts,
+                                                           seed=seed), bs))
+    runs.append(_link("+ APGD-DLR, PGD-margin (restarts)" if dlr else "+ PGD-margin",
+                      lambda: build_attack("pgd", model, eps=eps, alpha=2.5 * eps / margin_steps, steps=margin_steps,
+                                           loss="margin", restarts=restarts, seed=seed + 1), bs))
+    return runs
+
+
+def _stages(chain: Chain, start) -> Dict[str, float]:
+    """Robust accuracy after each link as this report counts it: the float32 share of all images
+    that no attack so far gave a wrong class (``Chain.stages`` also asks for a correct clean
+    prediction and averages in float64, so its numbers differ in the last bits)."""
+    alive = start.adv_pred == start.labels
+    out = {}
+    for name in chain.stages:
+        if name in chain.results:
+            r = chain.results[name]
+            alive[chain.ran_on[name][r.adv_pred != r.labels]] = False
+        out[name] = float(alive.float().mean())
+    return out
 
 
 # --------------------------------------------------------------------------- measurements
 @torch.no_grad()
-def logit_stats(model, x: torch.Tensor, layers=None) -> Dict[str, float]:
+def logit_stats(model, x: torch.Tensor) -> Dict[str, Any]:
     """Mean L2 norm of the logits, mean top-1 softmax probability, mean gap top1 - top2 logit, and
     (for a PCL defense) the mean feature norm of each supervised layer."""
     model.eval()
@@ -162,120 +186,75 @@ def logit_stats(model, x: torch.Tensor, layers=None) -> Dict[str, float]:
         z = model(x)
         feats = {}
     top = z.topk(2, dim=1).values
-    out = {"logit norm": float(z.norm(dim=1).mean()), "max softmax": float(F.softmax(z.double(), 1).amax(1).mean()),
-           "logit gap": float((top[:, 0] - top[:, 1]).mean())}
-    for n in getattr(model, "layers", []):
-        out[f"|f| {n}"] = float(feats[n].norm(dim=1).mean())
+    out: Dict[str, Any] = {"logit_norm": float(z.norm(dim=1).mean()),
+                           "max_softmax": float(F.softmax(z.double(), 1).amax(1).mean()),
+                           "logit_gap": float((top[:, 0] - top[:, 1]).mean())}
+    if getattr(model, "layers", None):
+        out["feature_norms"] = {n: float(feats[n].norm(dim=1).mean()) for n in model.layers}
     return out
 
 
-def white_box(model, x, y, eps: float, spec, seed: int, log, joint: Optional[PCLDefense] = None,
-              prefix: str = "") -> Dict[str, Any]:
-    """The paper's four L-inf attacks (CE on the logits, or the joint loss of ``joint``)."""
+def white_box(model, x, y, eps: float, spec, seed: int, log, joint: bool = False, prefix: str = "") -> Dict[str, Any]:
+    """The paper's four L-inf attacks (CE on the logits, or with ``joint`` the PCL defense
+    ``model``'s joint loss), each on every image."""
     bs = int(spec.get("batch_size", 256))
     judge = lambda xb: predict(model, xb)  # noqa: E731
-    src, loss = (JointLossScores(joint), joint_objective(joint)) if joint is not None else (model, "ce")
     res = {}
     for name in PAPER_ATTACKS:
         t0 = time.perf_counter()
-        res[name] = _run(paper_attack(name, src, eps, seed, loss), x, y, judge, bs)
+        res[name] = _run(paper_attack(name, model, eps, seed, build=joint_loss_attack if joint else None), x, y,
+                         judge, bs)
         res[name].seconds = time.perf_counter() - t0
-    log(f"    {prefix}white-box eps {eps:g}" + (" (joint loss)" if joint is not None else "") + ": "
+    log(f"    {prefix}white-box eps {eps:g}" + (" (joint loss)" if joint else "") + ": "
         + ", ".join(f"{k} {100 * r.robust_accuracy:.1f}" for k, r in res.items()))
     return res
 
 
-def adaptive(model, x, y, eps: float, spec, seed: int, log, earlier: List, joint: Optional[PCLDefense] = None):
-    """The adaptive number: battery + margin / DLR attacks on the survivors of ``earlier``;
-    returns (worst case over earlier + these, per-stage robust accuracies, battery result)."""
+def adaptive(model, x, y, eps: float, spec, seed: int, log, earlier: List):
+    """The adaptive number: one survivor chain from the worst case of ``earlier`` (attacks run on
+    every image): the battery, APGD-DLR and PGD-margin with restarts; returns (the chain's worst
+    case, its cumulative robust accuracies, the battery's result or None)."""
     ad = spec.get("adaptive", {})
     bs = int(spec.get("batch_size", 256))
-    judge = lambda xb: predict(model, xb)  # noqa: E731
-    results = list(earlier)
-    stages: Dict[str, float] = {"paper-protocol L-inf worst": worst_case(earlier).robust_accuracy} if earlier else {}
-    if joint is not None:
-        for name in ("BIM", "PGD"):
-            alive = _alive(results, y)
-            results.append(on_survivors(paper_attack(name, JointLossScores(joint), eps, seed, joint_objective(joint)),
-                                        x, y, alive, judge, bs))
-        stages["+ joint-loss BIM/PGD"] = worst_case(results).robust_accuracy
-    alive = _alive(results, y)
-    battery = None
-    t0 = time.perf_counter()
-    if bool(alive.any()):
-        idx = alive.nonzero().squeeze(1)
-        battery = run_battery(model, x[idx], y[idx], norm="inf", eps=eps, seed=seed, steps=int(ad.get("steps", 100)),
-                              square_queries=int(ad.get("square_queries", 1000)), batch_size=bs,
-                              checks=bool(ad.get("checks", True)), progress=False)
-        x_adv = x.clone()
-        x_adv[idx] = battery.x_adv
-        results.append(adversarial_result(x, y, x_adv, judge, seconds=battery.seconds["total"]))
-    stages["+ battery (APGD-CE, APGD-T, Square)"] = worst_case(results).robust_accuracy
-    t_bat = time.perf_counter() - t0
-    alive = _alive(results, y)
-    results.append(on_survivors(build_attack("apgd-dlr", model, eps=eps, steps=int(ad.get("steps", 100)),
-                                             restarts=int(ad.get("restarts", 1)), seed=seed), x, y, alive, judge, bs))
-    alive = _alive(results, y)
-    results.append(on_survivors(build_attack("pgd", model, eps=eps, alpha=2.5 * eps / int(ad.get("margin_steps", 100)),
-                                             steps=int(ad.get("margin_steps", 100)), loss="margin",
-                                             restarts=int(ad.get("restarts", 1)), seed=seed + 1),
-                                x, y, alive, judge, bs))
-    worst = worst_case(results)
-    stages["+ APGD-DLR, PGD-margin (restarts)"] = worst.robust_accuracy
+    start, kept = worst_case(earlier), []
+    runs = _after_paper_attacks(model, eps, seed, bs, int(ad.get("steps", 100)), int(ad.get("square_queries", 1000)),
+                                int(ad.get("margin_steps", 100)), int(ad.get("restarts", 1)), dlr=True,
+                                checks=bool(ad.get("checks", True)), kept=kept)
+    chain = survivor_chain(runs, x, y, lambda xb: predict(model, xb), start=start, batch_size=bs)
+    stages = {"paper-protocol L-inf worst": start.robust_accuracy, **_stages(chain, start)}
+    del stages["APGD-DLR"]
     log(f"    adaptive eps {eps:g}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in stages.items())
-        + f" (battery {t_bat:.0f} s)")
-    return worst, stages, battery
+        + f" (battery {chain.seconds.get(BATTERY_STAGE, 0.0):.0f} s)")
+    return chain.worst, stages, (kept[0] if kept else None)
 
 
-def linf_worst(model, x: torch.Tensor, y: torch.Tensor, eps: float, spec, seed: int,
-               broken_before: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+def linf_worst(model, x: torch.Tensor, y: torch.Tensor, eps: float, spec, seed: int, before=None) -> Dict[str, Any]:
     """At L-inf ``eps`` on ``(x, y)``: FGSM, BIM, MIM and PGD-10 (paper protocol, each on every
-    image) and the adaptive per-sample worst case: those four, the images in ``broken_before``
-    (broken at a smaller eps: their adversarial lies inside this ball too), then the
-    :func:`advlab.eval.evaluate` battery (APGD-CE, APGD-T, Square; ``spec["linf_battery"]``) on the
-    survivors, then PGD-margin on the battery's survivors. Returns robust accuracies (fractions),
-    the cumulative stages, the per-sample ``robust`` mask and the seconds (plain data)."""
+    image) and the adaptive per-sample worst case: one survivor chain from those four and
+    ``before`` (the worst case at a smaller eps: its adversarials lie inside this ball too) through
+    the :func:`advlab.eval.evaluate` battery (``spec["linf_battery"]``) and PGD-margin. Returns
+    robust accuracies (fractions), the cumulative stages, the ``worst`` case (for a larger eps)
+    and the seconds."""
     cfg = spec.get("linf_battery", {})
     bs = int(spec.get("batch_size", 256))
     judge = lambda xb: predict(model, xb)  # noqa: E731
     t0 = time.perf_counter()
     if eps == 0:
-        ok = judge(x) == y
-        acc = float(ok.float().mean())
-        return {**{k: acc for k in PAPER_ATTACKS}, "adaptive": acc, "stages": {}, "robust": ok, "seconds": 0.0}
+        clean = adversarial_result(x, y, x, judge)
+        acc = clean.robust_accuracy
+        return {**{k: acc for k in PAPER_ATTACKS}, "adaptive": acc, "stages": {}, "worst": clean, "seconds": 0.0}
     res = {k: _run(paper_attack(k, model, eps, seed), x, y, judge, bs) for k in PAPER_ATTACKS}
-    alive = _alive(res.values(), y)
-    stages = {"paper attacks (FGSM, BIM, MIM, PGD-10)": float(alive.float().mean())}
-    if broken_before is not None:
-        alive &= ~broken_before
-        stages["+ broken at a smaller eps"] = float(alive.float().mean())
-    alive = _battery_then_margin(model, x, y, alive, judge, eps, seed, bs, int(cfg.get("steps", 25)),
-                                 int(cfg.get("square_queries", 300)), int(cfg.get("margin_steps", 50)), stages)
-    return {**{k: r.robust_accuracy for k, r in res.items()}, "adaptive": float(alive.float().mean()),
-            "stages": stages, "robust": alive, "seconds": time.perf_counter() - t0}
-
-
-def _battery_then_margin(model, x, y, alive: torch.Tensor, judge, eps: float, seed: int, bs: int, steps: int,
-                         square_queries: int, margin_steps: int, stages: Optional[Dict[str, float]] = None):
-    """On the images still ``alive`` (robust so far): the :func:`advlab.eval.evaluate` battery
-    (APGD-CE, APGD-T, Square; no checks), then PGD-margin with ``margin_steps`` steps on what the
-    battery left; each judged by ``judge``. Returns the new ``alive``; ``stages`` gets the robust
-    accuracy after each."""
-    alive = alive.clone()
-    if bool(alive.any()):
-        idx = alive.nonzero().squeeze(1)
-        bat = run_battery(model, x[idx], y[idx], norm="inf", eps=eps, seed=seed, steps=steps,
-                          square_queries=square_queries, batch_size=bs, checks=False, progress=False)
-        alive[idx] = judge(bat.x_adv) == y[idx]
-    if stages is not None:
-        stages["+ battery (APGD-CE, APGD-T, Square)"] = float(alive.float().mean())
-    if bool(alive.any()):
-        m = on_survivors(build_attack("pgd", model, eps=eps, alpha=2.5 * eps / margin_steps, steps=margin_steps,
-                                      loss="margin", seed=seed + 1), x, y, alive, judge, bs)
-        alive &= m.adv_pred == m.labels
-    if stages is not None:
-        stages["+ PGD-margin"] = float(alive.float().mean())
-    return alive
+    start = worst_case(res.values())
+    stages = {"paper attacks (FGSM, BIM, MIM, PGD-10)": start.robust_accuracy}
+    if before is not None:
+        start = worst_case([*res.values(), before])
+        stages["+ broken at a smaller eps"] = start.robust_accuracy
+    chain = survivor_chain(_after_paper_attacks(model, eps, seed, bs, int(cfg.get("steps", 25)),
+                                                int(cfg.get("square_queries", 300)), int(cfg.get("margin_steps", 50))),
+                           x, y, judge, start=start, batch_size=bs)
+    stages.update(_stages(chain, start))
+    return {**{k: r.robust_accuracy for k, r in res.items()}, "adaptive": chain.worst.robust_accuracy,
+            "stages": stages, "worst": chain.worst, "seconds": time.perf_counter() - t0}
 
 
 def linf_grid(models: Dict[str, Any], needs: Dict[str, List[float]], x, y, spec, seed, log) -> Dict[str, Dict]:
@@ -285,11 +264,11 @@ def linf_grid(models: Dict[str, Any], needs: Dict[str, List[float]], x, y, spec,
     out: Dict[str, Dict[float, Dict[str, Any]]] = {}
     for name, grid in needs.items():
         out[name] = {}
-        broken = None
+        before = None
         for e in sorted({float(v) for v in grid}):
-            r = linf_worst(models[name], x, y, e, spec, seed, broken)
+            r = linf_worst(models[name], x, y, e, spec, seed, before)
             out[name][e] = r
-            broken = ~r["robust"]
+            before = r["worst"]
         log(f"    {name}: " + ", ".join(f"eps {e:g} PGD-10 {100 * r['PGD']:.0f} / adaptive {100 * r['adaptive']:.0f}"
                                       f" ({r['seconds']:.0f} s)" for e, r in out[name].items()))
     return out
@@ -299,22 +278,19 @@ def eq6_robust(model: PCLDefense, x: torch.Tensor, y: torch.Tensor, eps: float, 
                transfer: Dict[str, torch.Tensor]) -> Dict[str, Optional[float]]:
     """Robust accuracy under eq. 6 (nearest prototype) at L-inf ``eps``: the adversarials of
     ``transfer`` (crafted on the logits or the joint loss) judged by eq. 6, PGD-10 on the prototype
-    scores (:class:`PrototypeScores`), then, on the survivors of all of them, the
-    :func:`advlab.eval.evaluate` battery and PGD-margin on the prototype scores (per-sample worst
-    case; ``spec["adaptive"]`` settings)."""
+    scores (:class:`PrototypeScores`), then one survivor chain from all of them through the
+    :func:`advlab.eval.evaluate` battery and PGD-margin on the prototype scores
+    (``spec["adaptive"]`` settings)."""
     ad = spec.get("adaptive", {})
     bs = int(spec.get("batch_size", 256))
     j6 = lambda xb: model.predict(xb, rule="prototype")  # noqa: E731
-    scores = PrototypeScores(model)
     moved = {k: adversarial_result(x, y, v, j6) for k, v in transfer.items()}
-    pgd = _run(paper_attack("PGD", scores, eps, seed), x, y, j6, bs)
-    results = list(moved.values()) + [pgd]
-    alive = _alive(results, y)
-    alive = _battery_then_margin(scores, x, y, alive, j6, eps, seed, bs, int(ad.get("steps", 100)),
-                                 int(ad.get("square_queries", 1000)), int(ad.get("margin_steps", 100)))
-    return {"eq. 6 PGD-10 (logits) %": _pct(moved["PGD"].robust_accuracy) if "PGD" in moved else None,
-            "eq. 6 PGD-10 (prototype scores) %": _pct(pgd.robust_accuracy),
-            "eq. 6 adaptive %": _pct(float(alive.float().mean()))}
+    pgd = _run(paper_attack("PGD", model, eps, seed, build=prototype_attack), x, y, j6, bs)
+    runs = _after_paper_attacks(PrototypeScores(model), eps, seed, bs, int(ad.get("steps", 100)),
+                                int(ad.get("square_queries", 1000)), int(ad.get("margin_steps", 100)))
+    chain = survivor_chain(runs, x, y, j6, start=worst_case([*moved.values(), pgd]), batch_size=bs)
+    return {"eq6_pgd_logits": _pct(moved["PGD"].robust_accuracy) if "PGD" in moved else None,
+            "eq6_pgd_prototype": _pct(pgd.robust_accuracy), "eq6_adaptive": _pct(chain.worst.robust_accuracy)}
 
 
 # --------------------------------------------------------------------------- one dataset
@@ -447,18 +423,18 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
     out: Dict[str, Any] = {"name": exp["name"], "paper": exp.get("paper"), "n": int(x.shape[0]), "n_cw": n_cw,
                            "n_train": len(train), "n_test": len(test), "seconds": dict(tm["seconds"]),
                            "rows": {}, "table3": {}, "headline": [], "history": {}, "cw": {},
-                           "twin": dict(tm["twin"], warmup_clean=_pct(evaluate(tm["warmup"], test)))}
+                           "twin": dict(tm["twin"], warmup_clean=_pct(accuracy(tm["warmup"], test)))}
     # black-box: crafted once on the source
     t0 = time.perf_counter()
     bb_adv = {k: _batched_attack(paper_attack(k, src, eps, seed), x, y, bs) for k in PAPER_ATTACKS}
     bb_adv["C&W"] = _batched_attack(build_attack("cw", src, **cwp), x[:n_cw], y[:n_cw], bs)
     src_acc = {k: float((predict(src, v) == y[: v.shape[0]]).float().mean()) for k, v in bb_adv.items()}
     out["blackbox_source"] = {"model": spec.get("blackbox_source", {}).get("model", "lenet5"),
-                              "clean": evaluate(src, test), "white-box on itself": src_acc}
+                              "clean": accuracy(src, test), "white_box_on_itself": src_acc}
     out["seconds"]["black-box crafting"] = time.perf_counter() - t0
     for mname, model in models.items():
         t0 = time.perf_counter()
-        clean = evaluate(model, test)
+        clean = accuracy(model, test)
         log(f"  {mname}: clean {100 * clean:.2f}%")
         judge = lambda xb, m=model: predict(m, xb)  # noqa: E731
         wb = white_box(model, x, y, eps, spec, seed, log)
@@ -467,41 +443,36 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
         ok = cw.clean_pred == cw.labels
         hit = ok & (cw.adv_pred != cw.labels)
         out["cw"][mname] = {"n": n_cw, "clean": _pct(float(ok.float().mean())), "robust": _pct(cw.robust_accuracy),
-                            "success rate %": _pct(float(hit.sum()) / int(ok.sum())) if bool(ok.any()) else None,
-                            "mean L2 (successes)": float(cw.l2[hit].mean()) if bool(hit.any()) else None}
+                            "success_rate_pct": _pct(float(hit.sum()) / int(ok.sum())) if bool(ok.any()) else None,
+                            "mean_l2": float(cw.l2[hit].mean()) if bool(hit.any()) else None}
         log(f"    C&W: robust {out['cw'][mname]['robust']:.1f}%, success rate "
-            f"{_num(out['cw'][mname], 'success rate %'):.1f}% of the correctly classified")
+            f"{_f(out['cw'][mname]['success_rate_pct']):.1f}% of the correctly classified")
         bbr = {k: adversarial_result(x[: v.shape[0]], y[: v.shape[0]], v, judge) for k, v in bb_adv.items()}
-        row = {"No Attack": _pct(clean), **{k: _pct(r.robust_accuracy) for k, r in wb.items()},
-               "C&W": _pct(cw.robust_accuracy), **{f"BB {k}": _pct(r.robust_accuracy) for k, r in bbr.items()}}
-        joint = model if isinstance(model, PCLDefense) else None
+        row = {"clean": _pct(clean), **{_key(k): _pct(r.robust_accuracy) for k, r in wb.items()},
+               "cw": _pct(cw.robust_accuracy), **{f"bb_{_key(k)}": _pct(r.robust_accuracy) for k, r in bbr.items()}}
         t3: Dict[str, Any] = {}
-        if joint is not None:
-            t3 = white_box(model, x, y, eps, spec, seed, log, joint=joint)
+        if isinstance(model, PCLDefense):
+            t3 = white_box(model, x, y, eps, spec, seed, log, joint=True)
             out["table3"][mname] = {k: _pct(r.robust_accuracy) for k, r in t3.items()}
-            earlier = list(wb.values()) + list(t3.values())
-        else:
-            earlier = list(wb.values())
         paper_worst = worst_case(list(wb.values())).robust_accuracy
-        worst, stages, battery = adaptive(model, x, y, eps, spec, seed, log, earlier, joint=None)
+        worst, stages, battery = adaptive(model, x, y, eps, spec, seed, log, list(wb.values()) + list(t3.values()))
         stats = logit_stats(model, x)
         zg = zero_gradient_fraction(model, x, y, loss="ce")
         zg_m = zero_gradient_fraction(model, x, y, loss="margin")
-        row.update({"paper-protocol worst": _pct(paper_worst), "adaptive": _pct(worst.robust_accuracy)})
+        row.update({"paper_protocol_worst": _pct(paper_worst), "adaptive": _pct(worst.robust_accuracy)})
         out["rows"][mname] = row
-        head = {"model": mname, "clean (test set)": row["No Attack"], "PGD-10 (paper protocol)": row["PGD"],
-                "paper-protocol worst": row["paper-protocol worst"], "adaptive (worst case)": row["adaptive"],
-                "zero CE grad %": 100 * zg, "zero margin grad %": 100 * zg_m, **stats,
-                "battery flags": ", ".join(f.name for f in battery.flags) if battery else "-"}
+        head = {"model": mname, "clean": row["clean"], "pgd": row["pgd"],
+                "paper_protocol_worst": row["paper_protocol_worst"], "adaptive": row["adaptive"],
+                "zero_ce_grad_pct": 100 * zg, "zero_margin_grad_pct": 100 * zg_m, **stats,
+                "battery_flags": ", ".join(f.name for f in battery.flags) if battery else "-"}
         if isinstance(model, PCLDefense):
-            head["eq. 6 clean %"] = _pct(float((model.predict(test.images, rule="prototype") == test.labels)
-                                               .float().mean()))
+            head["eq6_clean"] = _pct(float((model.predict(test.images, rule="prototype") == test.labels).float().mean()))
             transfer = {k: r.adversarials for k, r in wb.items()}
             transfer.update({f"joint {k}": r.adversarials for k, r in t3.items()})
             transfer["adaptive worst"] = worst.adversarials
             head.update(eq6_robust(model, x, y, eps, spec, seed, transfer))
-            log(f"    eq. 6: clean {head['eq. 6 clean %']:.2f}%, PGD-10 (logits) "
-                f"{head['eq. 6 PGD-10 (logits) %']:.1f}%, adaptive {head['eq. 6 adaptive %']:.1f}%")
+            log(f"    eq. 6: clean {head['eq6_clean']:.2f}%, PGD-10 (logits) "
+                f"{head['eq6_pgd_logits']:.1f}%, adaptive {head['eq6_adaptive']:.1f}%")
         out["headline"].append(head)
         out.setdefault("stages", {})[mname] = {k: _pct(v) for k, v in stages.items()}
         out.setdefault("flags", {})[mname] = [f.to_dict() for f in battery.flags] if battery else []
@@ -577,10 +548,9 @@ def sweep(res: Dict[float, Dict[str, Any]], spec, n: int) -> Dict[str, Any]:
     """Fig. 4 analogue: accuracy of the PCL model against eps — FGSM, PGD-10 (paper protocol) and
     the adaptive per-sample worst case of :func:`linf_worst` (battery included)."""
     grid = sorted(float(e) for e in spec["sweep"]["eps"])
-    curves: Dict[str, List[float]] = {
-        "FGSM": [res[e]["FGSM"] for e in grid], "PGD-10 (paper)": [res[e]["PGD"] for e in grid],
-        SWEEP_ADAPTIVE: [res[e]["adaptive"] for e in grid]}
-    flags = eps_sweep_check(grid, curves["PGD-10 (paper)"]) + eps_sweep_check(grid, curves[SWEEP_ADAPTIVE])
+    curves = {"fgsm": [res[e]["FGSM"] for e in grid], "pgd": [res[e]["PGD"] for e in grid],
+              "adaptive": [res[e]["adaptive"] for e in grid]}
+    flags = eps_sweep_check(grid, curves["pgd"]) + eps_sweep_check(grid, curves["adaptive"])
     return {"eps": grid, "n": n, "curves": curves, "flags": [fl.to_dict() for fl in flags]}
 
 
@@ -608,10 +578,10 @@ def ablation(rows, grid, test, x, y, eps) -> List[Dict[str, Any]]:
     out = []
     for label, key, model in rows:
         r = grid[key][float(eps)]
-        out.append({"layers with L_PC": label, "No Attack": _pct(evaluate(model, test)), "FGSM": _pct(r["FGSM"]),
-                    "PGD": _pct(r["PGD"]), "adaptive": _pct(r["adaptive"]),
-                    "zero CE grad %": 100 * zero_gradient_fraction(model, x, y),
-                    "logit norm": logit_stats(model, x)["logit norm"]})
+        out.append({"layers": label, "clean": _pct(accuracy(model, test)), "fgsm": _pct(r["FGSM"]),
+                    "pgd": _pct(r["PGD"]), "adaptive": _pct(r["adaptive"]),
+                    "zero_ce_grad_pct": 100 * zero_gradient_fraction(model, x, y),
+                    "logit_norm": logit_stats(model, x)["logit_norm"]})
     return out
 
 
@@ -624,18 +594,18 @@ def _paper_row(spec, paper_name, row) -> Dict[str, Any]:
 def _checks_text(r: Dict[str, Any]) -> str:
     lines = [f"**{r['name']}**:"]
     for mname, row in r["rows"].items():
-        it = row["FGSM"] is not None and row["PGD"] is not None and row["PGD"] <= row["FGSM"] + 2
-        bb = all((row[f"BB {k}"] or 0) >= (row[k] or 0) - 2 for k in PAPER_ATTACKS)
-        lines.append(f"- {mname}: iterative (PGD {row['PGD']:.1f}) {'beats' if it else 'does NOT beat'} single-step "
-                     f"(FGSM {row['FGSM']:.1f}); black-box {'is not stronger' if bb else 'IS STRONGER'} than white-box; "
-                     f"adaptive {row['adaptive']:.1f} vs paper-protocol worst {row['paper-protocol worst']:.1f}"
+        it = row["fgsm"] is not None and row["pgd"] is not None and row["pgd"] <= row["fgsm"] + 2
+        bb = all((row[f"bb_{_key(k)}"] or 0) >= (row[_key(k)] or 0) - 2 for k in PAPER_ATTACKS)
+        lines.append(f"- {mname}: iterative (PGD {row['pgd']:.1f}) {'beats' if it else 'does NOT beat'} single-step "
+                     f"(FGSM {row['fgsm']:.1f}); black-box {'is not stronger' if bb else 'IS STRONGER'} than white-box; "
+                     f"adaptive {row['adaptive']:.1f} vs paper-protocol worst {row['paper_protocol_worst']:.1f}"
                      + (f"; flags: {', '.join(f['name'] for f in r['checks'][mname])}" if r["checks"][mname] else ""))
     if r.get("sweep"):
         c = r["sweep"]["curves"]
-        lines.append(f"- PCL accuracy vs eps (n={r['sweep']['n']}): PGD-10 falls from {100 * c['PGD-10 (paper)'][0]:.1f}% "
-                     f"at eps 0 to {100 * c['PGD-10 (paper)'][-1]:.1f}% at eps {r['sweep']['eps'][-1]:g}; adaptive to "
-                     f"{100 * c[SWEEP_ADAPTIVE][-1]:.1f}% (" + ", ".join(
-                         f"{e:g}: {100 * a:.0f}%" for e, a in zip(r["sweep"]["eps"], c[SWEEP_ADAPTIVE])) + ")"
+        lines.append(f"- PCL accuracy vs eps (n={r['sweep']['n']}): PGD-10 falls from {100 * c['pgd'][0]:.1f}% "
+                     f"at eps 0 to {100 * c['pgd'][-1]:.1f}% at eps {r['sweep']['eps'][-1]:g}; adaptive to "
+                     f"{100 * c['adaptive'][-1]:.1f}% (" + ", ".join(
+                         f"{e:g}: {100 * a:.0f}%" for e, a in zip(r["sweep"]["eps"], c["adaptive"])) + ")"
                      + (f"; flags: {', '.join(f['name'] for f in r['sweep']['flags'])}" if r["sweep"]["flags"] else
                         "; no sweep flag") + ".")
     return "\n".join(lines)
@@ -644,7 +614,7 @@ def _checks_text(r: Dict[str, Any]) -> str:
 def twin_check(r: Dict[str, Any]) -> str:
     """The issue's clean-accuracy check, explicitly: PCL against its equal-budget softmax twin."""
     p = {h["model"]: h for h in r["headline"]}
-    a, b = p["PCL"]["clean (test set)"], p["Softmax"]["clean (test set)"]
+    a, b = p["PCL"]["clean"], p["Softmax"]["clean"]
     d = a - b
     within = abs(d) <= 1.0
     return (f"PCL clean {a:.2f}% vs softmax twin {b:.2f}%: within 1 point: {'yes' if within else 'no'} "
@@ -658,12 +628,12 @@ def _cw_text(r: Dict[str, Any], spec) -> str:
     cw = r.get("cw", {})
     txt = (f"C&W, {r['name']} ({r['n_cw']} images; c = {c['c']:g}, {c['steps']} Adam steps of lr {c['lr']:g} in "
            f"tanh space, {c['binary_search_steps']} constant(s)): success rate on the images each model classifies "
-           f"correctly: " + ", ".join(f"{m} " + ("n/a (none correct)" if v["success rate %"] is None else
-                                             f"{v['success rate %']:.0f}%") for m, v in cw.items()))
+           f"correctly: " + ", ".join(f"{m} " + ("n/a (none correct)" if v["success_rate_pct"] is None else
+                                             f"{v['success_rate_pct']:.0f}%") for m, v in cw.items()))
     soft = cw.get("Softmax")
-    if soft is None or soft["success rate %"] is None:
+    if soft is None or soft["success_rate_pct"] is None:
         return txt + "."
-    if soft["success rate %"] >= 95:
+    if soft["success_rate_pct"] >= 95:
         return txt + (f". Converged: the undefended Softmax row keeps {soft['robust']:.1f}% (paper 0.2%), so a high "
                       f"C&W number on a PCL row is that model's, not the attack's.")
     return txt + (f". UNDER-CONVERGED: the undefended Softmax row keeps {soft['robust']:.1f}% (paper 0.2%); the C&W "
@@ -672,7 +642,7 @@ def _cw_text(r: Dict[str, Any], spec) -> str:
 
 def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, device=None) -> Report:
     """Run the bundled ``pcl`` reproduction; returns the saved Report."""
-    from .figures import line_chart
+    from ..eval.figures import line_chart
 
     t0 = time.perf_counter()
     data_root = shared_data_root(data_root)
@@ -715,7 +685,8 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
         for mname, ours in r["rows"].items():
             paper_name = {"Softmax": "Softmax", "PCL": "Ours", "PCL + AdvTrain FGSM": "Ours + AdvTrain FGSM",
                           "PCL + AdvTrain PGD": "Ours + AdvTrain PGD"}.get(mname)
-            rows.append(with_paper({"training": mname, **ours}, _paper_row(spec, r["paper"], paper_name), T2_COLS))
+            rows.append(with_paper({"training": mname, **_render(ours, COLUMNS)}, _paper_row(spec, r["paper"], paper_name),
+                                   T2_COLS))
         rep.add_table(f"Table 2, {r['name']} (eps = 0.3, c = 10): accuracy (%)", rows,
                       note=f"Softmax: the equal-budget softmax twin (the CE warm-up continued for the PC phase's "
                            f"epochs on CE only). White-box: the model's own CE gradients (paper protocol). BB: "
@@ -726,13 +697,13 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                            f"over those, the joint-loss attacks and the adaptive attacks (L-inf 0.3, white-box). "
                            f"Our Madry row is not in the paper's Table 2. " + _cw_text(r, spec))
         rep.add_table(f"Paper number vs paper-protocol vs adaptive, {r['name']}",
-                      [dict(h, **{"PGD (paper)": _paper_row(spec, r["paper"], {
+                      [dict(_render(h, HEADLINE), **{"PGD (paper)": _paper_row(spec, r["paper"], {
                           "PCL": "Ours", "Softmax": "Softmax", "PCL + AdvTrain FGSM": "Ours + AdvTrain FGSM",
                           "PCL + AdvTrain PGD": "Ours + AdvTrain PGD"}.get(h["model"])).get("PGD")})
                        for h in r["headline"]],
                       ["model", "clean (test set)", "PGD (paper)", "PGD-10 (paper protocol)", "paper-protocol worst",
                        "adaptive (worst case)", "zero CE grad %", "zero margin grad %", "logit norm", "max softmax",
-                       "logit gap"] + [k for k in r["headline"][1] if k.startswith("|f|")]
+                       "logit gap"] + [f"|f| {n}" for n in r["headline"][1].get("feature_norms", {})]
                       + ["eq. 6 clean %", "eq. 6 PGD-10 (logits) %", "eq. 6 PGD-10 (prototype scores) %",
                          "eq. 6 adaptive %", "battery flags"],
                       note="L-inf eps = 0.3. zero CE grad: share of the attacked images whose cross-entropy input "
@@ -753,9 +724,9 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                        "PCL + AdvTrain PGD": "Ours + AdvTrain PGD"}.get(mname, "")
                 pv = dict(zip(["No Attack", "FGSM", "BIM", "MIM", "PGD"], p3.get(key, [])))
                 ce = r["rows"][mname]
-                rows3.append({"training": mname, "No Attack": ce["No Attack"], "No Attack (paper)": pv.get("No Attack"),
+                rows3.append({"training": mname, "No Attack": ce["clean"], "No Attack (paper)": pv.get("No Attack"),
                               **{k2: v2 for k in PAPER_ATTACKS for k2, v2 in
-                                 ((f"{k} joint", t3[k]), (f"{k} CE", ce[k]), (f"{k} joint (paper)", pv.get(k)))}})
+                                 ((f"{k} joint", t3[k]), (f"{k} CE", ce[_key(k)]), (f"{k} joint (paper)", pv.get(k)))}})
             rep.add_table(f"Table 3 analogue, {r['name']}: attacks on the joint PC+CE loss (%)", rows3,
                           note="'joint': the attack ascends CE + sum_l L_PC with the prototypes known; 'CE': the "
                                "Table 2 white-box number. The paper's Table 3 has no MNIST block (F-MNIST and "
@@ -778,7 +749,8 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                                "survivors. C&W at c = 0.1 / 1 is cut (time).")
         if r.get("ablation"):
             p7 = spec.get("paper", {}).get("table7", {})
-            rep.add_table(f"Table 7-style layer ablation on cnn6, {r['name']} (eps = 0.3, %)", r["ablation"],
+            rep.add_table(f"Table 7-style layer ablation on cnn6, {r['name']} (eps = 0.3, %)",
+                          [_render(a, COLUMNS) for a in r["ablation"]],
                           note=f"Every row continues from the same CE warm-up with the same PC-phase budget "
                                f"({tr['pc_epochs']} epoch(s), same data, optimiser and lr decay); 'None' is the "
                                f"softmax twin and the all-three row the PCL model itself. FGSM / PGD-10 / adaptive "
@@ -794,7 +766,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
         series = {}
         for r in sw:
             for k, v in r["sweep"]["curves"].items():
-                series[f"{r['name']}: {k}"] = (r["sweep"]["eps"], [100 * a for a in v])
+                series[f"{r['name']}: {CURVES[k]}"] = (r["sweep"]["eps"], [100 * a for a in v])
         rep.add_figure("accuracy-vs-eps", line_chart(series, title="PCL: accuracy vs eps (Fig. 4 analogue)",
                                                      xlabel="L-inf eps", ylabel="accuracy (%)"),
                        "PCL model: accuracy against eps, paper attacks and adaptive worst case (battery included)")
@@ -806,94 +778,25 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     return rep
 
 
-def _num(d: Dict[str, Any], key: str) -> float:
-    v = d.get(key)
-    return float("nan") if v is None else float(v)
-
-
 def _discussion(runs, spec) -> str:
     lines = ["## What agrees with the paper and what does not", ""]
     for r in runs:
         p = {h["model"]: h for h in r["headline"]}
-        pcl = p.get("PCL", {})
-        soft = p.get("Softmax", {})
+        pcl, soft = p.get("PCL", {}), p.get("Softmax", {})
         pp = _paper_row(spec, r["paper"], "Ours")
         lines.append(f"- **{r['name']}**: {twin_check(r)}. PGD-10 at eps 0.3: paper "
-                     f"{pp.get('PGD', '-')}%, ours (paper protocol) "
-                     f"{pcl.get('PGD-10 (paper protocol)', float('nan')):.1f}%, "
-                     f"adaptive {pcl.get('adaptive (worst case)', float('nan')):.1f}%. Zero CE gradients on "
-                     f"{pcl.get('zero CE grad %', float('nan')):.0f}% of the PCL model's inputs (Softmax "
-                     f"{soft.get('zero CE grad %', float('nan')):.0f}%); mean logit norm "
-                     f"{pcl.get('logit norm', float('nan')):.3g} (Softmax {soft.get('logit norm', float('nan')):.3g}). "
-                     f"Eq. 6 (nearest prototype): clean {_num(pcl, 'eq. 6 clean %'):.2f}%, PGD-10 "
-                     f"{_num(pcl, 'eq. 6 PGD-10 (logits) %'):.1f}% (logit adversarials) / "
-                     f"{_num(pcl, 'eq. 6 PGD-10 (prototype scores) %'):.1f}% (on the prototype scores), adaptive "
-                     f"{_num(pcl, 'eq. 6 adaptive %'):.1f}% (logits: {_num(pcl, 'adaptive (worst case)'):.1f}%)"
+                     f"{pp.get('PGD', '-')}%, ours (paper protocol) {_f(pcl.get('pgd')):.1f}%, "
+                     f"adaptive {_f(pcl.get('adaptive')):.1f}%. Zero CE gradients on "
+                     f"{_f(pcl.get('zero_ce_grad_pct')):.0f}% of the PCL model's inputs (Softmax "
+                     f"{_f(soft.get('zero_ce_grad_pct')):.0f}%); mean logit norm "
+                     f"{_f(pcl.get('logit_norm')):.3g} (Softmax {_f(soft.get('logit_norm')):.3g}). "
+                     f"Eq. 6 (nearest prototype): clean {_f(pcl.get('eq6_clean')):.2f}%, PGD-10 "
+                     f"{_f(pcl.get('eq6_pgd_logits')):.1f}% (logit adversarials) / "
+                     f"{_f(pcl.get('eq6_pgd_prototype')):.1f}% (on the prototype scores), adaptive "
+                     f"{_f(pcl.get('eq6_adaptive')):.1f}% (logits: {_f(pcl.get('adaptive')):.1f}%)"
                      + (": the prototype rule is no more robust than the logits."
-                        if _num(pcl, 'eq. 6 adaptive %') <= _num(pcl, 'adaptive (worst case)') + 2 else
+                        if _f(pcl.get("eq6_adaptive")) <= _f(pcl.get("adaptive")) + 2 else
                         ": the prototype rule keeps more than the logits under these attacks."))
     lines += ["", "Inconsistencies inside the paper that bear on the comparison:", ""]
     lines += [f"- {t}" for t in spec.get("paper", {}).get("inconsistencies", [])]
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- advlab defend pcl
-def defend_pcl(checkpoint, train_ds, test_ds, out_dir, n: int = 500, seed: int = 0, device=None,
-               progress: Optional[bool] = None, pc_epochs: int = 3, epochs: Optional[int] = None,
-               warmup_epochs: int = 0, layers=None, preset: str = "paper", lr: float = 0.01, batch_size: int = 128,
-               adversarial: Optional[str] = None, adv_eps=None, eps: Optional[float] = None, battery_steps: int = 100,
-               square_queries: int = 1000) -> Report:
-    """``advlab defend pcl``: train PCL (Algorithm 1's PC phase, ``pc_epochs``; ``epochs`` is an
-    alias) from a trained classifier (a checkpoint path or an ``nn.Module``; the CE warm-up is the
-    checkpoint itself unless ``warmup_epochs``), save it (``out_dir/pcl.pt``, load with
-    :meth:`PCLDefense.load`) and report clean accuracy (logits and eq. 6), PGD-10 at ``eps`` (0.3
-    for one channel, 8/255 otherwise; the paper's protocol) and the adaptive worst case (that PGD
-    plus the :func:`advlab.eval.evaluate` battery and APGD-DLR / PGD-margin on the survivors)."""
-    from torch import nn
-
-    from ..train import load_checkpoint
-
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    model, meta = (checkpoint, {}) if isinstance(checkpoint, nn.Module) else load_checkpoint(checkpoint, device=device)
-    eps = (0.3 if test_ds.images.shape[1] == 1 else 8 / 255) if eps is None else float(eps)
-    if adv_eps is None:
-        adv_eps = (0.1, 0.5) if test_ds.images.shape[1] == 1 else (0.01, 0.05)
-    defense = PCLDefense.fit(model, train_ds, layers=layers, preset=preset, warmup_epochs=warmup_epochs,
-                             pc_epochs=int(epochs if epochs is not None else pc_epochs), lr=lr, batch_size=batch_size,
-                             adversarial=adversarial, adv_eps=adv_eps, seed=seed, device=device, progress=progress)
-    t_fit = time.perf_counter() - t0
-    source = None if isinstance(checkpoint, nn.Module) else str(checkpoint)
-    defense.save(out_dir / "pcl.pt", source_checkpoint=source)
-    x, y = pick_images(defense, test_ds, n, seed=seed)
-    spec = {"batch_size": 256, "adaptive": {"steps": battery_steps, "margin_steps": battery_steps,
-                                            "square_queries": square_queries, "checks": True}}
-    log = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
-    judge = lambda xb: predict(defense, xb)  # noqa: E731
-    pgd = _run(paper_attack("PGD", defense, eps, seed), x, y, judge, 256)
-    worst, stages, battery = adaptive(defense, x, y, eps, spec, seed, log, [pgd])
-    acc = {"before (input model)": evaluate(model, test_ds), "PCL (argmax of logits)": evaluate(defense, test_ds),
-           "PCL (eq. 6, nearest prototype)": float((defense.predict(test_ds.images, rule="prototype") ==
-                                                     test_ds.labels).float().mean())}
-    rep = Report(out_dir, "PCL defense", spec={"checkpoint": source or type(checkpoint).__name__, "pc_epochs": pc_epochs,
-                                               "preset": preset, "layers": defense.layers, "n": n, "eps": eps,
-                                               "adversarial": adversarial, "seed": seed}, seed=seed)
-    rep.add_text(f"Trained PCL on `{meta.get('model', {}).get('name', type(model).__name__)}`, supervised layers "
-                 f"{', '.join(defense.layers)} (preset {preset}); file: pcl.pt.")
-    rep.add_table("Test accuracy (%)", [{k: 100 * v for k, v in acc.items()}])
-    rows = [{"attack": f"PGD-10 L-inf {eps:g} (paper protocol)", "threat model": "white-box (CE on logits)",
-             "robust accuracy %": 100 * pgd.robust_accuracy},
-            {"attack": "adaptive worst case", "threat model": "white-box adaptive (battery + margin/DLR)",
-             "robust accuracy %": 100 * worst.robust_accuracy},
-            {"attack": "zero CE input gradient", "threat model": "-",
-             "robust accuracy %": None, "share %": 100 * zero_gradient_fraction(defense, x, y)}]
-    rep.add_table(f"Robustness on {x.shape[0]} test images", rows,
-                  note="The paper-protocol number alone overstates robustness; the adaptive number is the one to use.")
-    rep.add_table("Adaptive stages (cumulative worst case, %)", [{k: _pct(v) for k, v in stages.items()}])
-    if battery is not None and battery.flags:
-        rep.add_table("Gradient-masking flags", [f.to_dict() for f in battery.flags], ["name", "message", "meaning"])
-    rep.results.update({"accuracy": acc, "robust": rows, "stages": stages, "fit_seconds": t_fit,
-                        "history": defense.history})
-    rep.time("total", time.perf_counter() - t0)
-    rep.save()
-    return rep

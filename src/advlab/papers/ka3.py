@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -33,13 +34,14 @@ from ..attacks import KA3, build_attack
 from ..data import load_dataset, shared_data_root, shared_folder
 from ..metrics import is_success, label_rank, rank_pmf
 from ..models import build_model
-from ..train import evaluate, fit, resolve_device
-from .figures import rank_pmf_figure
-from .report import Report, with_paper
-from .runner import pick_images, random_targets, similarity_scores
-from .stages import stage
+from ..train import accuracy, fit, resolve_device
+from ..eval.figures import rank_pmf_figure
+from ..eval.report import Report, with_paper
+from ..eval.runner import pick_images, random_targets, result_row
+from ..eval.stages import stage
 
 __all__ = ["run", "attack_row"]
+
 
 @torch.no_grad()
 def _logits(model, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
@@ -47,35 +49,32 @@ def _logits(model, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     return torch.cat([model(x[i: i + batch_size].to(dev)).cpu() for i in range(0, x.shape[0], batch_size)])
 
 
-def attack_row(model, atk, x: torch.Tensor, y: torch.Tensor, targets: Optional[torch.Tensor] = None,
+def attack_row(model, atk, x: torch.Tensor, y: torch.Tensor, name: str, targets: Optional[torch.Tensor] = None,
                batch_size: int = 500, rgb_metric: bool = False, num_classes: int = 10) -> Dict[str, Any]:
-    """Attack (x, y) and measure it as in Tables 2-4 and Fig. 4: ASR (%), SSIM and MS-SSIM (x100)
-    and MSE over the successful adversarials, the rank pmf over all, seconds, and for K-A3 its cost
-    in forward+backward passes. ``rgb_metric`` selects MS-SSIM as the table's similarity."""
+    """Attack (x, y) and measure it as in Tables 2-4 and Fig. 4: the runner's row
+    (:func:`result_row`: ASR, SSIM, MS-SSIM and MSE over the successful adversarials, fractions)
+    with the paper's success rule, plus the rank pmf over all images and, for K-A3, its cost in
+    forward+backward passes. ``rgb_metric`` selects MS-SSIM as the table's ``similarity``."""
     is_ka3 = isinstance(atk, KA3)
     if is_ka3:
         atk.reset()
     res = atk.run((x, y), batch_size=batch_size, targets=targets, keep_adversarials=True, progress=False)
-    adv = res.adversarials
-    if is_ka3:
-        ranks, ok = res.extras["rank"], res.success
-    else:
-        # the paper's ASR is "a wrong class", for the targeted attacks too
-        ranks, ok = label_rank(_logits(model, adv), y), is_success(res.adv_pred, res.labels)
-    sim = similarity_scores(x, adv, ok)
-    pmf = rank_pmf(ranks, num_classes)
-    row = {"asr": 100.0 * float(ok.double().mean()), "ssim": 100.0 * sim["ssim"], "ms_ssim": 100.0 * sim["ms_ssim"],
-           "mse": sim["mse"], "median_l2": float(res.l2[ok].median()) if bool(ok.any()) else float("nan"),
-           "pmf": [float(v) for v in pmf], "seconds": res.seconds, "n": len(res)}
+    if is_ka3:  # K-A3's own rule: every target above the true label
+        ranks = res.extras["rank"]
+    else:  # the paper's ASR is "a wrong class", for the targeted attacks too
+        ranks = label_rank(_logits(model, res.adversarials), y)
+        res = replace(res, success=is_success(res.adv_pred, res.labels), targets=None)
+    ok = res.success
+    row = {**result_row(name, res, x), "pmf": [float(v) for v in rank_pmf(ranks, num_classes)]}
     row["similarity"] = row["ms_ssim"] if rgb_metric else row["ssim"]
     if targets is not None:
-        row["target_rate"] = 100.0 * float((res.adv_pred == targets).double().mean())
+        row["target_rate"] = float((res.adv_pred == targets).double().mean())
     if is_ka3:
         row["sample_steps"] = int(atk.total_sample_steps)
         row["K"] = int(atk.K)
-        row["rank_equals_k"] = 100.0 * float((ranks[ok] == res.extras["k"][ok]).double().mean()) \
+        row["rank_equals_k"] = float((ranks[ok] == res.extras["k"][ok]).double().mean()) \
             if bool(ok.any()) else float("nan")
-    row["_adv"] = adv
+    row["_adv"] = res.adversarials
     return row
 
 
@@ -121,7 +120,7 @@ def run_model(mspec: Dict[str, Any], spec: Dict[str, Any], data_root: Path, devi
         batch_size=int(tcfg.get("batch_size", 64)), schedule=tcfg.get("schedule", "onecycle"), seed=seed,
         device=device, progress=False)
     train_s = time.perf_counter() - t0
-    acc = evaluate(model, test)
+    acc = accuracy(model, test)
     model.eval()
     log(f"[ka3] {mspec['name']}: trained in {train_s:.0f} s, test accuracy {acc:.4f}")
 
@@ -133,14 +132,15 @@ def run_model(mspec: Dict[str, Any], spec: Dict[str, Any], data_root: Path, devi
     rows, advs = [], {}
     for a in spec["attacks"]:
         atk = build_attack(a["kind"], model, **a.get("params", {}))
-        row = attack_row(model, atk, x, y, targets if a.get("targeted") else None, bs, rgb, train.num_classes)
+        row = attack_row(model, atk, x, y, a["name"], targets if a.get("targeted") else None, bs, rgb,
+                         train.num_classes)
         advs[a["name"]] = row.pop("_adv")
-        row = {"model": mspec["name"], "attack": a["name"], **row}
+        row = {"model": mspec["name"], **row}
         if "sample_steps" in row:  # cost per step relative to one plain forward+backward
             row["fwd_bwd_ratio"] = row["seconds"] / (row["sample_steps"] * t_fb / min(bs, x.shape[0]))
             row["steps_per_sample"] = row["sample_steps"] / x.shape[0]
         rows.append(row)
-        log(f"[ka3] {mspec['name']} {a['name']}: ASR {row['asr']:.2f}% SSIM {row['ssim']:.2f} "
+        log(f"[ka3] {mspec['name']} {a['name']}: ASR {100 * row['asr']:.2f}% SSIM {100 * row['ssim']:.2f} "
             f"MSE {row['mse']:.3g} p(1..3) {[round(v, 3) for v in row['pmf'][:3]]} {row['seconds']:.1f} s")
     return {"name": mspec["name"], "paper": mspec.get("paper"), "dataset": ds, "model": mspec["model"],
             "accuracy": acc, "train_seconds": train_s, "n": int(x.shape[0]), "rgb_metric": rgb,
@@ -187,8 +187,9 @@ def _claims(res: Dict[str, Any]) -> List[str]:
         if r is None:
             continue
         pmax = max(r["pmf"][1:K + 1])
-        ok = r["asr"] >= 95 and r["pmf"][0] <= 0.05 and pmax <= 1 / K + 0.03
-        out.append(f"{name}: ASR {r['asr']:.2f}% (>= 95%: {'yes' if r['asr'] >= 95 else 'NO'}), p(1) = "
+        asr = 100 * r["asr"]
+        ok = asr >= 95 and r["pmf"][0] <= 0.05 and pmax <= 1 / K + 0.03
+        out.append(f"{name}: ASR {asr:.2f}% (>= 95%: {'yes' if asr >= 95 else 'NO'}), p(1) = "
                    f"{r['pmf'][0]:.3f}, max p(j) for j = 2..{K + 1} = {pmax:.3f} (<= 1/{K} + 0.03 = "
                    f"{1 / K + 0.03:.3f}: {'yes' if pmax <= 1 / K + 0.03 else 'NO'}) -> eq. 6 "
                    f"{'holds' if ok else 'does NOT hold'} within the tolerance.")
@@ -200,7 +201,7 @@ def _claims(res: Dict[str, Any]) -> List[str]:
     one, lb = by.get("1-A3"), by.get("L-BFGS")
     metric = "MS-SSIM" if res["rgb_metric"] else "SSIM"
     if one and lb:
-        out.append(f"1-A3 {metric} {one['similarity']:.2f} vs L-BFGS {lb['similarity']:.2f}: "
+        out.append(f"1-A3 {metric} {100 * one['similarity']:.2f} vs L-BFGS {100 * lb['similarity']:.2f}: "
                    + ("at least L-BFGS, as in the paper." if one["similarity"] >= lb["similarity"]
                       else "LOWER than L-BFGS, unlike the paper."))
     for other in ("5-A3", "9-A3"):
@@ -214,7 +215,7 @@ def _claims(res: Dict[str, Any]) -> List[str]:
 # --------------------------------------------------------------------------- runner
 
 def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, device=None) -> Report:
-    from .figures import example_grid
+    from ..eval.figures import example_grid
 
     seed = int(spec.get("seed", 0))
     data_root = shared_data_root(data_root)
@@ -243,8 +244,8 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
         table = []
         for r in res["rows"]:
             p = paper["rows"].get(r["attack"]) if paper else None
-            ours = {"attack": r["attack"], metric: r["similarity"], f"MSE x1e{exp}": r["mse"] * 10 ** exp,
-                    "ASR %": r["asr"]}
+            ours = {"attack": r["attack"], metric: 100 * r["similarity"], f"MSE x1e{exp}": r["mse"] * 10 ** exp,
+                    "ASR %": 100 * r["asr"]}
             theirs = {metric: p[0], f"MSE x1e{exp}": p[1], "ASR %": p[2]} if p else {}
             row = with_paper(ours, theirs, [metric, f"MSE x1e{exp}", "ASR %"])
             row.update({"p(1)": r["pmf"][0], "p(2)": r["pmf"][1], "median L2": r["median_l2"], "s": r["seconds"]})

@@ -40,14 +40,16 @@ from ..attacks import build_attack
 from ..data import shared_data_root, split_validation, load_train_test
 from ..defenses import MSVDDDefense
 from ..models import build_model
-from ..train import evaluate, fit, predict, resolve_device
-from .report import Report, with_paper
-from .evaluate import evaluate as run_battery
-from .stages import stage
-from .runner import (AttackRun, adversarial_result, pick_images, random_targets, rejudge, result_row, run_attacks,
+from ..train import accuracy, fit, predict, resolve_device
+from ..eval.report import Report, with_paper
+from ..eval.evaluate import evaluate as run_battery
+from ..eval.stages import stage
+from ..eval.runner import (AttackRun, adversarial_result, pick_images, random_targets, rejudge, result_row, run_attacks,
                      worst_case)
 
 PAPER_ATTACKS = ("L-BFGS", "DeepFool", "C&W", "1-A3", "5-A3", "9-A3")
+#: Table 2's ASR split: column -> result_row key
+SPLIT = {"ASR": "asr", "F": "failed", "D": "detected"}
 T2_COLUMNS = ["attack", "threat", "beta", "n judged", "SSIM", "SSIM (paper)", "MSE x1e3", "MSE x1e3 (paper)",
               "undefended ASR", "undefended ASR (paper)", "ASR", "ASR (paper)", "F", "F (paper)", "D", "D (paper)",
               "seconds"]
@@ -62,13 +64,25 @@ def _load_data(exp, data_root, seed: int):
                            exp.get("test_subset"), seed)
 
 
+#: Table 1's accuracies: stable key -> column
+ACCURACY = {"w_lc": "W-LC", "w_tilde_lc": "W~-LC", "svdd_beta_1": "W~-SVDD (beta=1)",
+            "svdd_o_c": "W~-SVDD (beta=O_c)", "svdd_o_d": "W~-SVDD (beta=O_d)"}
+
+
+def _t2_display(row: Dict[str, Any]) -> Dict[str, Any]:
+    """A :func:`result_row` (plus ``beta`` and the ``undefended`` row on the surrogate) in Table 2's
+    columns (%)."""
+    und = row.get("undefended") or {}
+    return {"attack": row["attack"], "threat": row["threat model"], "beta": row["beta"],
+            "n judged": row["n_judged"], "SSIM": _pct(und.get("ssim", row.get("ssim"))),
+            "MSE x1e3": None if not und else 1e3 * und["mse"], "undefended ASR": _pct(und.get("asr")),
+            "ASR": _pct(row["asr"]), "F": _pct(row["failed"]), "D": _pct(row["detected"]),
+            "seconds": row["seconds"]}
+
+
 def _defended_row(name: str, res, threat: str, beta: str, undefended: Optional[Dict[str, float]]) -> Dict[str, Any]:
-    r = result_row(name, res, threat=threat)
-    und = undefended or {}
-    return {"attack": name, "threat": threat, "beta": beta, "n judged": int(res.counted.sum()),
-            "SSIM": _pct(und.get("ssim", r.get("ssim"))), "MSE x1e3": None if not und else 1e3 * und["mse"],
-            "undefended ASR": _pct(und.get("asr")), "ASR": _pct(r["asr"]), "F": _pct(r["failed"]),
-            "D": _pct(r["detected"]), "seconds": res.seconds}
+    return {**result_row(name, res, threat=threat), "beta": beta, "n_judged": int(res.counted.sum()),
+            "undefended": undefended}
 
 
 def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root: Optional[Path], seed: int, device=None,
@@ -92,14 +106,14 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root: Optiona
     defense = MSVDDDefense.fit(model, fit_set, seed=seed, progress=False, **dcfg)
     t_def = time.perf_counter() - t1
     tune_c = defense.tune_beta(val_set, goal="classification")
-    acc_c = evaluate(defense, test)
+    acc_c = accuracy(defense, test)
     tune_d = defense.tune_beta(val_set, goal="defense", max_accuracy_drop=float(spec.get("max_accuracy_drop", 0.03)))
-    acc_d = evaluate(defense, test)
+    acc_d = accuracy(defense, test)
     defense.set_beta(1.0)
-    accuracy = {"W-LC": evaluate(model, test), "W~-LC": evaluate(defense.surrogate, test),
-                "W~-SVDD (beta=1)": evaluate(defense, test), "W~-SVDD (beta=O_c)": acc_c, "W~-SVDD (beta=O_d)": acc_d}
+    accs = {"w_lc": accuracy(model, test), "w_tilde_lc": accuracy(defense.surrogate, test),
+            "svdd_beta_1": accuracy(defense, test), "svdd_o_c": acc_c, "svdd_o_d": acc_d}
     betas = {"1": 1.0, "O_c": tune_c["beta"], "O_d": tune_d["beta"]}
-    log(f"{exp['name']} seed {seed}: W {t_train:.0f} s, defense {t_def:.0f} s; W-LC {accuracy['W-LC']:.4f}, "
+    log(f"{exp['name']} seed {seed}: W {t_train:.0f} s, defense {t_def:.0f} s; W-LC {accs['w_lc']:.4f}, "
         f"O_c={betas['O_c']:.2f} {acc_c:.4f}, O_d={betas['O_d']:.2f} {acc_d:.4f}")
 
     sur = defense.surrogate.eval()
@@ -160,7 +174,7 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root: Optiona
     defense.set_beta(tune_d["beta"])
     return {"name": exp["name"], "paper": exp.get("paper"), "model": exp["model"], "dataset": exp["dataset"],
             "seed": seed, "n_fit": len(fit_set), "n_val": len(val_set), "n_test": len(test),
-            "projections": defense.svdd.projections, "gamma": float(defense.svdd.gamma), "accuracy": accuracy,
+            "projections": defense.svdd.projections, "gamma": float(defense.svdd.gamma), "accuracy": accs,
             "betas": betas, "tuning": {"O_c": tune_c, "O_d": tune_d}, "attack_rows": rows, "beta_curve": curve,
             "adversarials": {k: v.adversarials[:8] for k, v in ev.results.items()}, "x": x[:8], "y": y[:8],
             "seconds": {"train W": t_train, "fit defense": t_def, "total": time.perf_counter() - t0}}
@@ -182,7 +196,7 @@ def _paper_t2(spec: Dict[str, Any], experiment: Optional[str], attack: str, labe
 
 
 def _table2(spec, r) -> List[Dict[str, Any]]:
-    return [with_paper(row, _paper_t2(spec, r["paper"], row["attack"], row["beta"].split("=")[0]),
+    return [with_paper(_t2_display(row), _paper_t2(spec, r["paper"], row["attack"], row["beta"].split("=")[0]),
                        ["SSIM", "MSE x1e3", "undefended ASR", "ASR", "F", "D"]) for row in r["attack_rows"]]
 
 
@@ -200,14 +214,14 @@ def _seed_table(runs: List[Dict[str, Any]], spec) -> List[Dict[str, Any]]:
     first = runs[0]
     for row in first["attack_rows"]:
         label = row["beta"].split("=")[0]
-        if label == "O_c" or row["threat"] == "full-knowledge" and label == "1":
+        if label == "O_c" or row["threat model"] == "full-knowledge" and label == "1":
             continue
         same = [next((q for q in r["attack_rows"] if q["attack"] == row["attack"] and q["beta"].split("=")[0] == label
-                      and q["threat"] == row["threat"]), None) for r in runs]
+                      and q["threat model"] == row["threat model"]), None) for r in runs]
         same = [q for q in same if q is not None]
         p = _paper_t2(spec, first["paper"], row["attack"], label)
-        out.append({"attack": row["attack"], "threat": row["threat"], "beta": label, "seeds": len(same),
-                    **{k: _mean_std([q[k] for q in same]) for k in ("ASR", "F", "D")},
+        out.append({"attack": row["attack"], "threat": row["threat model"], "beta": label, "seeds": len(same),
+                    **{k: _mean_std([_pct(q[key]) for q in same]) for k, key in SPLIT.items()},
                     **{f"{k} (paper)": p.get(k) for k in ("ASR", "F", "D")}})
     return out
 
@@ -217,27 +231,27 @@ def _summary(groups: Dict[str, List[Dict[str, Any]]], spec) -> str:
     for name, runs in groups.items():
         r = runs[0]
         acc = {k: _mean_std([100 * q["accuracy"][k] for q in runs]) for k in r["accuracy"]}
-        lines.append(f"- **{name}** ({len(runs)} seed(s), mean ± std): W-LC {acc['W-LC']}%, W~-SVDD at O_c "
-                     f"{acc['W~-SVDD (beta=O_c)']}%, at O_d {acc['W~-SVDD (beta=O_d)']}% (betas O_d: "
+        lines.append(f"- **{name}** ({len(runs)} seed(s), mean ± std): W-LC {acc['w_lc']}%, W~-SVDD at O_c "
+                     f"{acc['svdd_o_c']}%, at O_d {acc['svdd_o_d']}% (betas O_d: "
                      + ", ".join("%.2f" % q["betas"]["O_d"] for q in runs) + ").")
         p1 = spec.get("paper", {}).get("table1", {}).get(r["paper"] or "")
         if p1:
             lines.append(f"  Paper: W-LC {p1['W-LC']}%, O_c {p1['W~-SVDD (beta=O_c)']}%, O_d {p1['W~-SVDD (beta=O_d)']}%.")
         od = [[q for q in run["attack_rows"] if q["beta"].startswith("O_d=")] for run in runs]
-        mean_t = _mean_std([statistics.mean([q["ASR"] for q in rows if q["attack"] in PAPER_ATTACKS])
+        mean_t = _mean_std([statistics.mean([_pct(q["asr"]) for q in rows if q["attack"] in PAPER_ATTACKS])
                             for rows in od if any(q["attack"] in PAPER_ATTACKS for q in rows)])
-        worst = _mean_std([q["ASR"] for rows in od for q in rows if q["attack"] == "worst case"])
-        fk = [q for rows in od for q in rows if q["threat"] == "full-knowledge"]
+        worst = _mean_std([_pct(q["asr"]) for rows in od for q in rows if q["attack"] == "worst case"])
+        fk = [q for rows in od for q in rows if q["threat model"] == "full-knowledge"]
         lines.append(f"  At beta=O_d, the paper's transferred attacks succeed on {mean_t}% on average (paper "
                      f"attacks only), the per-sample worst case over every attack on {worst}%"
-                     + ("; full-knowledge PGD rows reach " + ", ".join("%s %.1f%%" % (q["attack"], q["ASR"]) for q in fk[:3])
-                        if fk else "") + ".")
+                     + ("; full-knowledge PGD rows reach "
+                        + ", ".join("%s %.1f%%" % (q["attack"], _pct(q["asr"])) for q in fk[:3]) if fk else "") + ".")
     return "\n".join(lines)
 
 
 def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, device=None) -> Report:
     """Run the bundled ``msvdd`` reproduction; returns the saved Report."""
-    from .figures import bar_chart, example_grid, line_chart
+    from ..eval.figures import bar_chart, example_grid, line_chart
 
     t0 = time.perf_counter()
     needs_files = any(e["dataset"] != "digits" for e in spec["experiments"])
@@ -268,7 +282,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     rows1 = []
     for name, runs in groups.items():
         for r in runs:
-            ours = {k: 100 * v for k, v in r["accuracy"].items()}
+            ours = {ACCURACY[k]: 100 * v for k, v in r["accuracy"].items()}
             rows1.append(with_paper({"experiment": name, "seed": r["seed"], "M": r["projections"],
                                      "beta O_c": r["betas"]["O_c"], "beta O_d": r["betas"]["O_d"], **ours},
                                     paper1.get(r["paper"] or "", {}),
@@ -301,8 +315,8 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                        f"{first['name']}: clean / adversarial / perturbation x10 (crafted on W~-LC)")
     for name, runs in groups.items():
         od = [q for q in runs[0]["attack_rows"] if q["beta"].startswith("O_d=")]
-        fig = bar_chart({"success": [q["ASR"] or 0 for q in od], "failed (F)": [q["F"] or 0 for q in od],
-                         "detected (D)": [q["D"] or 0 for q in od]},
+        fig = bar_chart({"success": [_pct(q["asr"]) or 0 for q in od], "failed (F)": [_pct(q["failed"]) or 0 for q in od],
+                         "detected (D)": [_pct(q["detected"]) or 0 for q in od]},
                         [q["attack"].replace("full-knowledge PGD", "FK").replace("PGD ", "PGD\n") for q in od],
                         title=f"{name}: ASR split at beta=O_d (FK = full knowledge)", ylabel="%")
         fig.axes[0].tick_params(axis="x", labelsize=7)

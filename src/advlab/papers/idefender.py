@@ -3,8 +3,8 @@ FGSM detection AUCs of Tables 2-5 (paper and the Defense-GAN numbers it quotes b
 ROC curves of Figs. 2-5, a semi-white-box Table 6 analogue (ID-95 / ID-99), the gray-box attack
 of eq. 6 (Tables 7-8 analogue), and what the paper does not measure: a fully adaptive attack
 (:class:`advlab.adaptive.idefender.IDefenderAdaptive`) and the :func:`advlab.eval.evaluate`
-battery on the defended model. Paper numbers live in ``specs/idefender.yaml``; ``defend_idefender``
-is ``advlab defend idefender``.
+battery on the defended model. Paper numbers live in ``specs/idefender.yaml``; this module holds
+the protocol, the table layout and the prose (results under stable keys, tables rendered from them).
 
 Protocol (written into every report):
 
@@ -43,29 +43,62 @@ Protocol (written into every report):
 from __future__ import annotations
 
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from torch.utils.data import TensorDataset
 
-from .. import REJECT
-from ..adaptive.idefender import IDefenderAdaptive, IDefenderGrayBox
+from advlab import REJECT
+from ..adaptive import IDefenderAdaptive, IDefenderGrayBox, jacobian_substitute
 from ..attacks import build_attack
 from ..data import shared_data_root, load_train_test
 from ..defenses.idefender import IDefender
-from ..metrics.detection import balanced_accuracy, detection_auc, roc
+from ..metrics.detection import auc_standard_error, balanced_accuracy, detection_auc, roc
 from ..metrics.robustness import is_success
-from ..models import build_model
-from ..train import evaluate, fit, predict, resolve_device
-from .evaluate import evaluate as run_battery
-from .report import Report
-from .runner import adversarial_result, pick_images, result_row
-from .stages import stage
+from ..models import build_model, count_parameters
+from ..train import accuracy, fit, predict, resolve_device
+from ..eval.defend import rejection_rates
+from ..eval.evaluate import evaluate as run_battery
+from ..eval.figures import line_chart, roc_figure
+from ..eval.report import Report
+from ..eval.runner import adversarial_result, pick_images, result_row
+from ..eval.stages import stage
 
-__all__ = ["run", "defend_idefender", "jacobian_substitute"]
+__all__ = ["run"]
+
+#: display names of the result keys in the tables (a template with {} for the keys of a nested dict)
+NAMES = {"auc": "AUC", "auc_fooling": "AUC fooling F only", "fooled_pct": "F fooled %", "k": "K",
+         "balanced_acc": "{}", "clean_fpr_pct": "clean FPR {}", "adv_acc": "Adv Acc", "adv_acc_paper": "Adv Acc (paper)",
+         "calibrated_on": "calibrated on", "grid_tried": "grid tried", "auc_target": "AUC target",
+         "auc_source": "AUC source", "adv_acc_target": "Adv Acc target", "adv_acc_source": "Adv Acc source",
+         "success_target": "success target (defended)", "success_source": "success source (defended)",
+         "auc_target_paper": "AUC target (paper)", "auc_source_paper": "AUC source (paper)", "variant": None,
+         "k_fixed": None, "value": None, "tried": None,
+         "threat model": "threat", "success_pct": "success %", "detected_pct": "detected %", "failed_pct": "failed %",
+         "auc_successes": "AUC on successes", "broken_by_run": "broken by run (target/start)",
+         "broken_after_first": "broken after the first run"}
+#: the two substitutes of the black-box rows: result key suffix -> display label
+SUBSTITUTES = {"jacobian": "Jacobian E", "real": "real-data E"}
+for _key, _label in SUBSTITUTES.items():
+    NAMES.update({f"auc_{_key}": f"AUC ({_label})", f"auc_fooling_{_key}": f"AUC fooling F ({_label})",
+                  f"fooled_pct_{_key}": f"F fooled % ({_label})", f"rejected_pct_{_key}": f"ID-95 rejects % ({_label})"})
+#: the models of the accuracy table: result key -> display label
+MODEL_LABELS = {"f": "F", "e_jacobian": "E (Jacobian substitute)", "e_real": "E (real data)"}
+
+
+def _table(rows) -> List[Dict[str, Any]]:
+    """Display rows of result rows: each key renamed by :data:`NAMES` (None drops it), a nested
+    mapping spread into one column per key."""
+    out = []
+    for r in rows:
+        d = {}
+        for k, v in r.items():
+            name = NAMES.get(k, k)
+            if name is not None:
+                d.update({name.format(q): w for q, w in v.items()} if isinstance(v, dict) else {name: v})
+        out.append(d)
+    return out
 
 
 def _pct(v):
@@ -73,7 +106,7 @@ def _pct(v):
 
 
 def _auc(s_nat: torch.Tensor, s_adv: torch.Tensor) -> Optional[float]:
-    return detection_auc(s_nat, s_adv) if s_nat.numel() and s_adv.numel() else None
+    return detection_auc(s_nat, s_adv, allow_empty=True)
 
 
 def _craft(kind: str, model, x, y, bs: int, **params) -> torch.Tensor:
@@ -81,97 +114,14 @@ def _craft(kind: str, model, x, y, bs: int, **params) -> torch.Tensor:
     return torch.cat([atk(x[i: i + bs], y[i: i + bs]) for i in range(0, x.shape[0], bs)])
 
 
-def jacobian_substitute(oracle, seeds: torch.Tensor, num_classes: int, rounds: int = 6, lam: float = 0.1,
-                        epochs: int = 10, lr: float = 3e-3, seed: int = 0, model: str = "model-e",
-                        log=lambda m: None):
-    """Papernot et al. (2017) substitute training: label the ``seeds`` by the ``oracle``'s
-    predictions, train a fresh substitute ``model`` on them, and between rounds add
-    ``x + lam * sign(d z_label / dx)`` for every point (the set doubles each round). Returns the
-    substitute and the number of oracle queries."""
-    x = seeds.clone()
-    sub = None
-    queries = 0
-    for r in range(rounds):
-        labels = predict(oracle, x).cpu()
-        queries += x.shape[0]
-        sub = build_model(model, num_classes, tuple(x.shape[1:]), mean=0.5, std=0.5, seed=seed + r)
-        fit(sub, TensorDataset(x, labels), epochs=epochs, lr=lr, batch_size=min(64, x.shape[0]), seed=seed + r,
-            progress=False, desc="substitute")
-        sub.eval()
-        if r == rounds - 1:
-            break
-        xg = x.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(sub(xg).gather(1, labels[:, None]).sum(), xg)
-        x = torch.cat([x, (x + lam * g.sign()).clamp(0.0, 1.0)])
-    log(f"  Jacobian substitute: {rounds} rounds, {x.shape[0]} points, {queries} oracle queries")
-    return sub, queries
-
-
 def _load(exp, data_root, seed: int):
     return load_train_test(exp["dataset"], data_root, exp.get("folder"), exp.get("train_subset"),
                            exp.get("test_subset"), seed)
 
 
-def larger_model_f(num_classes: int, in_shape, mean=None, std=None, width: float = 1.0, extra_convs: int = 0,
-                   seed: Optional[int] = None):
-    """Model F (Table 1) made larger, the Table 8 analogue's second architecture (the paper compares
-    WRN-34-8 with WRN-46-8: the same family, deeper at the same width): ``width`` times F's
-    channels, Conv(64 w) 8x8/2 - ReLU - Conv(128 w) 6x6/2 - ReLU, then ``extra_convs`` 3x3 convolutions
-    (128 w channels, padding 1, ReLU) before the flatten and the linear head. The hidden state is,
-    as F's, the flattened last convolution. On 28x28 inputs: F 311k parameters; ``extra_convs=2``
-    (``model-f-deep2``) 606k with F's 1152-value hidden state and about F's cost; ``width=2``
-    (``model-f-x2``) 1.21M, four times F's cost."""
-    from collections import OrderedDict
-
-    from torch import nn
-
-    from ..models.zoo import ZooSequential
-    from ..nn import Normalize
-
-    c, h, w = (int(v) for v in in_shape)
-    small = min(h, w) < 20
-    c1, c2 = int(round(64 * width)), int(round(128 * width))
-    mean = [0.5] * c if mean is None else ([float(mean)] * c if isinstance(mean, (int, float)) else list(mean))
-    std = [0.5] * c if std is None else ([float(std)] * c if isinstance(std, (int, float)) else list(std))
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(int(seed))
-        feats = [("normalize", Normalize(mean, std)),
-                 ("conv1", nn.Conv2d(c, c1, 8, stride=2, padding=3 if small else 0)), ("relu1", nn.ReLU()),
-                 ("conv2", nn.Conv2d(c1, c2, 6, stride=2, padding=2 if small else 0)), ("relu2", nn.ReLU())]
-        for j in range(int(extra_convs)):
-            feats += [(f"conv{3 + j}", nn.Conv2d(c2, c2, 3, padding=1)), (f"relu{3 + j}", nn.ReLU())]
-        feats.append(("flatten", nn.Flatten()))
-        with torch.no_grad():
-            d = int(nn.Sequential(OrderedDict(feats))(torch.zeros(1, c, h, w)).numel())
-        m = ZooSequential(OrderedDict(feats + [("head", nn.Linear(d, num_classes))]))
-    m.hidden_layers = ("flatten",)
-    name = "model-f" + (f"-x{width:g}" if width != 1 else "") + (f"-deep{int(extra_convs)}" if extra_convs else "")
-    m.advlab_spec = {"name": name, "num_classes": int(num_classes), "in_shape": [c, h, w], "mean": mean, "std": std,
-                     "kwargs": {"width": float(width), "extra_convs": int(extra_convs)}}
-    return m
-
-
-_LARGER_F = re.compile(r"^model-f(?:-x(?P<w>\d+(?:\.\d+)?))?(?:-deep(?P<d>\d+))?$")
-
-
-def _build(name: str, num_classes: int, in_shape, mean=None, std=None, seed: Optional[int] = None):
-    """A zoo model, or a larger model F: ``model-f-x<width>``, ``model-f-deep<extra convs>`` or both
-    (``model-f-x1.5-deep1``; :func:`larger_model_f`)."""
-    m = _LARGER_F.match(name)
-    if m and (m.group("w") or m.group("d")):
-        return larger_model_f(num_classes, in_shape, mean, std, width=float(m.group("w") or 1),
-                              extra_convs=int(m.group("d") or 0), seed=seed)
-    return build_model(name, num_classes, in_shape, mean=mean, std=std, seed=seed)
-
-
-def _params(m) -> int:
-    return int(sum(p.numel() for p in m.parameters()))
-
-
 def _train(name: str, train, spec, seed: int, dev, cfg=None):
     mean, std = train.channel_stats()
-    m = _build(name, train.num_classes, train.in_shape, mean=mean, std=std, seed=seed).to(dev)
+    m = build_model(name, train.num_classes, train.in_shape, mean=mean, std=std, seed=seed).to(dev)
     tr = dict(cfg if cfg is not None else spec.get("train", {}))
     fit(m, train, seed=seed, progress=False, **{k: (int(v) if k in ("epochs", "batch_size") else v)
                                                for k, v in tr.items()})
@@ -184,30 +134,6 @@ def _defense(model, train, spec, **over) -> IDefender:
                          covariance=cfg.get("covariance", ("full", "diag")),
                          reg_covar=float(cfg.get("reg_covar", 1e-3)), keeps=cfg.get("keeps", (0.95, 0.99)),
                          seed=int(cfg.get("seed", 0)), layers=cfg.get("layers"), pca=cfg.get("pca"))
-
-
-def _fpr(defense: IDefender, x: torch.Tensor) -> Dict[str, float]:
-    out = {}
-    for q in defense.keeps.tolist():
-        defense.set_keep(q)
-        out[f"ID-{round(100 * q)}"] = float((defense.predict(x) == REJECT).double().mean())
-    defense.set_keep(float(defense.keeps[0]))
-    return out
-
-
-def _roc_figure(curves: Dict[str, tuple], title: str):
-    from .figures import plt
-
-    fig, ax = plt.subplots(figsize=(4.2, 4))
-    for name, (f, t) in curves.items():
-        ax.plot(f, t, label=name)
-    ax.plot([0, 1], [0, 1], color="gray", lw=0.5, ls="--")
-    ax.set_xlabel("false-positive rate")
-    ax.set_ylabel("true-positive rate")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig
 
 
 def _memo_key(col: Dict[str, Any], v, n: int) -> tuple:
@@ -258,8 +184,8 @@ def _calibrate(col: Dict[str, Any], model, x, y, bs: int, memo: Dict[tuple, tupl
 def _detection(defense, s_nat, x_adv, y, model_pred_adv=None) -> Dict[str, Any]:
     s_adv = defense.detect(x_adv)
     fooled = model_pred_adv != y if model_pred_adv is not None else torch.ones_like(y, dtype=torch.bool)
-    return {"AUC": _auc(s_nat, s_adv), "AUC (fooling F only)": _auc(s_nat, s_adv[fooled]),
-            "fooled F": float(fooled.double().mean()), "s_adv": s_adv, "fooled": fooled}
+    return {"auc": _auc(s_nat, s_adv), "auc_fooling": _auc(s_nat, s_adv[fooled]),
+            "fooled": float(fooled.double().mean()), "s_adv": s_adv}
 
 
 def _graybox(src: IDefender, tgt: IDefender, x, y, gb, log) -> List[Dict[str, Any]]:
@@ -272,14 +198,14 @@ def _graybox(src: IDefender, tgt: IDefender, x, y, gb, log) -> List[Dict[str, An
             xa = atk(x, y)
             pt, ps = predict(tgt.model, xa), predict(src.model, xa)
             rows.append({"attack": a["name"], "eps": float(a["eps"]), "alpha": float(lam),
-                         "AUC target": _pct(_auc(s_nat_t, tgt.detect(xa))),
-                         "AUC source": _pct(_auc(s_nat_s, src.detect(xa))),
-                         "Adv Acc target": _pct(float((pt == y).double().mean())),
-                         "Adv Acc source": _pct(float((ps == y).double().mean())),
-                         "success target (defended)": _pct(float(is_success(tgt.predict(xa), y).double().mean())),
-                         "success source (defended)": _pct(float(is_success(src.predict(xa), y).double().mean()))})
-            log(f"  gray-box {a['name']} alpha={lam:g}: AUC target {rows[-1]['AUC target']:.1f} / source "
-                f"{rows[-1]['AUC source']:.1f}")
+                         "auc_target": _pct(_auc(s_nat_t, tgt.detect(xa))),
+                         "auc_source": _pct(_auc(s_nat_s, src.detect(xa))),
+                         "adv_acc_target": _pct(float((pt == y).double().mean())),
+                         "adv_acc_source": _pct(float((ps == y).double().mean())),
+                         "success_target": _pct(float(is_success(tgt.predict(xa), y).double().mean())),
+                         "success_source": _pct(float(is_success(src.predict(xa), y).double().mean()))})
+            log(f"  gray-box {a['name']} alpha={lam:g}: AUC target {rows[-1]['auc_target']:.1f} / source "
+                f"{rows[-1]['auc_source']:.1f}")
     return rows
 
 
@@ -295,7 +221,7 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
     t = time.perf_counter()
     defense = _defense(f, train, spec)
     times["fit I-defender"] = time.perf_counter() - t
-    log(f"{exp['name']}: F accuracy {evaluate(f, test):.4f}; I-defender {defense.history['covariance']} "
+    log(f"{exp['name']}: F accuracy {accuracy(f, test):.4f}; I-defender {defense.history['covariance']} "
         f"K={defense.history['components']} dim={defense.history['dim']} ({times['fit I-defender']:.0f} s)")
     # substitute seeds: 150 test images; evaluated images: the others, classified correctly by F
     sub_cfg = spec.get("substitute", {})
@@ -310,56 +236,52 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
                                          lr=float(sub_cfg.get("lr", 3e-3)), seed=seed, log=log)
     e_real = _train("model-e", train, spec, seed + 100, dev, spec.get("real_substitute", {}))
     times["substitutes"] = time.perf_counter() - t
-    acc = {"F": evaluate(f, test), "E (Jacobian substitute)": evaluate(e_jac, test), "E (real data)": evaluate(e_real, test)}
-    agree = {"E (Jacobian substitute)": float((predict(e_jac, x) == predict(f, x)).double().mean())}
+    acc = {"f": accuracy(f, test), "e_jacobian": accuracy(e_jac, test), "e_real": accuracy(e_real, test)}
+    agree = {"e_jacobian": float((predict(e_jac, x) == predict(f, x)).double().mean())}
     s_nat = defense.detect(x)
-    fpr = _fpr(defense, test.images)
+    fpr = rejection_rates(defense, test.images)
 
     # ---- black-box FGSM (Tables 2-5, Figs. 2-3)
     t = time.perf_counter()
     fgsm_rows, roc_fgsm, ablation = [], {}, []
     abl_defs = {}
     for layer in spec.get("ablation_layers", []) or []:
-        abl_defs[f"layers={[layer]}"] = _defense(f, train, spec, layers=[layer])
+        abl_defs[("layers", f"layers={[layer]}", None)] = _defense(f, train, spec, layers=[layer])
     for k in spec.get("ablation_components", []) or []:
-        abl_defs[f"flattened last conv, K={int(k)} fixed"] = _defense(f, train, spec, components=int(k))
-    abl_fixed = {a: (ad.detect(x), _fpr(ad, test.images)) for a, ad in abl_defs.items()}
+        abl_defs[("k_fixed", f"flattened last conv, K={int(k)} fixed", int(k))] = _defense(f, train, spec,
+                                                                                           components=int(k))
+    abl_fixed = {a: (ad.detect(x), rejection_rates(ad, test.images)) for a, ad in abl_defs.items()}
     fgsm_eps = list(spec.get("fgsm_eps", [0.3]))
     for eps in fgsm_eps:
         row = {"eps": float(eps)}
-        for label, sub in (("Jacobian E", e_jac), ("real-data E", e_real)):
+        for key, sub in (("jacobian", e_jac), ("real", e_real)):
             xa = _craft("fgsm", sub, x, y, bs, eps=float(eps))
             d = _detection(defense, s_nat, xa, y, predict(f, xa))
-            row[f"AUC ({label})"] = d["AUC"]
-            row[f"AUC fooling F ({label})"] = d["AUC (fooling F only)"]
-            row[f"F fooled % ({label})"] = _pct(d["fooled F"])
-            row[f"ID-95 rejects % ({label})"] = _pct(float((defense.predict(xa) == REJECT).double().mean()))
-            if label == "Jacobian E":
+            row[f"auc_{key}"] = d["auc"]
+            row[f"auc_fooling_{key}"] = d["auc_fooling"]
+            row[f"fooled_pct_{key}"] = _pct(d["fooled"])
+            row[f"rejected_pct_{key}"] = _pct(float((defense.predict(xa) == REJECT).double().mean()))
+            if key == "jacobian":
                 fr, tr_, _ = roc(s_nat, d["s_adv"])
-                roc_fgsm[f"eps={eps:g} (AUC {d['AUC']:.3f})"] = (fr, tr_)
-                for label_a, ad in abl_defs.items():
-                    if not label_a.startswith("layers=") and eps != fgsm_eps[-1]:
+                roc_fgsm[f"eps={eps:g} (AUC {d['auc']:.3f})"] = (fr, tr_)
+                for abl, ad in abl_defs.items():
+                    if abl[0] != "layers" and eps != fgsm_eps[-1]:
                         continue                                  # K-fixed rows: at the largest eps only
-                    ablation.append({"reading": label_a, "eps": float(eps),
-                                     "AUC (Jacobian E)": _auc(abl_fixed[label_a][0], ad.detect(xa)),
-                                     "K": str(ad.history["components"]), "covariance": ad.history["covariance"],
-                                     "dim": ad.history["dim"], **{f"clean FPR {k}": _pct(v)
-                                                                  for k, v in abl_fixed[label_a][1].items()}})
+                    ablation.append(_ablation_row(*abl, eps, _auc(abl_fixed[abl][0], ad.detect(xa)), ad,
+                                                  abl_fixed[abl][1]))
         fgsm_rows.append(row)
-        log(f"  FGSM eps={eps:g}: AUC {row['AUC (Jacobian E)']:.3f} (Jacobian E), {row['AUC (real-data E)']:.3f} (real E)")
+        log(f"  FGSM eps={eps:g}: AUC {row['auc_jacobian']:.3f} (Jacobian E), {row['auc_real']:.3f} (real E)")
     if ablation:
-        ablation.insert(0, {"reading": "flattened last conv, K by BIC (default)", "eps": fgsm_rows[-1]["eps"],
-                            "AUC (Jacobian E)": fgsm_rows[-1]["AUC (Jacobian E)"],
-                            "K": str(defense.history["components"]), "covariance": defense.history["covariance"],
-                            "dim": defense.history["dim"], **{f"clean FPR {k}": _pct(v) for k, v in fpr.items()}})
+        ablation.insert(0, _ablation_row("bic", "flattened last conv, K by BIC (default)", None, fgsm_rows[-1]["eps"],
+                                         fgsm_rows[-1]["auc_jacobian"], defense, fpr))
     roc_other, other_rows = {}, []
     for a in spec.get("other_attacks", []):
         xa = _craft(a["kind"], e_jac, x, y, bs, **a.get("params", {}))
         d = _detection(defense, s_nat, xa, y, predict(f, xa))
         fr, tr_, _ = roc(s_nat, d["s_adv"])
-        roc_other[f"{a['name']} (AUC {d['AUC']:.3f})"] = (fr, tr_)
-        other_rows.append({"attack": a["name"], "threat": "black-box (Jacobian E -> F)", "AUC": d["AUC"],
-                           "AUC fooling F only": d["AUC (fooling F only)"], "F fooled %": _pct(d["fooled F"])})
+        roc_other[f"{a['name']} (AUC {d['auc']:.3f})"] = (fr, tr_)
+        other_rows.append({"attack": a["name"], "threat model": "black-box (Jacobian E -> F)", "auc": d["auc"],
+                           "auc_fooling": d["auc_fooling"], "fooled_pct": _pct(d["fooled"])})
     times["black-box"] = time.perf_counter() - t
 
     # ---- semi-white-box Table 6 analogue
@@ -382,26 +304,26 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
             weaker = [v for v, a in tried if v < best[0] and a >= col["adv_acc"] + 2 * tol]
             stronger = [v for v, a in tried if v > best[0] and a <= col["adv_acc"] - 2 * tol]
             grid = ([max(weaker)] if weaker else []) + [best[0]] + ([min(stronger)] if stronger else [])
-            best, more, cal_n = _calibrate(dict(col, grid=grid, calibration_n=x.shape[0]), f, x,
-                                           y, bs, memo, x.shape[0], int(t6_spec.get("refine", 4)))
-            desc += f"; on all {x.shape[0]}: " + ", ".join(f"{v:g}: {a:.0f}%" for v, a in more)
+            best, tried, cal_n = _calibrate(dict(col, grid=grid, calibration_n=x.shape[0]), f, x,
+                                            y, bs, memo, x.shape[0], int(t6_spec.get("refine", 4)))
+            desc += f"; on all {x.shape[0]}: " + ", ".join(f"{v:g}: {a:.0f}%" for v, a in tried)
             xa = best[2]
             pf = predict(f, xa)
         fooled = pf != y
         row = {"column": col["name"], "attack": col["kind"], "parameter": f"{col['param']}={best[0]:g}",
                "fixed": ", ".join(f"{k}={v:g}" for k, v in col.get("params", {}).items()),
-               "Adv Acc": _pct(float((pf == y).double().mean())), "Adv Acc (paper)": col["adv_acc"],
-               "calibrated on": cal_n, "grid tried": desc,
-               "AUC": _pct(_auc(s_nat, defense.detect(xa)[fooled]))}
+               "adv_acc": _pct(float((pf == y).double().mean())), "adv_acc_paper": col["adv_acc"],
+               "calibrated_on": cal_n, "grid_tried": desc, "value": best[0], "tried": [list(t) for t in tried],
+               "auc": _pct(_auc(s_nat, defense.detect(xa)[fooled])), "balanced_acc": {}}
         for q in defense.keeps.tolist():
             defense.set_keep(q)
-            lab = f"ID-{round(100 * q)}"
-            row[lab] = _pct(balanced_accuracy(defense.predict(x) == REJECT, defense.predict(xa[fooled]) == REJECT)
-                            if bool(fooled.any()) else float("nan"))
+            row["balanced_acc"][f"ID-{round(100 * q)}"] = _pct(
+                balanced_accuracy(defense.predict(x) == REJECT, defense.predict(xa[fooled]) == REJECT)
+                if bool(fooled.any()) else float("nan"))
         defense.set_keep(float(defense.keeps[0]))
         t6.append(row)
-        log(f"  Table 6 {col['name']}: {col['param']}={best[0]:g}, Adv Acc {row['Adv Acc']:.1f}%, "
-            f"ID-95 {row['ID-95']:.1f}")
+        log(f"  Table 6 {col['name']}: {col['param']}={best[0]:g}, Adv Acc {row['adv_acc']:.1f}%, "
+            f"ID-95 {row['balanced_acc']['ID-95']:.1f}")
     times["semi-white-box"] = time.perf_counter() - t
 
     # ---- gray-box eq. 6 (Tables 7-8 analogue)
@@ -421,13 +343,13 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
             names = gb.get("second_attacks")
             gb2 = dict(gb, attacks=[a for a in gb.get("attacks", []) if names is None or a["name"] in names])
             gray2 = _graybox(d_s, d_t, x[keep][:ng], y[keep][:ng], gb2, log)
-            second_info = {"name": second, "params": _params(m_t), "params F": _params(f),
-                           "accuracy": evaluate(m_t, test), "accuracy source": evaluate(m_s, test),
+            second_info = {"name": second, "params": count_parameters(m_t), "params_f": count_parameters(f),
+                           "accuracy": accuracy(m_t, test), "accuracy_source": accuracy(m_s, test),
                            "dim": d_t.history["dim"], "covariance": d_t.history["covariance"],
-                           "K per class": list(d_t.history["components"]), "clean_fpr": _fpr(d_t, test.images),
-                           "seconds": time.perf_counter() - t2}
-            log(f"  second architecture {second}: {second_info['params']} parameters (F {second_info['params F']}), "
-                f"accuracy {second_info['accuracy']:.4f}, K={second_info['K per class']}")
+                           "k_per_class": list(d_t.history["components"]),
+                           "clean_fpr": rejection_rates(d_t, test.images), "seconds": time.perf_counter() - t2}
+            log(f"  second architecture {second}: {second_info['params']} parameters (F {second_info['params_f']}), "
+                f"accuracy {second_info['accuracy']:.4f}, K={second_info['k_per_class']}")
     times["gray-box"] = time.perf_counter() - t
 
     # ---- fully adaptive
@@ -436,25 +358,30 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
     na = int(ad.get("n", 100))
     xa_n, ya_n = x[:na], y[:na]
     adaptive_rows, roc_adapt = [], {}
+
+    def auc_successes(res):                  # the detector's AUC on the successful adversarials
+        succ = res.success & res.counted
+        return _auc(s_nat[:na], defense.detect(res.adversarials[succ])) if bool(succ.any()) else None
     for eps in ad.get("eps", [0.3]):
         naive = build_attack("pgd", f, eps=float(eps), steps=int(ad.get("steps", 50)), seed=seed).run(
             (xa_n, ya_n), batch_size=bs, predict_fn=defense.predict, keep_adversarials=True)
-        adaptive_rows.append(_adaptive_row("PGD on F (semi-white-box, defense unknown)", "semi-white-box", eps,
-                                           naive, defense, s_nat[:na]))
+        adaptive_rows.append({**result_row("PGD on F (semi-white-box, defense unknown)", naive,
+                                           threat="semi-white-box"), "eps": float(eps),
+                              "auc_successes": auc_successes(naive)})
         for mode in ad.get("modes", ["hinge"]):
             atk = IDefenderAdaptive(defense, eps=float(eps), steps=int(ad.get("steps", 50)),
                                     targets=int(ad.get("targets", 2)), restarts=_per_mode(ad.get("restarts", 1), mode),
                                     mode=mode, seed=seed)
             res = atk.run((xa_n, ya_n), batch_size=bs, predict_fn=defense.predict, keep_adversarials=True)
-            row = _adaptive_row(f"adaptive ({mode})", "white-box adaptive (full knowledge)", eps, res, defense,
-                                s_nat[:na])
-            row["broken by run (target/start)"] = ", ".join(f"{t}/{r}: {c}" for (t, r), c in sorted(atk.stats.items()))
-            row["broken after the first run"] = sum(c for k, c in atk.stats.items() if k != (1, 1))
+            row = {**result_row(f"adaptive ({mode})", res, threat="white-box adaptive (full knowledge)"),
+                   "eps": float(eps), "auc_successes": auc_successes(res),
+                   "broken_by_run": ", ".join(f"{t}/{r}: {c}" for (t, r), c in sorted(atk.stats.items())),
+                   "broken_after_first": sum(c for k, c in atk.stats.items() if k != (1, 1))}
             adaptive_rows.append(row)
             if mode == "hinge" and bool(res.success.any()):
                 fr, tr_, _ = roc(s_nat[:na], defense.detect(res.adversarials[res.success]))
-                roc_adapt[f"eps={eps:g} (AUC {row['AUC on successes']:.3f})"] = (fr, tr_)
-            log(f"  adaptive {mode} eps={eps:g}: success {row['success %']:.1f}%, detected {row['detected %']:.1f}%")
+                roc_adapt[f"eps={eps:g} (AUC {row['auc_successes']:.3f})"] = (fr, tr_)
+            log(f"  adaptive {mode} eps={eps:g}: success {100 * row['asr']:.1f}%, detected {100 * row['detected']:.1f}%")
     times["adaptive"] = time.perf_counter() - t
 
     battery = None
@@ -486,19 +413,20 @@ def _per_mode(value, mode: str) -> int:
     return int(value.get(mode, 1) if isinstance(value, dict) else value)
 
 
-def _adaptive_row(name, threat, eps, res, defense, s_nat) -> Dict[str, Any]:
-    succ = res.success & res.counted
-    auc = _auc(s_nat, defense.detect(res.adversarials[succ])) if bool(succ.any()) else None
-    return {"attack": name, "threat": threat, "eps": float(eps), "n": len(res), "success %": _pct(res.success_rate),
-            "detected %": _pct(res.detected_rate), "failed %": _pct(res.failed_rate), "AUC on successes": auc,
-            "seconds": res.seconds}
+def _ablation_row(variant, reading, k_fixed, eps, auc, defense, fpr) -> Dict[str, Any]:
+    """A row of the hidden-state reading ablation: ``variant`` is "bic" (the default detector),
+    "layers" (another hidden state) or "k_fixed" (``k_fixed`` components instead of BIC's choice)."""
+    h = defense.history
+    return {"reading": reading, "variant": variant, "k_fixed": k_fixed, "eps": float(eps), "auc_jacobian": auc,
+            "k": str(h["components"]), "covariance": h["covariance"], "dim": h["dim"],
+            "clean_fpr_pct": {k: _pct(v) for k, v in fpr.items()}}
 
 
 # --------------------------------------------------------------------------- report
 
 def _table6_misses(rows, spec) -> List[Dict[str, Any]]:
     tol = float((spec.get("table6") or {}).get("tolerance", 5.0))
-    return [q for q in rows if q["Adv Acc"] is not None and abs(q["Adv Acc"] - q["Adv Acc (paper)"]) > tol]
+    return [q for q in rows if q["adv_acc"] is not None and abs(q["adv_acc"] - q["adv_acc_paper"]) > tol]
 
 
 def _paper_eps(spec, table: str) -> Dict[float, Dict[str, float]]:
@@ -509,10 +437,18 @@ def _paper_eps(spec, table: str) -> Dict[float, Dict[str, float]]:
     return out
 
 
+def _adaptive_table(rows) -> List[Dict[str, Any]]:
+    """The adaptive rows (:func:`advlab.eval.runner.result_row` plus eps, the detector's AUC on the
+    successes and the per-run counts) in the table's layout: rates in %."""
+    keep = ("attack", "threat model", "eps", "n", "success_pct", "detected_pct", "failed_pct", "auc_successes",
+            "seconds", "broken_by_run", "broken_after_first")
+    return _table([{k: q[k] for k in keep if k in q} for q in
+                   (dict(q, success_pct=_pct(q["asr"]), detected_pct=_pct(q["detected"]),
+                         failed_pct=_pct(q["failed"])) for q in rows)])
+
+
 def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, device=None) -> Report:
     """Run the bundled ``idefender`` reproduction; returns the saved Report."""
-    from .figures import line_chart
-
     t0 = time.perf_counter()
     data_root = shared_data_root(data_root)
     seed = int(spec.get("seed", 0))
@@ -530,8 +466,8 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                  + (" QUICK RUN: tiny settings, the numbers are not meaningful." if spec.get("quick") else ""))
     rows = []
     for r in results:
-        rows.append({"dataset": r["name"], **{f"acc {k} %": _pct(v) for k, v in r["accuracy"].items()},
-                     "E agrees with F %": _pct(r["agreement_with_F"]["E (Jacobian substitute)"]),
+        rows.append({"dataset": r["name"], **{f"acc {MODEL_LABELS[k]} %": _pct(v) for k, v in r["accuracy"].items()},
+                     "E agrees with F %": _pct(r["agreement_with_F"]["e_jacobian"]),
                      "oracle queries": r["oracle_queries"], "covariance": r["defense"]["covariance"],
                      "K per class": str(r["defense"]["components"]), "dim": r["defense"]["dim"],
                      **{f"clean test FPR {k} %": _pct(v) for k, v in r["clean_fpr"].items()},
@@ -543,20 +479,21 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     for r in results:
         tab = "table2" if r["paper"] == "mnist" else "table4"
         last = r["fgsm"][-1]
-        ad = [q for q in r["adaptive"] if q["threat"].startswith("white-box adaptive") and q["attack"] == "adaptive (hinge)"]
+        ad = [q for q in r["adaptive"] if q["threat model"].startswith("white-box adaptive")
+              and q["attack"] == "adaptive (hinge)"]
         ad_paper_eps = next((q for q in ad if abs(q["eps"] - 0.3) < 1e-9), ad[-1] if ad else None)
         headline.append({"dataset": r["name"], "threat model": "black-box FGSM eps=0.3 (Jacobian E -> F)",
-                         "metric": "detection AUC", "ours": last["AUC (Jacobian E)"],
+                         "metric": "detection AUC", "ours": last["auc_jacobian"],
                          "paper": paper.get(tab, {}).get("I-defender")})
         gb = [g for g in r["graybox"] if g["attack"] == "Iter-L-inf"]
         if gb:
             headline.append({"dataset": r["name"], "threat model": "gray-box eq. 6 Iter-L-inf, alpha=0.1 (target)",
-                             "metric": "detection AUC %", "ours": gb[-1]["AUC target"],
+                             "metric": "detection AUC %", "ours": gb[-1]["auc_target"],
                              "paper": paper.get("table7", {}).get("Iter-L-inf", {}).get("target", [None])[-1]})
         if ad_paper_eps:
             headline.append({"dataset": r["name"], "threat model": f"white-box fully adaptive eps={ad_paper_eps['eps']:g}",
                              "metric": "attack success % (accepted as a wrong class)",
-                             "ours": ad_paper_eps["success %"], "paper": "not measured"})
+                             "ours": _pct(ad_paper_eps["asr"]), "paper": "not measured"})
         if r["battery"]:
             headline.append({"dataset": r["name"], "threat model": "evaluate battery eps=0.3 (reject-aware)",
                              "metric": "attack success %", "ours": _pct(r["battery"]["asr"]), "paper": "not measured"})
@@ -566,26 +503,26 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     for r in results:
         tab = "table2" if r["paper"] == "mnist" else "table4"
         p = paper.get(tab, {})
-        rows = [{"method": "I-defender (ours, Jacobian E)", "AUC": r["fgsm"][-1]["AUC (Jacobian E)"]},
-                {"method": "I-defender (ours, E on real data)", "AUC": r["fgsm"][-1]["AUC (real-data E)"]},
+        rows = [{"method": "I-defender (ours, Jacobian E)", "AUC": r["fgsm"][-1]["auc_jacobian"]},
+                {"method": "I-defender (ours, E on real data)", "AUC": r["fgsm"][-1]["auc_real"]},
                 {"method": "I-defender (paper)", "AUC": p.get("I-defender")}]
         rows += [{"method": f"Defense-GAN (quoted by the paper), {g[0]} GD runs x {g[1]} iterations", "AUC": g[2]}
                  for g in p.get("Defense-GAN (quoted)", [])]
         rep.add_table(f"Table {2 if tab == 'table2' else 4} analogue: {r['name']}, FGSM eps=0.3, black-box", rows,
                       note="Defense-GAN numbers are the paper's quotes of Samangouei et al. (2018), not measured here.")
         pe = _paper_eps(spec, "table3" if tab == "table2" else "table5")
-        rows = [dict(row, **pe.get(float(row["eps"]), {})) for row in r["fgsm"]]
+        rows = [dict(row, **pe.get(float(row["eps"]), {})) for row in _table(r["fgsm"])]
         rep.add_table(f"Table {3 if tab == 'table2' else 5} analogue: {r['name']}, detection AUC vs FGSM eps", rows,
                       note="AUC over all evaluated images (clean vs FGSM version) and over the adversarials that fool "
                            "F only; 'F fooled' is the transfer success on the undefended F.")
-        rep.add_figure(f"roc-fgsm-{r['name']}", _roc_figure(r["roc"]["fgsm"], f"{r['name']}: FGSM from Jacobian E"),
+        rep.add_figure(f"roc-fgsm-{r['name']}", roc_figure(r["roc"]["fgsm"], f"{r['name']}: FGSM from Jacobian E"),
                        f"Fig. {2 if tab == 'table2' else 3} analogue: ROC of I-defender, FGSM at several eps ({r['name']})")
-        rep.add_table(f"Figs. 4-5 analogue: {r['name']}, other attacks (black-box)", r["other"])
-        rep.add_figure(f"roc-attacks-{r['name']}", _roc_figure(r["roc"]["other"], f"{r['name']}: attacks from E"),
+        rep.add_table(f"Figs. 4-5 analogue: {r['name']}, other attacks (black-box)", _table(r["other"]))
+        rep.add_figure(f"roc-attacks-{r['name']}", roc_figure(r["roc"]["other"], f"{r['name']}: attacks from E"),
                        f"Fig. {4 if tab == 'table2' else 5} analogue: ROC of I-defender, several attacks ({r['name']})")
         p6 = paper.get("table6", {})
         rows6 = []
-        for row in r["table6"]:
+        for row in _table(r["table6"]):
             i = p6.get("columns", []).index(row["column"]) if row["column"] in p6.get("columns", []) else None
             extra = {} if i is None else {k: p6[k][i] for k in ("ID-95", "ID-99")}
             rows6.append(dict(row, **{f"{k} (paper)": v for k, v in extra.items()},
@@ -601,14 +538,14 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                            f"{r['n']} evaluated images. "
                            + ("**Calibration misses** (achieved Adv Acc more than "
                               f"{float((spec.get('table6') or {}).get('tolerance', 5)):g} points from the paper's): "
-                              + "; ".join(f"{q['column']}: {q['Adv Acc']:.1f}% at {q['parameter']}" for q in misses)
+                              + "; ".join(f"{q['column']}: {q['adv_acc']:.1f}% at {q['parameter']}" for q in misses)
                               + " - read those columns at the strength achieved, not the paper's."
                               if misses else "Every column's achieved Adv Acc is within "
                               f"{float((spec.get('table6') or {}).get('tolerance', 5)):g} points of the paper's."))
         rep.add_table(f"Table 6 calibration: {r['name']}", [
             {"column": q["column"], "attack": q["attack"], "fixed": q.get("fixed", ""), "chosen": q["parameter"],
-             "calibrated on (images)": q["calibrated on"], "F's accuracy at each tried value": q["grid tried"],
-             "Adv Acc (all evaluated)": q["Adv Acc"], "Adv Acc (paper)": q["Adv Acc (paper)"]}
+             "calibrated on (images)": q["calibrated_on"], "F's accuracy at each tried value": q["grid_tried"],
+             "Adv Acc (all evaluated)": q["adv_acc"], "Adv Acc (paper)": q["adv_acc_paper"]}
             for q in r["table6"]],
             note="The grid first, then bisection between the two tried values that bracket the paper's Adv Acc; "
                  "columns sharing an attack share its crafted sets.")
@@ -618,9 +555,10 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
             for g in r["graybox"]:
                 pa = p7.get(g["attack"], {})
                 i = p7.get("alphas", []).index(g["alpha"]) if g["alpha"] in p7.get("alphas", []) else None
-                rows7.append(dict(g, **({"AUC target (paper)": pa["target"][i], "AUC source (paper)": pa["source"][i]}
+                rows7.append(dict(g, **({"auc_target_paper": pa["target"][i], "auc_source_paper": pa["source"][i]}
                                         if pa and i is not None else {})))
-            rep.add_table(f"Table 7 analogue: {r['name']}, gray-box eq. 6 (model F, source F' of another seed)", rows7,
+            rep.add_table(f"Table 7 analogue: {r['name']}, gray-box eq. 6 (model F, source F' of another seed)",
+                          _table(rows7),
                           note="AUC (%) over all crafted images; paper: CIFAR-10, eps 0.013 (L-inf) / 0.47 (L2).")
         if r["graybox_second"]:
             p8 = paper.get("table8", {})
@@ -629,25 +567,25 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
             for g in r["graybox_second"]:
                 pa = p8.get(g["attack"], {})
                 i = p8.get("alphas", []).index(g["alpha"]) if g["alpha"] in p8.get("alphas", []) else None
-                first = next((q["AUC target"] for q in r["graybox"] if q["attack"] == g["attack"]
+                first = next((q["auc_target"] for q in r["graybox"] if q["attack"] == g["attack"]
                               and q["alpha"] == g["alpha"]), None)
                 rows8.append({"attack": g["attack"], "alpha": g["alpha"], "AUC target model F": first,
-                              f"AUC target {sname}": g["AUC target"], f"AUC source {sname}": g["AUC source"],
-                              f"success target {sname} (defended)": g["success target (defended)"],
+                              f"AUC target {sname}": g["auc_target"], f"AUC source {sname}": g["auc_source"],
+                              f"success target {sname} (defended)": g["success_target"],
                               **({"WRN-34 (paper)": pa["first"][i], "WRN-46 (paper)": pa["second"][i]}
                                  if pa and i is not None else {})})
             si = r.get("second_model") or {}
             rep.add_table(f"Table 8 analogue: {r['name']}, larger second architecture ({sname})", rows8,
                           note=f"The paper compares WRN-34-8 with the larger WRN-46-8 (same family); here model F "
-                               f"({si.get('params F', 0):,} parameters) with {sname} ({si.get('params', 0):,} "
+                               f"({si.get('params_f', 0):,} parameters) with {sname} ({si.get('params', 0):,} "
                                f"parameters), target and source of the second architecture trained with two seeds, "
                                f"each with its own I-defender ({si.get('covariance')} covariance, hidden dim "
-                               f"{si.get('dim')}, K per class {si.get('K per class')}); {sname} test accuracy "
+                               f"{si.get('dim')}, K per class {si.get('k_per_class')}); {sname} test accuracy "
                                f"{_pct(si.get('accuracy')) or float('nan'):.2f}%, clean test FPR "
                                + ", ".join(f"{k} {100 * v:.1f}%" for k, v in (si.get("clean_fpr") or {}).items())
                                + ".")
         adc = spec.get("adaptive", {}) or {}
-        rep.add_table(f"Fully adaptive attack: {r['name']}", r["adaptive"],
+        rep.add_table(f"Fully adaptive attack: {r['name']}", _adaptive_table(r["adaptive"]),
                       note="Rates over the clean-correct images: success = the defended F answers a wrong class, "
                            "detected = it rejects; AUC of the detector on the successful adversarials vs clean. "
                            f"Adaptive: {adc.get('steps', 50)} steps per run, the {adc.get('targets', 2)} wrong "
@@ -658,17 +596,16 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                              "target/start run broke first, over all attacked images); PGD on F: "
                            f"{adc.get('steps', 50)} steps, one start.")
         ad = [q for q in r["adaptive"] if q["attack"] == "adaptive (hinge)"]
-        nv = [q for q in r["adaptive"] if q["threat"] == "semi-white-box"]
+        nv = [q for q in r["adaptive"] if q["threat model"] == "semi-white-box"]
         if len(ad) > 1:
             rep.add_figure(f"adaptive-eps-{r['name']}", line_chart(
-                {"adaptive: success": ([q["eps"] for q in ad], [q["success %"] for q in ad]),
-                 "adaptive: detected": ([q["eps"] for q in ad], [q["detected %"] for q in ad]),
-                 "PGD on F: success": ([q["eps"] for q in nv], [q["success %"] for q in nv]),
-                 "PGD on F: detected": ([q["eps"] for q in nv], [q["detected %"] for q in nv])},
+                {f"{who}: {what}": ([q["eps"] for q in qs], [_pct(q[key]) for q in qs])
+                 for who, qs in (("adaptive", ad), ("PGD on F", nv)) for what, key in (("success", "asr"),
+                                                                                       ("detected", "detected"))},
                 title=f"{r['name']}: attacks on defended F vs eps", xlabel="eps (L-inf)", ylabel="%"),
                 f"{r['name']}: success and detection of the adaptive attack and of PGD on F against eps")
         if r["roc"]["adaptive"]:
-            rep.add_figure(f"roc-adaptive-{r['name']}", _roc_figure(r["roc"]["adaptive"],
+            rep.add_figure(f"roc-adaptive-{r['name']}", roc_figure(r["roc"]["adaptive"],
                                                                      f"{r['name']}: successful adaptive adversarials"),
                            f"ROC of I-defender on the adaptive attack's successful adversarials ({r['name']})")
         if r["battery"]:
@@ -676,7 +613,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                           ["attack", "threat model", "eps", "n", "clean_acc", "robust_accuracy", "asr", "failed",
                            "detected", "mean_linf", "seconds"])
         if r["ablation"]:
-            rep.add_table(f"Hidden-state reading ablation: {r['name']}", r["ablation"],
+            rep.add_table(f"Hidden-state reading ablation: {r['name']}", _table(r["ablation"]),
                           note="Model F has no fully connected hidden layer; default: its flattened last convolution "
                                "(the input of its linear head); ablation: its logits.")
     rep.add_text(_summary(results, paper, spec))
@@ -703,7 +640,7 @@ def _summary(results, paper, spec) -> str:
     lines = ["## What agrees with the paper and what does not", ""]
     for r in results:
         tab = "table3" if r["paper"] == "mnist" else "table5"
-        ours = ", ".join(f"{q['eps']:g}: {q['AUC (Jacobian E)']:.3f}" for q in r["fgsm"])
+        ours = ", ".join(f"{q['eps']:g}: {q['auc_jacobian']:.3f}" for q in r["fgsm"])
         lines.append(f"- **{r['name']}** black-box FGSM AUC by eps (ours, Jacobian E) {ours}; paper "
                      f"{paper.get(tab, {}).get('I-defender')}. Clean test FPR "
                      + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["clean_fpr"].items())
@@ -713,18 +650,18 @@ def _summary(results, paper, spec) -> str:
         misses = _table6_misses(r["table6"], spec)
         if r["table6"]:
             lines.append("  Table 6 analogue: ID-95 balanced accuracy "
-                         + ", ".join(f"{q['column']} {q['ID-95']:.1f}% (paper {q.get('ID-95 (paper)', '-')})"
-                                     if "ID-95 (paper)" in q else f"{q['column']} {q['ID-95']:.1f}%"
-                                     for q in _with_paper6(r["table6"], paper))
+                         + ", ".join(f"{q['column']} {q['balanced_acc']['ID-95']:.1f}%"
+                                     + ("" if p95 is None else f" (paper {p95})")
+                                     for q, p95 in zip(r["table6"], _paper6_id95(r["table6"], paper)))
                          + (f"; calibration missed for {', '.join(q['column'] for q in misses)}." if misses else
                             f"; every column within {float((spec.get('table6') or {}).get('tolerance', 5)):g} "
                             "points of the paper's Adv Acc."))
         gb = [g for g in r["graybox"] if g["attack"] == "Iter-L-inf"]
         if gb:
-            d_t = gb[-1]["AUC target"] - gb[0]["AUC target"]
-            d_s = gb[-1]["AUC source"] - gb[0]["AUC source"]
+            d_t = gb[-1]["auc_target"] - gb[0]["auc_target"]
+            d_s = gb[-1]["auc_source"] - gb[0]["auc_source"]
             text = (f"  Gray-box eq. 6 (Iter-L-inf eps {gb[0]['eps']:g}): AUC target / source "
-                    + ", ".join(f"alpha {g['alpha']:g}: {g['AUC target']:.1f} / {g['AUC source']:.1f}" for g in gb)
+                    + ", ".join(f"alpha {g['alpha']:g}: {g['auc_target']:.1f} / {g['auc_source']:.1f}" for g in gb)
                     + " (paper, CIFAR-10: 85.2 / 76.5 at alpha 0, 83.9 / 59.6 at alpha 0.1). "
                     + ("As in the paper, alpha > 0 lowers the source's AUC more than the target's"
                        if d_s < d_t else "Unlike the paper, alpha > 0 lowers the target's AUC as much as the source's")
@@ -737,20 +674,20 @@ def _summary(results, paper, spec) -> str:
         if g2:
             si = r.get("second_model") or {}
             lines.append(f"  Larger second architecture ({si.get('name')}, {si.get('params', 0):,} parameters vs "
-                         f"F's {si.get('params F', 0):,}): gray-box Iter-L-inf target AUC "
-                         + ", ".join(f"alpha {g['alpha']:g}: {g['AUC target']:.1f}" for g in g2)
-                         + " against F's " + ", ".join(f"{g['AUC target']:.1f}" for g in gb)
+                         f"F's {si.get('params_f', 0):,}): gray-box Iter-L-inf target AUC "
+                         + ", ".join(f"alpha {g['alpha']:g}: {g['auc_target']:.1f}" for g in g2)
+                         + " against F's " + ", ".join(f"{g['auc_target']:.1f}" for g in gb)
                          + " (paper: WRN-46 87.5-87.6 against WRN-34 83.3-85.2).")
         ad = [q for q in r["adaptive"] if q["attack"] == "adaptive (hinge)"]
         if ad:
             adc = spec.get("adaptive", {}) or {}
             lines.append("  Fully adaptive (white-box, knows the mixtures and thresholds): success "
-                         + ", ".join(f"eps {q['eps']:g}: {q['success %']:.1f}%" for q in ad)
+                         + ", ".join(f"eps {q['eps']:g}: {_pct(q['asr']):.1f}%" for q in ad)
                          + " of the clean-correct images accepted as a wrong class"
                          + (f"; the runs after the first (target 1, start 1) of its {adc.get('targets', 2)} targets x "
                             f"{_per_mode(adc.get('restarts', 1), 'hinge')} starts broke "
-                            + ", ".join(f"{q.get('broken after the first run', 0)}" for q in ad)
-                            + " more images at those eps" if any("broken after the first run" in q for q in ad) else "")
+                            + ", ".join(f"{q.get('broken_after_first', 0)}" for q in ad)
+                            + " more images at those eps" if any("broken_after_first" in q for q in ad) else "")
                          + ".")
         if r["battery"]:
             lines.append(f"  evaluate battery (reject-aware) at eps {r['battery']['eps']:g}: robust accuracy "
@@ -758,19 +695,11 @@ def _summary(results, paper, spec) -> str:
     return "\n".join(lines)
 
 
-def _with_paper6(rows, paper):
+def _paper6_id95(rows, paper) -> List[Optional[float]]:
+    """The paper's ID-95 balanced accuracy of each Table 6 row's column (None if it has none)."""
     p6 = paper.get("table6", {})
-    out = []
-    for q in rows:
-        i = p6.get("columns", []).index(q["column"]) if q["column"] in p6.get("columns", []) else None
-        out.append(dict(q, **({"ID-95 (paper)": p6["ID-95"][i]} if i is not None and "ID-95" in p6 else {})))
-    return out
-
-
-def _auc_se(a: float, n1: int, n2: int) -> float:
-    """Hanley & McNeil's (1982) standard error of an AUC ``a`` from ``n1`` and ``n2`` scores."""
-    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
-    return math.sqrt(max(0.0, a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n2 - 1) * (q2 - a * a)) / (n1 * n2))
+    cols = p6.get("columns", [])
+    return [p6["ID-95"][cols.index(q["column"])] if q["column"] in cols and "ID-95" in p6 else None for q in rows]
 
 
 def _auc_gap(results, paper, spec) -> str:
@@ -780,17 +709,18 @@ def _auc_gap(results, paper, spec) -> str:
         tab = "table2" if r["paper"] == "mnist" else "table4"
         last = r["fgsm"][-1]
         p = paper.get(tab, {}).get("I-defender")
-        a_all, a_fool = last["AUC (Jacobian E)"], last["AUC fooling F (Jacobian E)"]
-        head = [a for a in r["ablation"] if a["reading"].startswith("layers=") and a["eps"] == last["eps"]]
-        kfix = [a for a in r["ablation"] if "fixed" in a["reading"]]
+        a_all, a_fool = last["auc_jacobian"], last["auc_fooling_jacobian"]
+        head = [a for a in r["ablation"] if a["variant"] == "layers" and a["eps"] == last["eps"]]
+        kfix = [a for a in r["ablation"] if a["variant"] == "k_fixed"]
         n_c = r["defense"].get("class_counts") or []
         fpr95 = r["clean_fpr"].get("ID-95", float("nan"))
-        fooled = last["F fooled % (Jacobian E)"]
-        parts = [f"ours {a_all:.3f} against the paper's {p} at eps {last['eps']:g} (standard error of ours "
-                 f"about {_auc_se(a_all, r['n'], r['n']):.3f} with {r['n']} clean and {r['n']} adversarial scores)."]
+        fooled = last["fooled_pct_jacobian"]
+        parts = [f"ours {a_all:.3f} against the paper's {p} at eps {last['eps']:g} (standard error of ours about "
+                 f"{auc_standard_error(a_all, r['n'], r['n']):.3f} with {r['n']} clean and {r['n']} adversarial "
+                 "scores)."]
         if a_fool is not None and a_fool > a_all + 0.01:
             parts.append(f"(1) Transfer: the FGSM crafted on E fools F on {fooled:.0f}% of the images (E agrees "
-                         f"with F on {100 * r['agreement_with_F']['E (Jacobian substitute)']:.0f}% of them); the "
+                         f"with F on {100 * r['agreement_with_F']['e_jacobian']:.0f}% of them); the "
                          f"AUC over all of them (the paper's reading) mixes in adversarials that leave F's hidden "
                          f"state near the clean one; over those that fool F it is {a_fool:.3f}.")
         elif a_fool is not None:
@@ -804,13 +734,13 @@ def _auc_gap(results, paper, spec) -> str:
                          "already look unlikely, which flattens the ROC from the clean side"
                          + ("; fewer components overfit less but also separate less (the K-fixed rows of the "
                             "ablation, and the readings below)."
-                            if kfix and all(a["clean FPR ID-95"] < 100 * fpr95 and a["AUC (Jacobian E)"] < a_all
+                            if kfix and all(a["clean_fpr_pct"]["ID-95"] < 100 * fpr95 and a["auc_jacobian"] < a_all
                                             for a in kfix) else "."))
         else:
             parts.append(f"(2) The mixtures hold on held-out data (clean test FPR {100 * fpr95:.1f}% at ID-95).")
         if head:
-            parts.append(f"The {head[0]['dim']}-dimensional logit reading gets {head[0]['AUC (Jacobian E)']:.3f} "
-                         f"(clean FPR {head[0]['clean FPR ID-95']:.1f}%).")
+            parts.append(f"The {head[0]['dim']}-dimensional logit reading gets {head[0]['auc_jacobian']:.3f} "
+                         f"(clean FPR {head[0]['clean_fpr_pct']['ID-95']:.1f}%).")
         parts.append(f"(3) Scale: F is trained {spec.get('train', {}).get('epochs')} epoch(s) on "
                      f"{sum(n_c):,} training images (the paper: the full 60k), one seed; the paper says neither "
                      "which hidden layer of F it models nor how many components it fits.")
@@ -833,85 +763,22 @@ def _cuts_and_readings(results, spec) -> str:
         bic = _bic_by_k(r)
         if bic:
             top = max(r["defense"]["components"]) == max(bic)
-            fixed = [a for a in r["ablation"] if "fixed" in a["reading"]]
+            fixed = [a for a in r["ablation"] if a["variant"] == "k_fixed"]
             fpr_bic = 100 * r["clean_fpr"].get("ID-95", float("nan"))
-            auc_bic = r["fgsm"][-1]["AUC (Jacobian E)"]
+            auc_bic = r["fgsm"][-1]["auc_jacobian"]
             line = (f"- {r['name']}: K by BIC among {list(bic)}: chosen per class {r['defense']['components']}; "
                     "summed BIC by K " + ", ".join(f"{k}: {v:,.0f}" for k, v in bic.items())
                     + (" - still falling at the top of the grid" if top else "") + ".")
             if fixed:
                 line += (f" With K fixed (black-box FGSM eps {r['fgsm'][-1]['eps']:g}): "
-                         + ", ".join(f"{a['reading'].split(', ')[-1].replace(' fixed', '')}: clean FPR "
-                                     f"{a['clean FPR ID-95']:.1f}%, AUC {a['AUC (Jacobian E)']:.3f}" for a in fixed)
+                         + ", ".join(f"K={a['k_fixed']}: clean FPR {a['clean_fpr_pct']['ID-95']:.1f}%, "
+                                     f"AUC {a['auc_jacobian']:.3f}" for a in fixed)
                          + f"; BIC's choice: clean FPR {fpr_bic:.1f}%, AUC {auc_bic:.3f}.")
-                fewer_fpr = all(a["clean FPR ID-95"] < fpr_bic for a in fixed)
-                fewer_auc = all(a["AUC (Jacobian E)"] < auc_bic for a in fixed)
+                fewer_fpr = all(a["clean_fpr_pct"]["ID-95"] < fpr_bic for a in fixed)
+                fewer_auc = all(a["auc_jacobian"] < auc_bic for a in fixed)
                 if fewer_fpr and fewer_auc:
                     line += (" More components separate adversarials better but reject more clean test images "
                              "(the thresholds keep 95% of the training data only): BIC's likelihood gain on the "
                              "training data is partly overfitting.")
             lines.append(line)
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- advlab defend idefender
-
-def defend_idefender(checkpoint, train_ds, test_ds, out_dir, n: int = 500, seed: int = 0, device=None,
-                     progress: Optional[bool] = None, layers=None, components=(1, 2, 3, 4),
-                     covariance=("full", "diag"), keeps=(0.95, 0.99), rule: str = "predicted",
-                     pca: Optional[int] = None, eps: Optional[float] = None, steps: int = 50,
-                     adaptive: bool = True, **_ignored) -> Report:
-    """``advlab defend idefender``: fit I-defender on a trained classifier and report.
-
-    ``checkpoint`` is a checkpoint path or an ``nn.Module``. Writes ``out_dir/idefender.pt`` (load
-    with :meth:`IDefender.load`) and a report: clean accuracy and false-positive rate at each kept
-    fraction, FGSM and PGD on the classifier (semi-white-box: the attacker ignores the detector)
-    with the detector's AUC, and with ``adaptive`` the fully adaptive attack on the defense, each
-    labelled with its threat model. Extra options (e.g. ``svdd_epochs`` from the CLI) are ignored."""
-    from torch import nn
-
-    from ..attacks import FGSM, PGD
-    from ..train import load_checkpoint
-
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    model, meta = (checkpoint, {}) if isinstance(checkpoint, nn.Module) else load_checkpoint(checkpoint, device=device)
-    model.eval()
-    defense = IDefender.fit(model, train_ds, layers=layers, components=components, covariance=covariance,
-                            keeps=keeps, rule=rule, pca=pca, seed=seed, device=device)
-    source = None if isinstance(checkpoint, nn.Module) else str(checkpoint)
-    defense.save(out_dir / "idefender.pt", source_checkpoint=source)
-    eps = (0.3 if test_ds.images.shape[1] == 1 else 8 / 255) if eps is None else float(eps)
-    x, y = pick_images(model, test_ds, n, only_correct=True, seed=seed)
-    s_nat = defense.detect(x)
-    rows = []
-    for name, atk, threat in ((f"FGSM {eps:g}", FGSM(model, eps=eps), "semi-white-box (classifier only)"),
-                              (f"PGD {eps:g}", PGD(model, eps=eps, steps=steps, seed=seed),
-                               "semi-white-box (classifier only)")):
-        res = atk.run((x, y), predict_fn=defense.predict, keep_adversarials=True, progress=progress)
-        rows.append(dict(result_row(name, res, threat=threat), auc=_auc(s_nat, defense.detect(res.adversarials))))
-    if adaptive:
-        res = IDefenderAdaptive(defense, eps=eps, steps=steps, seed=seed).run(
-            (x, y), predict_fn=defense.predict, keep_adversarials=True, progress=progress)
-        succ = res.success & res.counted
-        rows.append(dict(result_row(f"adaptive {eps:g}", res, threat="white-box adaptive (full knowledge)"),
-                         auc=_auc(s_nat, defense.detect(res.adversarials[succ])) if bool(succ.any()) else None))
-    fpr = _fpr(defense, test_ds.images)
-    rep = Report(out_dir, "I-defender defense", spec={"checkpoint": source or type(checkpoint).__name__,
-                                                      "layers": defense.layers, "keeps": list(keeps), "rule": rule,
-                                                      "n": n, "eps": eps, "seed": seed}, seed=seed)
-    rep.add_text(f"Defended `{meta.get('model', {}).get('name', type(model).__name__)}` with I-defender: hidden state "
-                 f"{defense.layers} ({defense.feature_dim} values), {defense.history['covariance']} covariance, "
-                 f"K per class {defense.history['components']}; active thresholds keep {defense.keep:g} of each "
-                 f"class's training data. File: idefender.pt.")
-    rep.add_table("Clean test data", [{"accuracy (classifier) %": _pct(evaluate(model, test_ds)),
-                                       "accuracy (defended, rejection = error) %": _pct(evaluate(defense, test_ds)),
-                                       **{f"FPR {k} %": _pct(v) for k, v in fpr.items()}}])
-    rep.add_table("Attacks (rates over the clean-correct images)", rows,
-                  ["attack", "threat model", "n", "asr", "failed", "detected", "auc", "mean_linf", "seconds"],
-                  note="auc: the detector's ROC AUC, clean vs adversarial (for the adaptive row, its successes).")
-    rep.results.update({"fpr": fpr, "attacks": rows, "history": {k: v for k, v in defense.history.items()
-                                                                 if k != "bic"}})
-    rep.time("total", time.perf_counter() - t0)
-    rep.save()
-    return rep

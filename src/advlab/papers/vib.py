@@ -1,9 +1,9 @@
 """``advlab reproduce vib``: the VIB paper — Table II (the visual imperceptible bound per k on MNIST
 and Fashion-MNIST), Table III (attack effectiveness), Table IV (the noise-distillation defense on
 MNIST, defended vs undefended, per k and noise-sample count) and what the paper does not measure:
-the defense under the evaluation battery on its own gradients. Also ``defend_vib`` (``advlab
-defend vib``) and ``bound_command`` (``advlab bound``). The paper's numbers live in
-``specs/vib.yaml``; this module holds the protocol and the table layout only.
+the defense under the evaluation battery on its own gradients. The paper's numbers live in
+``specs/vib.yaml``; this module holds the protocol, the table layout and the prose (``advlab
+defend vib`` and ``advlab bound`` are :mod:`advlab.eval.defend`'s).
 
 Protocol (written into every report):
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -38,16 +38,28 @@ from ..attacks import build_attack
 from ..data import load_dataset, shared_data_root, shared_folder
 from ..defenses.vib import VIBDefense
 from .._util import PeakRSS
-from ..metrics.bound import (PAPER_KS, NearestOtherClass, VisualBound, bound_statistics,
-                             brute_force_nearest_other_class, effectiveness_score, nearest_other_class, visual_bound)
+from ..metrics.bound import (PAPER_KS, NearestOtherClass, VisualBound, brute_force_nearest_other_class,
+                             effectiveness_score, nearest_other_class, visual_bound)
 from ..models import build_model
-from ..train import evaluate, fit, load_checkpoint, resolve_device
-from .evaluate import evaluate as run_battery
-from .report import Report
-from .runner import AttackRun, Evaluation, adversarial_result, pick_images, rejudge, result_row, run_attacks
-from .stages import stage
+from ..train import accuracy, fit, resolve_device
+from ..eval.defend import BOUND_XLABEL
+from ..eval.evaluate import evaluate as run_battery
+from ..eval.figures import histogram
+from ..eval.report import Report
+from ..eval.runner import AttackRun, Evaluation, pick_images, rejudge, run_attacks
+from ..eval.stages import stage
 
-__all__ = ["run", "defend_vib", "bound_command"]
+__all__ = ["run"]
+
+#: display names of the result keys in the tables
+NAMES = {"n_train": "n train", "sigma_mean_k1": "mean sigma k=1", "sigma_min_k1": "min sigma k=1",
+         "sigma_max_k1": "max sigma k=1", "clean_acc": "clean acc (%)", "robust_acc": "robust acc (%)",
+         "paper_fgsm": "paper: FGSM at this eps, transfer (non-adaptive)",
+         "transfer_acc": "transfer from f_theta1 (same images, %)"}
+
+
+def _table(rows) -> List[Dict[str, Any]]:
+    return [{NAMES.get(k, k): v for k, v in r.items()} for r in rows]
 
 
 def _kkey(k: float) -> str:
@@ -59,22 +71,6 @@ def _load(entry: Dict[str, Any], root: Path, split: str, seed: int, subset_key: 
     if split == "train" and entry.get(subset_key):
         ds = ds.subset(int(entry[subset_key]), seed=seed)
     return ds
-
-
-def _histogram(dists: Dict[str, torch.Tensor], k: float = 1.0):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, d in dists.items():
-        ax.hist((d / (2 * k)).numpy(), bins=80, alpha=0.55, density=True, label=f"{name} (n={d.numel()})")
-    ax.set_xlabel(f"per-image bound sigma_i at k={k:g} (mean |pixel difference| / 2k)")
-    ax.set_ylabel("density")
-    ax.legend()
-    ax.set_title("visual imperceptible bound")
-    return fig
 
 
 def _table2_rows(name: str, stats: List[Dict[str, float]], paper: Dict[str, Any], n: int) -> List[Dict[str, Any]]:
@@ -161,26 +157,28 @@ def _bound_section(spec, root, seed, rep: Report, log) -> Dict[str, Any]:
         for m in [int(v) for v in curve if int(v) < len(full["dataset"])]:
             sub = full["dataset"].subset(m, seed=seed)
             d = nearest_other_class(sub.images, sub.labels).distance
-            crow.append({"n train": m, "mean sigma k=1": float(d.double().mean() / 2), "min sigma k=1":
-                         float(d.min() / 2), "max sigma k=1": float(d.max() / 2)})
-        crow.append({"n train": len(full["dataset"]), "mean sigma k=1": full["bound"].sigma_mean(1.0),
-                     "min sigma k=1": float(full["bound"].sigma(1.0).min()),
-                     "max sigma k=1": float(full["bound"].sigma(1.0).max())})
+            crow.append({"n_train": m, "sigma_mean_k1": float(d.double().mean() / 2), "sigma_min_k1":
+                         float(d.min() / 2), "sigma_max_k1": float(d.max() / 2)})
+        crow.append({"n_train": len(full["dataset"]), "sigma_mean_k1": full["bound"].sigma_mean(1.0),
+                     "sigma_min_k1": float(full["bound"].sigma(1.0).min()),
+                     "sigma_max_k1": float(full["bound"].sigma(1.0).max())})
+        shown = _table(crow)
         if len(crow) >= 3:
             import math
 
-            xs = [math.log(r["n train"]) for r in crow]
-            ys = [math.log(r["mean sigma k=1"]) for r in crow]
+            xs = [math.log(r["n_train"]) for r in crow]
+            ys = [math.log(r["sigma_mean_k1"]) for r in crow]
             mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
             slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
             extrap = math.exp(my + slope * (math.log(60000) - mx))
-            crow.append({"n train": "60000 (log-log extrapolation)", "mean sigma k=1": extrap})
+            shown.append({"n train": "60000 (log-log extrapolation)", "mean sigma k=1": extrap})
             full["size_curve_slope"] = slope
             full["extrapolated_mean_sigma_60k"] = extrap
-        rep.add_table("The bound against the training-set size (MNIST subsets, k = 1)", crow,
+        rep.add_table("The bound against the training-set size (MNIST subsets, k = 1)", shown,
                       note="Paper (60k MNIST): mean sigma 0.023, min 0.003, max 0.065 at k = 1.")
         full["size_curve"] = crow
-    rep.add_figure("bound-histogram", _histogram(dists), "per-image sigma_i at k = 1")
+    rep.add_figure("bound-histogram", histogram({n: d / 2 for n, d in dists.items()}, BOUND_XLABEL.format(k=1.0),
+                                                "visual imperceptible bound"), "per-image sigma_i at k = 1")
     return out
 
 
@@ -239,7 +237,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
             return teacher.state_dict()
         teacher.load_state_dict(stage("f_theta1", train_teacher))
         teacher.eval()
-        acc_teacher = evaluate(teacher, test)
+        acc_teacher = accuracy(teacher, test)
         rep.time("train f_theta1", time.perf_counter() - t0)
         log(f"f_theta1: test accuracy {acc_teacher:.4f} ({time.perf_counter() - t0:.0f} s)")
         mb = bounds.get("MNIST")
@@ -284,7 +282,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
         fit_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_fit]
         dset = train.subset(indices=fit_idx)
         d_fit = d_train[fit_idx]                    # each image keeps its own bound (to the whole training set)
-        acc_orig = {"Original": 100 * acc_teacher}
+        acc_orig = {"clean": 100 * acc_teacher}
         for name, res in ev.results.items():
             acc_orig[name] = 100 * res.robust_accuracy
         cells: Dict[str, Dict[str, Dict[str, float]]] = {}
@@ -296,21 +294,22 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
             for k in ks:
                 t1 = time.perf_counter()
                 dfn = _cached_defense(teacher, dset, k, n_s, dcfg, d_fit, seed)
-                cell = {"Original": 100 * evaluate(dfn, test)}
+                cell = {"clean": 100 * accuracy(dfn, test)}
                 for name, res in ev.results.items():
                     cell[name] = 100 * rejudge(res, x, dfn.predict, untargeted=True).robust_accuracy
                 cells[f"{n_s}/{_kkey(k)}"] = cell
                 if (k, n_s) == keep or not defenses:
                     defenses[(k, n_s)] = dfn
-                log(f"defense k={k:g} n={n_s}: clean {cell['Original']:.2f}%, "
-                    + ", ".join(f"{a} {v:.1f}" for a, v in cell.items() if a != "Original")
+                log(f"defense k={k:g} n={n_s}: clean {cell['clean']:.2f}%, "
+                    + ", ".join(f"{a} {v:.1f}" for a, v in cell.items() if a != "clean")
                     + f" ({time.perf_counter() - t1:.0f} s)")
         rep.time("defense grid", time.perf_counter() - t_def)
         rows4 = []
-        for attack in ["Original"] + list(ev.results):
-            p = _paper4(spec, attack)
+        for attack in ["clean"] + list(ev.results):
+            shown = "Original" if attack == "clean" else attack
+            p = _paper4(spec, shown)
             for n_s in samples:
-                row = {"data": attack, "samples": n_s, "original model": acc_orig[attack],
+                row = {"data": shown, "samples": n_s, "original model": acc_orig[attack],
                        "original (paper)": p.get("original")}
                 for j, k in enumerate(ks):
                     row[f"k={k:g}"] = cells[f"{n_s}/{_kkey(k)}"][attack]
@@ -344,11 +343,9 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                 flags = [f["name"] for f in res_b["flags"]]
                 arows.append({"model": label, "attack": b["name"], "threat model": "white-box adaptive (battery, no EoT:"
                               " deterministic)" if mdl is chosen else "white-box (battery)",
-                              "clean acc (%)": 100 * res_b["clean_accuracy"],
-                              "robust acc (%)": 100 * res_b["robust_accuracy"],
+                              "clean_acc": 100 * res_b["clean_accuracy"], "robust_acc": 100 * res_b["robust_accuracy"],
                               "flags": ", ".join(flags) or "-", "seconds": res_b["seconds"].get("total"),
-                              "paper: FGSM at this eps, transfer (non-adaptive)": _paper_fgsm(
-                                  spec, float(b["eps"]), chosen_key if mdl is chosen else None)})
+                              "paper_fgsm": _paper_fgsm(spec, float(b["eps"]), chosen_key if mdl is chosen else None)})
                 log(f"battery {b['name']} on {label}: robust {100 * res_b['robust_accuracy']:.1f}% (flags: {flags})")
         wb_names = [a for a in adaptive.get("whitebox", []) if a in ev.results]
         wb_specs = [a for a in spec.get("attacks", []) if a["name"] in wb_names]
@@ -359,12 +356,11 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
             for name, res in wev.results.items():
                 tr_res = rejudge(ev.results[name], x, chosen.predict, untargeted=True)
                 arows.append({"model": f"VIB k={chosen_key[0]:g} n={chosen_key[1]}", "attack": name,
-                              "threat model": "white-box on the defense", "clean acc (%)": 100 * res.clean_accuracy,
-                              "robust acc (%)": 100 * res.robust_accuracy,
-                              "transfer from f_theta1 (same images, %)": 100 * float(
-                                  (tr_res.adv_pred[:na] == y[:na]).float().mean()),
+                              "threat model": "white-box on the defense", "clean_acc": 100 * res.clean_accuracy,
+                              "robust_acc": 100 * res.robust_accuracy,
+                              "transfer_acc": 100 * float((tr_res.adv_pred[:na] == y[:na]).float().mean()),
                               "seconds": res.seconds})
-        rep.add_table("Adaptive: the defense attacked on its own gradients", arows,
+        rep.add_table("Adaptive: the defense attacked on its own gradients", _table(arows),
                       note=f"{na} test images. Battery = advlab.eval.evaluate (APGD-CE, APGD-T, Square on survivors, "
                            "per-sample worst case, gradient-masking checks); the defense is deterministic at test time, "
                            "so no EoT. The paper reports no absolute MNIST white-box number (only differences to other "
@@ -415,12 +411,12 @@ def _summary(spec, bounds, acc_teacher, cells, ks, samples, arows, scores) -> st
         lines.append("- **Effectiveness** (Table III): " + ", ".join(f"{a} {s['score']:.1f}%" for a, s in scores.items())
                      + ". The paper says no MNIST attack stays within the bound, yet quotes 17.85% for C&W.")
     if cells:
-        best = max(cells.items(), key=lambda kv: kv[1]["Original"])
-        clean = [c["Original"] for c in cells.values()]
+        best = max(cells.items(), key=lambda kv: kv[1]["clean"])
+        clean = [c["clean"] for c in cells.values()]
         lines.append(f"- **Defense, clean**: f_theta1 {100 * acc_teacher:.2f}%; f_theta2 from {min(clean):.2f}% to "
                      f"{max(clean):.2f}% over the grid (best: samples/k {best[0]}); paper 99.55% -> 99.17-99.53%.")
     if arows:
-        lines.append("- **Adaptive**: " + "; ".join(f"{r['model']} / {r['attack']}: {r['robust acc (%)']:.1f}%"
+        lines.append("- **Adaptive**: " + "; ".join(f"{r['model']} / {r['attack']}: {r['robust_acc']:.1f}%"
                                                      for r in arows) + ".")
     lines.append("- **Open points read here**: the distance and the score's success rule (untargeted, a rejection is "
                  "never a success) as in DESIGN.md; sigma is the Gaussian's standard deviation; KL(teacher || "
@@ -428,87 +424,3 @@ def _summary(spec, bounds, acc_teacher, cells, ks, samples, arows, scores) -> st
                  "at test time (evaluated without EoT); attacks transferred from f_theta1 as the paper's black-box "
                  "setting, with the white-box numbers beside them.")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- CLI builders
-
-def defend_vib(checkpoint, train_ds, test_ds, out_dir, n: int = 500, seed: int = 0, device=None,
-               progress: Optional[bool] = None, k: float = 2.0, samples: int = 10, epochs: int = 10,
-               lr: float = 1e-3, batch_size: int = 64, eps: Optional[float] = None, steps: int = 50,
-               square_queries: int = 1000, **_ignored) -> Report:
-    """``advlab defend vib``: distil the VIB defense from a trained classifier and report.
-
-    ``checkpoint``: a checkpoint path or an ``nn.Module``. Writes ``out_dir/vib.pt`` (load with
-    :meth:`VIBDefense.load`) and a report: clean accuracy of both models, DeepFool and FGSM
-    crafted on the undefended model and transferred, and the battery (``eps``: 0.3 for one
-    channel, 8/255 otherwise) on the defense itself."""
-    from torch import nn
-
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    model, meta = (checkpoint, {}) if isinstance(checkpoint, nn.Module) else load_checkpoint(checkpoint, device=device)
-    model.eval()
-    defense = VIBDefense.fit(model, train_ds, k=k, samples=samples, epochs=epochs, lr=lr, batch_size=batch_size,
-                             seed=seed, device=device, progress=progress)
-    source = None if isinstance(checkpoint, nn.Module) else str(checkpoint)
-    defense.save(out_dir / "vib.pt", source_checkpoint=source)
-    eps = (0.3 if test_ds.images.shape[1] == 1 else 8 / 255) if eps is None else float(eps)
-    x, y = pick_images(model, test_ds, n, only_correct=False, seed=seed)
-    runs = [AttackRun("DeepFool", build_attack("deepfool", model), "transfer"),
-            AttackRun(f"FGSM {eps:g}", build_attack("fgsm", model, eps=eps), "transfer")]
-    ev = run_attacks(runs, x, y, progress=progress)
-    rows = []
-    for name, res in ev.results.items():
-        rows.append(result_row(f"{name} (on the undefended model itself)", res, threat="white-box"))
-        rows.append(result_row(name, rejudge(res, x, defense.predict, untargeted=True), threat="transfer"))
-    bat = run_battery(defense, x, y, norm="inf", eps=eps, seed=seed, steps=steps, square_queries=square_queries,
-                      progress=progress)
-    rows.append(result_row(f"battery L-inf {eps:g}", adversarial_result(x, y, bat.x_adv, defense.predict,
-                                                                      seconds=bat.seconds.get("total", 0.0)),
-                           threat="adaptive"))
-    rep = Report(out_dir, "VIB defense", spec={"checkpoint": source or type(model).__name__, "k": k, "samples": samples,
-                                               "epochs": epochs, "lr": lr, "n": n, "eps": eps, "seed": seed}, seed=seed)
-    acc = {"undefended": 100 * evaluate(model, test_ds), "VIB": 100 * evaluate(defense, test_ds)}
-    rep.add_text(f"Defended `{meta.get('model', {}).get('name', type(model).__name__)}` with VIB (k={k:g}, "
-                 f"{samples} noise copies per image, {epochs} epochs; mean sigma {defense.history['sigma_mean']:.4f}). "
-                 "The defense is deterministic at test time (no EoT needed). File: vib.pt.")
-    rep.add_table("Test accuracy (%)", [acc])
-    rep.add_table("Attacks (rates over the clean-correct images)", rows,
-                  ["attack", "threat model", "n", "clean_acc", "robust_acc", "asr", "failed", "detected", "mean_l2",
-                   "seconds"],
-                  note="transfer: crafted on the undefended model, judged by the defense (the paper's setting); "
-                       "adaptive: advlab.eval.evaluate on the defense itself.")
-    rep.results.update({"accuracy": acc, "attacks": rows, "battery": bat.to_dict(), "history": defense.history})
-    rep.time("total", time.perf_counter() - t0)
-    rep.save()
-    return rep
-
-
-def bound_command(dataset: str, root, out_dir, ks: Sequence[float] = PAPER_KS, split: str = "train",
-                  subset: Optional[int] = None, seed: int = 0, device=None, max_tile_mb: float = 64.0,
-                  method: str = "auto", progress: Optional[bool] = None) -> Report:
-    """``advlab bound --dataset NAME``: the bound of every image of a dataset's ``split`` (the
-    nearest other-class neighbour within that split), Table II's statistics per k, per-image
-    sigma as CSV-ready rows in results.json (``distance``), and a histogram PNG."""
-    t0 = time.perf_counter()
-    ds = load_dataset(dataset, root, split)
-    if subset:
-        ds = ds.subset(int(subset), seed=seed)
-    vb = visual_bound(ds, ks=ks, device=device, max_tile_mb=max_tile_mb, method=method, progress=progress)
-    rep = Report(out_dir, f"Visual imperceptible bound: {dataset} ({split})",
-                 spec={"dataset": dataset, "split": split, "subset": subset, "ks": list(ks), "method": method,
-                       "max_tile_mb": max_tile_mb}, seed=seed)
-    rep.add_text(f"{len(ds)} images; d_ij = mean absolute pixel difference to the nearest image of another class "
-                 f"in the same split; sigma_i = d_ij / 2k. Search: {vb.search.method}, {vb.search.seconds:.1f} s, "
-                 f"{vb.search.exact_pairs / len(ds) ** 2:.3%} of the pairs computed in full, largest tile "
-                 f"{vb.search.tile_bytes / 2 ** 20:.1f} MiB.")
-    rep.add_table("Bound statistics (Table II layout)",
-                  [dict(r, dataset=dataset) for r in bound_statistics(vb.distance, ks)],
-                  ["dataset", "k", "min", "mean", "max", "median", "std"])
-    rep.add_figure("bound-histogram", _histogram({dataset: vb.distance}, float(ks[0]) if ks else 1.0),
-                   f"per-image sigma_i at k = {float(ks[0]) if ks else 1.0:g}")
-    rep.results.update({"bound": vb.to_dict(), "distance": vb.distance.tolist(), "neighbour": vb.index.tolist(),
-                        "labels": vb.labels.tolist()})
-    rep.time("total", time.perf_counter() - t0)
-    rep.save()
-    return rep
