@@ -1,5 +1,6 @@
 """Shared fixtures: paths to ../shared/data (skipped with a reason when absent) and small trained
-models, trained once per test session and cached in pytest's cache folder."""
+models, trained once and cached in pytest's cache folder under a digest of the code that trains
+them, their build function and their data (a code change retrains them)."""
 
 from __future__ import annotations
 
@@ -38,10 +39,34 @@ def fashion_root() -> Path:
 _SHARED_MODELS: list = []
 
 
-def _trained(cache_dir: Path, key: str, build):
+#: what a trained fixture depends on besides its data and its build function: the code that
+#: builds and trains it (a change there must retrain, never reuse a model the old code made)
+_TRAINING_CODE = ("models", "nn", "data", "train.py", "_util.py", "distributed.py", "__init__.py")
+
+
+def _fingerprint(build, data_files=()) -> str:
+    """Digest of the advlab code a trained fixture depends on, its ``build`` function's source and
+    the bytes of its data files."""
+    import hashlib
+    import inspect
+
+    import advlab
+
+    root = Path(advlab.__file__).parent
+    h = hashlib.sha256(inspect.getsource(build).encode())
+    for name in _TRAINING_CODE:
+        for f in sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]:
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    for f in data_files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _trained(cache_dir: Path, key: str, build, data_files=()):
     from advlab.train import load_checkpoint, save_checkpoint
 
-    path = cache_dir / f"{key}.pt"
+    path = cache_dir / f"{key}-{_fingerprint(build, data_files)}.pt"
     model = None
     if path.is_file():
         try:
@@ -68,9 +93,7 @@ def _shared_models_untouched():
 
 @pytest.fixture(scope="session")
 def model_cache(request) -> Path:
-    import advlab
-
-    return Path(request.config.cache.mkdir(f"advlab-models-{advlab.__version__}"))
+    return Path(request.config.cache.mkdir("advlab-models"))
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +104,7 @@ def mnist_data(mnist_root):
 
 
 @pytest.fixture(scope="session")
-def lenet_mnist(model_cache, mnist_data):
+def lenet_mnist(model_cache, mnist_data, mnist_root):
     """LeNet-5 trained on mnist-10k (about 98% test accuracy), in eval mode."""
     from advlab.models import build_model
     from advlab.train import fit
@@ -92,7 +115,7 @@ def lenet_mnist(model_cache, mnist_data):
         m = build_model("lenet5", 10, (1, 28, 28), mean=0.1307, std=0.3081, seed=0)
         fit(m, train, epochs=10, lr=3e-3, batch_size=64, schedule="onecycle", seed=0)
         return m
-    return _trained(model_cache, "lenet5-mnist10k-e10-s0", build).eval()
+    return _trained(model_cache, "lenet5-mnist10k-e10-s0", build, sorted(mnist_root.glob("*"))).eval()
 
 
 @pytest.fixture(scope="session")

@@ -103,8 +103,10 @@ def test_interrupted_quick_reproduction_resumes_to_the_same_numbers(tmp_path, mn
     data_root = mnist_root.parent
     env = {**os.environ, "ADVLAB_QUIET": "1", "OMP_NUM_THREADS": "1"}
     cut = tmp_path / "interrupted"
+    # SIGINT back to its default in the child: a shell that starts this suite in the background
+    # (``pytest &``) ignores it, and a Python started with SIGINT ignored never raises KeyboardInterrupt
     proc = subprocess.Popen(_cmd(cut, data_root), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stages = cut / STAGE_FOLDER
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and not list(stages.glob("*.pt")):
