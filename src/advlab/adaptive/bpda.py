@@ -129,7 +129,19 @@ def _delegates(model: nn.Module, method: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- BPDA
-class BPDA(nn.Module):
+class _Wrapper(nn.Module):
+    """What BPDA and EoT both pass through from the wrapped ``self.model``."""
+
+    @property
+    def randomized(self) -> bool:
+        return bool(getattr(self.model, "randomized", False))
+
+    @property
+    def has_detector(self) -> bool:
+        return _delegates(self.model, "detect")
+
+
+class BPDA(_Wrapper):
     """Wrap ``model`` so that the named layers run forward unchanged but are differentiated as
     ``approx`` (Athalye et al. 2018, section 4.1).
 
@@ -221,14 +233,6 @@ class BPDA(nn.Module):
             raise AdvlabError(f"layer {type(layer).__name__} is not a submodule of the model; layers: "
                               f"{', '.join(n for n, _ in model.named_modules() if n)}")
         raise AdvlabError(f"layers must hold layer names (str) or nn.Module objects, got {type(layer).__name__}")
-
-    @property
-    def randomized(self) -> bool:
-        return bool(getattr(self.model, "randomized", False))
-
-    @property
-    def has_detector(self) -> bool:
-        return _delegates(self.model, "detect")
 
     @contextlib.contextmanager
     def _approximated(self) -> Iterator[None]:
@@ -536,7 +540,7 @@ def auto_bpda(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threshold: 
 AVERAGES = ("logits", "probs")
 
 
-class EoT(nn.Module):
+class EoT(_Wrapper):
     """Expectation over Transformation (Athalye et al. 2018, section 4.2): the scores of a
     randomized model averaged over ``samples`` forward passes, so that gradients are the average
     over draws (a Monte-Carlo estimate of the gradient of the expected loss).
@@ -568,14 +572,6 @@ class EoT(nn.Module):
             raise AdvlabError(f"batched must be True or False, got {batched!r}")
         self.batched = batched
         self.training = model.training
-
-    @property
-    def randomized(self) -> bool:
-        return bool(getattr(self.model, "randomized", False))
-
-    @property
-    def has_detector(self) -> bool:
-        return _delegates(self.model, "detect")
 
     def _draws(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``fn`` on ``samples`` copies of ``x``, stacked as (samples, N, ...)."""
