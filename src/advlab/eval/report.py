@@ -245,3 +245,23 @@ def with_paper(ours: Dict[str, Any], paper: Dict[str, Any], keys: Sequence[str])
         row[k] = ours.get(k)
         row[f"{k} (paper)"] = paper.get(k)
     return row
+
+
+def pct(v: Optional[float]) -> Optional[float]:
+    """A fraction as a percentage for a table; None and NaN become None (an empty cell)."""
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else 100.0 * float(v)
+
+
+def renamed(rows: Sequence[Dict[str, Any]], names: Dict[str, Optional[str]]) -> List[Dict[str, Any]]:
+    """Display rows of result rows: each stable key renamed by ``names`` (a key mapped to None is
+    dropped; unlisted keys stay), a nested mapping spread into one column per entry, named by
+    formatting its key's name with the entry's key (``"FPR {}"``)."""
+    out = []
+    for r in rows:
+        d: Dict[str, Any] = {}
+        for k, v in r.items():
+            name = names.get(k, k)
+            if name is not None:
+                d.update({name.format(q): w for q, w in v.items()} if isinstance(v, dict) else {name: v})
+        out.append(d)
+    return out

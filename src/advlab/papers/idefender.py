@@ -61,7 +61,7 @@ from ..train import accuracy, fit, predict, resolve_device
 from ..eval.defend import rejection_rates
 from ..eval.evaluate import evaluate as run_battery
 from ..eval.figures import line_chart, roc_figure
-from ..eval.report import Report
+from ..eval.report import Report, pct, renamed
 from ..eval.runner import adversarial_result, pick_images, result_row
 from ..eval.stages import stage
 
@@ -85,24 +85,6 @@ for _key, _label in SUBSTITUTES.items():
                   f"fooled_pct_{_key}": f"F fooled % ({_label})", f"rejected_pct_{_key}": f"ID-95 rejects % ({_label})"})
 #: the models of the accuracy table: result key -> display label
 MODEL_LABELS = {"f": "F", "e_jacobian": "E (Jacobian substitute)", "e_real": "E (real data)"}
-
-
-def _table(rows) -> List[Dict[str, Any]]:
-    """Display rows of result rows: each key renamed by :data:`NAMES` (None drops it), a nested
-    mapping spread into one column per key."""
-    out = []
-    for r in rows:
-        d = {}
-        for k, v in r.items():
-            name = NAMES.get(k, k)
-            if name is not None:
-                d.update({name.format(q): w for q, w in v.items()} if isinstance(v, dict) else {name: v})
-        out.append(d)
-    return out
-
-
-def _pct(v):
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else 100.0 * float(v)
 
 
 def _auc(s_nat: torch.Tensor, s_adv: torch.Tensor) -> Optional[float]:
@@ -198,12 +180,12 @@ def _graybox(src: IDefender, tgt: IDefender, x, y, gb, log) -> List[Dict[str, An
             xa = atk(x, y)
             pt, ps = predict(tgt.model, xa), predict(src.model, xa)
             rows.append({"attack": a["name"], "eps": float(a["eps"]), "alpha": float(lam),
-                         "auc_target": _pct(_auc(s_nat_t, tgt.detect(xa))),
-                         "auc_source": _pct(_auc(s_nat_s, src.detect(xa))),
-                         "adv_acc_target": _pct(float((pt == y).double().mean())),
-                         "adv_acc_source": _pct(float((ps == y).double().mean())),
-                         "success_target": _pct(float(is_success(tgt.predict(xa), y).double().mean())),
-                         "success_source": _pct(float(is_success(src.predict(xa), y).double().mean()))})
+                         "auc_target": pct(_auc(s_nat_t, tgt.detect(xa))),
+                         "auc_source": pct(_auc(s_nat_s, src.detect(xa))),
+                         "adv_acc_target": pct(float((pt == y).double().mean())),
+                         "adv_acc_source": pct(float((ps == y).double().mean())),
+                         "success_target": pct(float(is_success(tgt.predict(xa), y).double().mean())),
+                         "success_source": pct(float(is_success(src.predict(xa), y).double().mean()))})
             log(f"  gray-box {a['name']} alpha={lam:g}: AUC target {rows[-1]['auc_target']:.1f} / source "
                 f"{rows[-1]['auc_source']:.1f}")
     return rows
@@ -259,8 +241,8 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
             d = _detection(defense, s_nat, xa, y, predict(f, xa))
             row[f"auc_{key}"] = d["auc"]
             row[f"auc_fooling_{key}"] = d["auc_fooling"]
-            row[f"fooled_pct_{key}"] = _pct(d["fooled"])
-            row[f"rejected_pct_{key}"] = _pct(float((defense.predict(xa) == REJECT).double().mean()))
+            row[f"fooled_pct_{key}"] = pct(d["fooled"])
+            row[f"rejected_pct_{key}"] = pct(float((defense.predict(xa) == REJECT).double().mean()))
             if key == "jacobian":
                 fr, tr_, _ = roc(s_nat, d["s_adv"])
                 roc_fgsm[f"eps={eps:g} (AUC {d['auc']:.3f})"] = (fr, tr_)
@@ -281,7 +263,7 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
         fr, tr_, _ = roc(s_nat, d["s_adv"])
         roc_other[f"{a['name']} (AUC {d['auc']:.3f})"] = (fr, tr_)
         other_rows.append({"attack": a["name"], "threat model": "black-box (Jacobian E -> F)", "auc": d["auc"],
-                           "auc_fooling": d["auc_fooling"], "fooled_pct": _pct(d["fooled"])})
+                           "auc_fooling": d["auc_fooling"], "fooled_pct": pct(d["fooled"])})
     times["black-box"] = time.perf_counter() - t
 
     # ---- semi-white-box Table 6 analogue
@@ -312,12 +294,12 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
         fooled = pf != y
         row = {"column": col["name"], "attack": col["kind"], "parameter": f"{col['param']}={best[0]:g}",
                "fixed": ", ".join(f"{k}={v:g}" for k, v in col.get("params", {}).items()),
-               "adv_acc": _pct(float((pf == y).double().mean())), "adv_acc_paper": col["adv_acc"],
+               "adv_acc": pct(float((pf == y).double().mean())), "adv_acc_paper": col["adv_acc"],
                "calibrated_on": cal_n, "grid_tried": desc, "value": best[0], "tried": [list(t) for t in tried],
-               "auc": _pct(_auc(s_nat, defense.detect(xa)[fooled])), "balanced_acc": {}}
+               "auc": pct(_auc(s_nat, defense.detect(xa)[fooled])), "balanced_acc": {}}
         for q in defense.keeps.tolist():
             defense.set_keep(q)
-            row["balanced_acc"][f"ID-{round(100 * q)}"] = _pct(
+            row["balanced_acc"][f"ID-{round(100 * q)}"] = pct(
                 balanced_accuracy(defense.predict(x) == REJECT, defense.predict(xa[fooled]) == REJECT)
                 if bool(fooled.any()) else float("nan"))
         defense.set_keep(float(defense.keeps[0]))
@@ -419,7 +401,7 @@ def _ablation_row(variant, reading, k_fixed, eps, auc, defense, fpr) -> Dict[str
     h = defense.history
     return {"reading": reading, "variant": variant, "k_fixed": k_fixed, "eps": float(eps), "auc_jacobian": auc,
             "k": str(h["components"]), "covariance": h["covariance"], "dim": h["dim"],
-            "clean_fpr_pct": {k: _pct(v) for k, v in fpr.items()}}
+            "clean_fpr_pct": {k: pct(v) for k, v in fpr.items()}}
 
 
 # --------------------------------------------------------------------------- report
@@ -442,9 +424,9 @@ def _adaptive_table(rows) -> List[Dict[str, Any]]:
     successes and the per-run counts) in the table's layout: rates in %."""
     keep = ("attack", "threat model", "eps", "n", "success_pct", "detected_pct", "failed_pct", "auc_successes",
             "seconds", "broken_by_run", "broken_after_first")
-    return _table([{k: q[k] for k in keep if k in q} for q in
-                   (dict(q, success_pct=_pct(q["asr"]), detected_pct=_pct(q["detected"]),
-                         failed_pct=_pct(q["failed"])) for q in rows)])
+    return renamed([{k: q[k] for k in keep if k in q} for q in
+                   (dict(q, success_pct=pct(q["asr"]), detected_pct=pct(q["detected"]),
+                         failed_pct=pct(q["failed"])) for q in rows)], NAMES)
 
 
 def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, device=None) -> Report:
@@ -466,11 +448,11 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                  + (" QUICK RUN: tiny settings, the numbers are not meaningful." if spec.get("quick") else ""))
     rows = []
     for r in results:
-        rows.append({"dataset": r["name"], **{f"acc {MODEL_LABELS[k]} %": _pct(v) for k, v in r["accuracy"].items()},
-                     "E agrees with F %": _pct(r["agreement_with_F"]["e_jacobian"]),
+        rows.append({"dataset": r["name"], **{f"acc {MODEL_LABELS[k]} %": pct(v) for k, v in r["accuracy"].items()},
+                     "E agrees with F %": pct(r["agreement_with_F"]["e_jacobian"]),
                      "oracle queries": r["oracle_queries"], "covariance": r["defense"]["covariance"],
                      "K per class": str(r["defense"]["components"]), "dim": r["defense"]["dim"],
-                     **{f"clean test FPR {k} %": _pct(v) for k, v in r["clean_fpr"].items()},
+                     **{f"clean test FPR {k} %": pct(v) for k, v in r["clean_fpr"].items()},
                      **{f"train kept {k}": min(v) for k, v in r["defense"]["kept_train_fraction"].items()}})
     rep.add_table("Models, detector and clean false-positive rate", rows,
                   note="clean test FPR = share of all test images rejected; 'train kept' = the smallest share of a "
@@ -493,10 +475,10 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
         if ad_paper_eps:
             headline.append({"dataset": r["name"], "threat model": f"white-box fully adaptive eps={ad_paper_eps['eps']:g}",
                              "metric": "attack success % (accepted as a wrong class)",
-                             "ours": _pct(ad_paper_eps["asr"]), "paper": "not measured"})
+                             "ours": pct(ad_paper_eps["asr"]), "paper": "not measured"})
         if r["battery"]:
             headline.append({"dataset": r["name"], "threat model": "evaluate battery eps=0.3 (reject-aware)",
-                             "metric": "attack success %", "ours": _pct(r["battery"]["asr"]), "paper": "not measured"})
+                             "metric": "attack success %", "ours": pct(r["battery"]["asr"]), "paper": "not measured"})
     rep.add_table("Headline: paper's threat models beside the adaptive one", headline,
                   note="The paper's numbers are detection AUCs under black-box / gray-box attackers that do not "
                        "know the detector's parameters; the adaptive rows attack the defended model itself.")
@@ -511,18 +493,18 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
         rep.add_table(f"Table {2 if tab == 'table2' else 4} analogue: {r['name']}, FGSM eps=0.3, black-box", rows,
                       note="Defense-GAN numbers are the paper's quotes of Samangouei et al. (2018), not measured here.")
         pe = _paper_eps(spec, "table3" if tab == "table2" else "table5")
-        rows = [dict(row, **pe.get(float(row["eps"]), {})) for row in _table(r["fgsm"])]
+        rows = [dict(row, **pe.get(float(row["eps"]), {})) for row in renamed(r["fgsm"], NAMES)]
         rep.add_table(f"Table {3 if tab == 'table2' else 5} analogue: {r['name']}, detection AUC vs FGSM eps", rows,
                       note="AUC over all evaluated images (clean vs FGSM version) and over the adversarials that fool "
                            "F only; 'F fooled' is the transfer success on the undefended F.")
         rep.add_figure(f"roc-fgsm-{r['name']}", roc_figure(r["roc"]["fgsm"], f"{r['name']}: FGSM from Jacobian E"),
                        f"Fig. {2 if tab == 'table2' else 3} analogue: ROC of I-defender, FGSM at several eps ({r['name']})")
-        rep.add_table(f"Figs. 4-5 analogue: {r['name']}, other attacks (black-box)", _table(r["other"]))
+        rep.add_table(f"Figs. 4-5 analogue: {r['name']}, other attacks (black-box)", renamed(r["other"], NAMES))
         rep.add_figure(f"roc-attacks-{r['name']}", roc_figure(r["roc"]["other"], f"{r['name']}: attacks from E"),
                        f"Fig. {4 if tab == 'table2' else 5} analogue: ROC of I-defender, several attacks ({r['name']})")
         p6 = paper.get("table6", {})
         rows6 = []
-        for row in _table(r["table6"]):
+        for row in renamed(r["table6"], NAMES):
             i = p6.get("columns", []).index(row["column"]) if row["column"] in p6.get("columns", []) else None
             extra = {} if i is None else {k: p6[k][i] for k in ("ID-95", "ID-99")}
             rows6.append(dict(row, **{f"{k} (paper)": v for k, v in extra.items()},
@@ -558,7 +540,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                 rows7.append(dict(g, **({"auc_target_paper": pa["target"][i], "auc_source_paper": pa["source"][i]}
                                         if pa and i is not None else {})))
             rep.add_table(f"Table 7 analogue: {r['name']}, gray-box eq. 6 (model F, source F' of another seed)",
-                          _table(rows7),
+                          renamed(rows7, NAMES),
                           note="AUC (%) over all crafted images; paper: CIFAR-10, eps 0.013 (L-inf) / 0.47 (L2).")
         if r["graybox_second"]:
             p8 = paper.get("table8", {})
@@ -581,7 +563,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                                f"parameters), target and source of the second architecture trained with two seeds, "
                                f"each with its own I-defender ({si.get('covariance')} covariance, hidden dim "
                                f"{si.get('dim')}, K per class {si.get('k_per_class')}); {sname} test accuracy "
-                               f"{_pct(si.get('accuracy')) or float('nan'):.2f}%, clean test FPR "
+                               f"{pct(si.get('accuracy')) or float('nan'):.2f}%, clean test FPR "
                                + ", ".join(f"{k} {100 * v:.1f}%" for k, v in (si.get("clean_fpr") or {}).items())
                                + ".")
         adc = spec.get("adaptive", {}) or {}
@@ -599,7 +581,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
         nv = [q for q in r["adaptive"] if q["threat model"] == "semi-white-box"]
         if len(ad) > 1:
             rep.add_figure(f"adaptive-eps-{r['name']}", line_chart(
-                {f"{who}: {what}": ([q["eps"] for q in qs], [_pct(q[key]) for q in qs])
+                {f"{who}: {what}": ([q["eps"] for q in qs], [pct(q[key]) for q in qs])
                  for who, qs in (("adaptive", ad), ("PGD on F", nv)) for what, key in (("success", "asr"),
                                                                                        ("detected", "detected"))},
                 title=f"{r['name']}: attacks on defended F vs eps", xlabel="eps (L-inf)", ylabel="%"),
@@ -613,7 +595,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                           ["attack", "threat model", "eps", "n", "clean_acc", "robust_accuracy", "asr", "failed",
                            "detected", "mean_linf", "seconds"])
         if r["ablation"]:
-            rep.add_table(f"Hidden-state reading ablation: {r['name']}", _table(r["ablation"]),
+            rep.add_table(f"Hidden-state reading ablation: {r['name']}", renamed(r["ablation"], NAMES),
                           note="Model F has no fully connected hidden layer; default: its flattened last convolution "
                                "(the input of its linear head); ablation: its logits.")
     rep.add_text(_summary(results, paper, spec))
@@ -682,7 +664,7 @@ def _summary(results, paper, spec) -> str:
         if ad:
             adc = spec.get("adaptive", {}) or {}
             lines.append("  Fully adaptive (white-box, knows the mixtures and thresholds): success "
-                         + ", ".join(f"eps {q['eps']:g}: {_pct(q['asr']):.1f}%" for q in ad)
+                         + ", ".join(f"eps {q['eps']:g}: {pct(q['asr']):.1f}%" for q in ad)
                          + " of the clean-correct images accepted as a wrong class"
                          + (f"; the runs after the first (target 1, start 1) of its {adc.get('targets', 2)} targets x "
                             f"{_per_mode(adc.get('restarts', 1), 'hinge')} starts broke "

@@ -27,7 +27,6 @@ Protocol (written into every report):
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from ..data import shared_data_root, split_validation, load_train_test
 from ..defenses import MSVDDDefense
 from ..models import build_model
 from ..train import accuracy, fit, predict, resolve_device
-from ..eval.report import Report, with_paper
+from ..eval.report import Report, pct, with_paper
 from ..eval.evaluate import evaluate as run_battery
 from ..eval.stages import stage
 from ..eval.runner import (AttackRun, adversarial_result, pick_images, random_targets, rejudge, result_row, run_attacks,
@@ -54,9 +53,6 @@ T2_COLUMNS = ["attack", "threat", "beta", "n judged", "SSIM", "SSIM (paper)", "M
               "undefended ASR", "undefended ASR (paper)", "ASR", "ASR (paper)", "F", "F (paper)", "D", "D (paper)",
               "seconds"]
 
-
-def _pct(v: Optional[float]) -> Optional[float]:
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else 100.0 * float(v)
 
 
 def _load_data(exp, data_root, seed: int):
@@ -74,9 +70,9 @@ def _t2_display(row: Dict[str, Any]) -> Dict[str, Any]:
     columns (%)."""
     und = row.get("undefended") or {}
     return {"attack": row["attack"], "threat": row["threat model"], "beta": row["beta"],
-            "n judged": row["n_judged"], "SSIM": _pct(und.get("ssim", row.get("ssim"))),
-            "MSE x1e3": None if not und else 1e3 * und["mse"], "undefended ASR": _pct(und.get("asr")),
-            "ASR": _pct(row["asr"]), "F": _pct(row["failed"]), "D": _pct(row["detected"]),
+            "n judged": row["n_judged"], "SSIM": pct(und.get("ssim", row.get("ssim"))),
+            "MSE x1e3": None if not und else 1e3 * und["mse"], "undefended ASR": pct(und.get("asr")),
+            "ASR": pct(row["asr"]), "F": pct(row["failed"]), "D": pct(row["detected"]),
             "seconds": row["seconds"]}
 
 
@@ -221,7 +217,7 @@ def _seed_table(runs: List[Dict[str, Any]], spec) -> List[Dict[str, Any]]:
         same = [q for q in same if q is not None]
         p = _paper_t2(spec, first["paper"], row["attack"], label)
         out.append({"attack": row["attack"], "threat": row["threat model"], "beta": label, "seeds": len(same),
-                    **{k: _mean_std([_pct(q[key]) for q in same]) for k, key in SPLIT.items()},
+                    **{k: _mean_std([pct(q[key]) for q in same]) for k, key in SPLIT.items()},
                     **{f"{k} (paper)": p.get(k) for k in ("ASR", "F", "D")}})
     return out
 
@@ -238,14 +234,14 @@ def _summary(groups: Dict[str, List[Dict[str, Any]]], spec) -> str:
         if p1:
             lines.append(f"  Paper: W-LC {p1['W-LC']}%, O_c {p1['W~-SVDD (beta=O_c)']}%, O_d {p1['W~-SVDD (beta=O_d)']}%.")
         od = [[q for q in run["attack_rows"] if q["beta"].startswith("O_d=")] for run in runs]
-        mean_t = _mean_std([statistics.mean([_pct(q["asr"]) for q in rows if q["attack"] in PAPER_ATTACKS])
+        mean_t = _mean_std([statistics.mean([pct(q["asr"]) for q in rows if q["attack"] in PAPER_ATTACKS])
                             for rows in od if any(q["attack"] in PAPER_ATTACKS for q in rows)])
-        worst = _mean_std([_pct(q["asr"]) for rows in od for q in rows if q["attack"] == "worst case"])
+        worst = _mean_std([pct(q["asr"]) for rows in od for q in rows if q["attack"] == "worst case"])
         fk = [q for rows in od for q in rows if q["threat model"] == "full-knowledge"]
         lines.append(f"  At beta=O_d, the paper's transferred attacks succeed on {mean_t}% on average (paper "
                      f"attacks only), the per-sample worst case over every attack on {worst}%"
                      + ("; full-knowledge PGD rows reach "
-                        + ", ".join("%s %.1f%%" % (q["attack"], _pct(q["asr"])) for q in fk[:3]) if fk else "") + ".")
+                        + ", ".join("%s %.1f%%" % (q["attack"], pct(q["asr"])) for q in fk[:3]) if fk else "") + ".")
     return "\n".join(lines)
 
 
@@ -315,8 +311,8 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                        f"{first['name']}: clean / adversarial / perturbation x10 (crafted on W~-LC)")
     for name, runs in groups.items():
         od = [q for q in runs[0]["attack_rows"] if q["beta"].startswith("O_d=")]
-        fig = bar_chart({"success": [_pct(q["asr"]) or 0 for q in od], "failed (F)": [_pct(q["failed"]) or 0 for q in od],
-                         "detected (D)": [_pct(q["detected"]) or 0 for q in od]},
+        fig = bar_chart({"success": [pct(q["asr"]) or 0 for q in od], "failed (F)": [pct(q["failed"]) or 0 for q in od],
+                         "detected (D)": [pct(q["detected"]) or 0 for q in od]},
                         [q["attack"].replace("full-knowledge PGD", "FK").replace("PGD ", "PGD\n") for q in od],
                         title=f"{name}: ASR split at beta=O_d (FK = full knowledge)", ylabel="%")
         fig.axes[0].tick_params(axis="x", labelsize=7)

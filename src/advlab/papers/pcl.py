@@ -49,7 +49,6 @@ Protocol (written into every report):
 from __future__ import annotations
 
 import copy
-import math
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -66,7 +65,7 @@ from ..models import build_model
 from ..train import accuracy, fit, predict, resolve_device
 from ..eval.checks import attack_checks, eps_sweep_check, zero_gradient_fraction
 from ..eval.evaluate import evaluate as run_battery
-from ..eval.report import Report, with_paper
+from ..eval.report import Report, pct, with_paper
 from ..eval.runner import AttackRun, Chain, adversarial_result, pick_images, survivor_chain, worst_case
 from ..eval.stages import stage
 
@@ -98,9 +97,6 @@ def _render(row: Dict[str, Any], names: Dict[str, str]) -> Dict[str, Any]:
     out.update({f"|f| {n}": v for n, v in row.get("feature_norms", {}).items()})
     return out
 
-
-def _pct(v: Optional[float]) -> Optional[float]:
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else 100.0 * float(v)
 
 
 def _f(v: Optional[float]) -> float:
@@ -289,8 +285,8 @@ def eq6_robust(model: PCLDefense, x: torch.Tensor, y: torch.Tensor, eps: float, 
     runs = _after_paper_attacks(PrototypeScores(model), eps, seed, bs, int(ad.get("steps", 100)),
                                 int(ad.get("square_queries", 1000)), int(ad.get("margin_steps", 100)))
     chain = survivor_chain(runs, x, y, j6, start=worst_case([*moved.values(), pgd]), batch_size=bs)
-    return {"eq6_pgd_logits": _pct(moved["PGD"].robust_accuracy) if "PGD" in moved else None,
-            "eq6_pgd_prototype": _pct(pgd.robust_accuracy), "eq6_adaptive": _pct(chain.worst.robust_accuracy)}
+    return {"eq6_pgd_logits": pct(moved["PGD"].robust_accuracy) if "PGD" in moved else None,
+            "eq6_pgd_prototype": pct(pgd.robust_accuracy), "eq6_adaptive": pct(chain.worst.robust_accuracy)}
 
 
 # --------------------------------------------------------------------------- one dataset
@@ -423,7 +419,7 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
     out: Dict[str, Any] = {"name": exp["name"], "paper": exp.get("paper"), "n": int(x.shape[0]), "n_cw": n_cw,
                            "n_train": len(train), "n_test": len(test), "seconds": dict(tm["seconds"]),
                            "rows": {}, "table3": {}, "headline": [], "history": {}, "cw": {},
-                           "twin": dict(tm["twin"], warmup_clean=_pct(accuracy(tm["warmup"], test)))}
+                           "twin": dict(tm["twin"], warmup_clean=pct(accuracy(tm["warmup"], test)))}
     # black-box: crafted once on the source
     t0 = time.perf_counter()
     bb_adv = {k: _batched_attack(paper_attack(k, src, eps, seed), x, y, bs) for k in PAPER_ATTACKS}
@@ -442,31 +438,31 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
                                                                      y[:n_cw], bs), judge)
         ok = cw.clean_pred == cw.labels
         hit = ok & (cw.adv_pred != cw.labels)
-        out["cw"][mname] = {"n": n_cw, "clean": _pct(float(ok.float().mean())), "robust": _pct(cw.robust_accuracy),
-                            "success_rate_pct": _pct(float(hit.sum()) / int(ok.sum())) if bool(ok.any()) else None,
+        out["cw"][mname] = {"n": n_cw, "clean": pct(float(ok.float().mean())), "robust": pct(cw.robust_accuracy),
+                            "success_rate_pct": pct(float(hit.sum()) / int(ok.sum())) if bool(ok.any()) else None,
                             "mean_l2": float(cw.l2[hit].mean()) if bool(hit.any()) else None}
         log(f"    C&W: robust {out['cw'][mname]['robust']:.1f}%, success rate "
             f"{_f(out['cw'][mname]['success_rate_pct']):.1f}% of the correctly classified")
         bbr = {k: adversarial_result(x[: v.shape[0]], y[: v.shape[0]], v, judge) for k, v in bb_adv.items()}
-        row = {"clean": _pct(clean), **{_key(k): _pct(r.robust_accuracy) for k, r in wb.items()},
-               "cw": _pct(cw.robust_accuracy), **{f"bb_{_key(k)}": _pct(r.robust_accuracy) for k, r in bbr.items()}}
+        row = {"clean": pct(clean), **{_key(k): pct(r.robust_accuracy) for k, r in wb.items()},
+               "cw": pct(cw.robust_accuracy), **{f"bb_{_key(k)}": pct(r.robust_accuracy) for k, r in bbr.items()}}
         t3: Dict[str, Any] = {}
         if isinstance(model, PCLDefense):
             t3 = white_box(model, x, y, eps, spec, seed, log, joint=True)
-            out["table3"][mname] = {k: _pct(r.robust_accuracy) for k, r in t3.items()}
+            out["table3"][mname] = {k: pct(r.robust_accuracy) for k, r in t3.items()}
         paper_worst = worst_case(list(wb.values())).robust_accuracy
         worst, stages, battery = adaptive(model, x, y, eps, spec, seed, log, list(wb.values()) + list(t3.values()))
         stats = logit_stats(model, x)
         zg = zero_gradient_fraction(model, x, y, loss="ce")
         zg_m = zero_gradient_fraction(model, x, y, loss="margin")
-        row.update({"paper_protocol_worst": _pct(paper_worst), "adaptive": _pct(worst.robust_accuracy)})
+        row.update({"paper_protocol_worst": pct(paper_worst), "adaptive": pct(worst.robust_accuracy)})
         out["rows"][mname] = row
         head = {"model": mname, "clean": row["clean"], "pgd": row["pgd"],
                 "paper_protocol_worst": row["paper_protocol_worst"], "adaptive": row["adaptive"],
                 "zero_ce_grad_pct": 100 * zg, "zero_margin_grad_pct": 100 * zg_m, **stats,
                 "battery_flags": ", ".join(f.name for f in battery.flags) if battery else "-"}
         if isinstance(model, PCLDefense):
-            head["eq6_clean"] = _pct(float((model.predict(test.images, rule="prototype") == test.labels).float().mean()))
+            head["eq6_clean"] = pct(float((model.predict(test.images, rule="prototype") == test.labels).float().mean()))
             transfer = {k: r.adversarials for k, r in wb.items()}
             transfer.update({f"joint {k}": r.adversarials for k, r in t3.items()})
             transfer["adaptive worst"] = worst.adversarials
@@ -474,7 +470,7 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
             log(f"    eq. 6: clean {head['eq6_clean']:.2f}%, PGD-10 (logits) "
                 f"{head['eq6_pgd_logits']:.1f}%, adaptive {head['eq6_adaptive']:.1f}%")
         out["headline"].append(head)
-        out.setdefault("stages", {})[mname] = {k: _pct(v) for k, v in stages.items()}
+        out.setdefault("stages", {})[mname] = {k: pct(v) for k, v in stages.items()}
         out.setdefault("flags", {})[mname] = [f.to_dict() for f in battery.flags] if battery else []
         out.setdefault("checks", {})[mname] = [f.to_dict() for f in attack_checks(
             {**{k: r.robust_accuracy for k, r in wb.items()},
@@ -507,7 +503,7 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
         log(f"  L-inf worst cases (Table 9 / sweep / ablation) on {n_l} images:")
         grid = linf_grid(pool, needs, xs, ys, spec, seed, log)
         out["linf_battery"] = {"n": n_l, "seconds": time.perf_counter() - t0,
-                               "stages": {m: {f"{e:g}": {k: _pct(v) for k, v in r["stages"].items()}
+                               "stages": {m: {f"{e:g}": {k: pct(v) for k, v in r["stages"].items()}
                                               for e, r in g.items()} for m, g in grid.items()}}
         if do9:
             t1 = time.perf_counter()
@@ -534,12 +530,12 @@ def table9(models, grid, x, y, spec, seed, log) -> Dict[str, Any]:
         col: Dict[str, Optional[float]] = {}
         for e in t9.get("fgsm_eps", [0.1, 0.2]):
             hit = grid[mname].get(float(e))
-            col[f"FGSM {e}"] = _pct(hit["FGSM"] if hit else
+            col[f"FGSM {e}"] = pct(hit["FGSM"] if hit else
                                     _run(paper_attack("FGSM", model, float(e), seed), x, y, judge, bs).robust_accuracy)
         for e in t9.get("eps", [0.1, 0.15]):
             r = grid[mname][float(e)]
-            col.update({f"{k} {e}": _pct(r[k]) for k in ("BIM", "MIM", "PGD")})
-            col[f"adaptive {e}"] = _pct(r["adaptive"])
+            col.update({f"{k} {e}": pct(r[k]) for k in ("BIM", "MIM", "PGD")})
+            col[f"adaptive {e}"] = pct(r["adaptive"])
         out[mname] = col
     return {"n": int(x.shape[0]), "columns": out}
 
@@ -578,8 +574,8 @@ def ablation(rows, grid, test, x, y, eps) -> List[Dict[str, Any]]:
     out = []
     for label, key, model in rows:
         r = grid[key][float(eps)]
-        out.append({"layers": label, "clean": _pct(accuracy(model, test)), "fgsm": _pct(r["FGSM"]),
-                    "pgd": _pct(r["PGD"]), "adaptive": _pct(r["adaptive"]),
+        out.append({"layers": label, "clean": pct(accuracy(model, test)), "fgsm": pct(r["FGSM"]),
+                    "pgd": pct(r["PGD"]), "adaptive": pct(r["adaptive"]),
                     "zero_ce_grad_pct": 100 * zero_gradient_fraction(model, x, y),
                     "logit_norm": logit_stats(model, x)["logit_norm"]})
     return out

@@ -45,7 +45,7 @@ from ..train import accuracy, fit, resolve_device
 from ..eval.defend import BOUND_XLABEL
 from ..eval.evaluate import evaluate as run_battery
 from ..eval.figures import histogram
-from ..eval.report import Report
+from ..eval.report import Report, renamed
 from ..eval.runner import AttackRun, Evaluation, pick_images, rejudge, run_attacks
 from ..eval.stages import stage
 
@@ -56,10 +56,6 @@ NAMES = {"n_train": "n train", "sigma_mean_k1": "mean sigma k=1", "sigma_min_k1"
          "sigma_max_k1": "max sigma k=1", "clean_acc": "clean acc (%)", "robust_acc": "robust acc (%)",
          "paper_fgsm": "paper: FGSM at this eps, transfer (non-adaptive)",
          "transfer_acc": "transfer from f_theta1 (same images, %)"}
-
-
-def _table(rows) -> List[Dict[str, Any]]:
-    return [{NAMES.get(k, k): v for k, v in r.items()} for r in rows]
 
 
 def _kkey(k: float) -> str:
@@ -162,7 +158,7 @@ def _bound_section(spec, root, seed, rep: Report, log) -> Dict[str, Any]:
         crow.append({"n_train": len(full["dataset"]), "sigma_mean_k1": full["bound"].sigma_mean(1.0),
                      "sigma_min_k1": float(full["bound"].sigma(1.0).min()),
                      "sigma_max_k1": float(full["bound"].sigma(1.0).max())})
-        shown = _table(crow)
+        shown = renamed(crow, NAMES)
         if len(crow) >= 3:
             import math
 
@@ -360,7 +356,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                               "robust_acc": 100 * res.robust_accuracy,
                               "transfer_acc": 100 * float((tr_res.adv_pred[:na] == y[:na]).float().mean()),
                               "seconds": res.seconds})
-        rep.add_table("Adaptive: the defense attacked on its own gradients", _table(arows),
+        rep.add_table("Adaptive: the defense attacked on its own gradients", renamed(arows, NAMES),
                       note=f"{na} test images. Battery = advlab.eval.evaluate (APGD-CE, APGD-T, Square on survivors, "
                            "per-sample worst case, gradient-masking checks); the defense is deterministic at test time, "
                            "so no EoT. The paper reports no absolute MNIST white-box number (only differences to other "
