@@ -266,3 +266,73 @@ class PeakRSS:
     @property
     def above(self) -> int:
         return self.peak - self.base
+
+
+# --------------------------------------------------------------------------- perturbation budgets
+
+class EpsUnitWarning(UserWarning):
+    """A budget that is almost certainly in the wrong units (8 meant as 8/255)."""
+
+
+def parse_eps(value, name: str = "eps", check: bool = True) -> float:
+    """A perturbation budget in pixel units from what people write: a number, or text such as
+    ``"8/255"``, ``"0.3"``, ``"2e-2"``. The one parser of every command and spec; the result is a
+    finite number >= 0 (errors name ``name``); ``check=False`` reads the number only and leaves
+    its range to the caller's own check."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/")
+                value = float(num) / float(den)
+            else:
+                value = float(text)
+        except (ValueError, ZeroDivisionError):
+            raise AdvlabError(f"{name} must be a number or a fraction such as 8/255, got {text!r}") from None
+    return check_nonneg(value, name) if check else _as_float(value, name, "a number or a fraction such as 8/255")
+
+
+def format_eps(eps: float) -> str:
+    """``eps`` both ways: ``"8/255 = 0.03137"`` when it is a whole number of 255ths, else
+    ``"0.3 (76.5/255)"``."""
+    k = eps * 255.0
+    if eps > 0 and abs(k - round(k)) < 1e-6 * max(1.0, k):
+        return f"{int(round(k))}/255 = {eps:.4g}"
+    return f"{eps:g} ({k:.4g}/255)"
+
+
+def eps_unit_problem(eps: float, norm: str, shape) -> Optional[str]:
+    """The unit mistake an ``eps`` for images of ``shape`` (C, H, W) in [0, 1] most likely makes,
+    or None: an L-inf eps >= 1 covers the whole pixel range; an L2 eps above the diameter of the
+    [0, 1] box, sqrt(C*H*W), covers every image."""
+    if not math.isfinite(eps) or eps < 0:  # a bad number: its own check says so
+        return None
+    norm = str(norm).lower().lstrip("l")
+    if norm == "inf":
+        if eps >= 1.0:
+            return (f"L-inf eps {eps:g} covers the whole [0, 1] pixel range (any image can become any other), "
+                    f"so robust accuracy is 0 by construction; eps is in pixel units on [0, 1]: you probably "
+                    f"meant {eps:g}/255 = {eps / 255:.4g}")
+        return None
+    if norm == "2":
+        dims = 1
+        for d in shape:
+            dims *= int(d)
+        diameter = math.sqrt(dims)
+        if dims and eps > diameter:
+            return (f"L2 eps {eps:g} is larger than the diameter of the [0, 1] image box (sqrt({dims}) = "
+                    f"{diameter:.4g}): it covers every image, so robust accuracy is 0 by construction; eps is in "
+                    f"pixel units on [0, 1]: if it was meant on the 0-255 scale, that is {eps:g}/255 = "
+                    f"{eps / 255:.4g}")
+    return None
+
+
+def check_eps_units(eps: float, norm: str, shape, stacklevel: int = 3) -> Optional[str]:
+    """Warn (:class:`EpsUnitWarning`) when ``eps`` is almost surely in the wrong units for images of
+    ``shape`` (C, H, W) in [0, 1] (:func:`eps_unit_problem`); returns the message or None."""
+    import warnings
+
+    msg = eps_unit_problem(float(eps), str(norm), shape)
+    if msg:
+        warnings.warn(msg, EpsUnitWarning, stacklevel=stacklevel)
+    return msg

@@ -9,11 +9,12 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import __version__
-from ._util import AdvlabError
+from ._util import AdvlabError, EpsUnitWarning
 
 from .attacks.registry import ATTACKS, attack_parameters, build_attack
 
@@ -135,21 +136,59 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _inputs(args, split: str = "test"):
+    """The model (``--model``/``--checkpoint`` with ``--weights --mean --std --num-classes``) and
+    its test images (``--dataset``/``--root``, or ``--data`` with ``--labels``, and
+    ``--dataset-option``), checked against each other before any attack (advlab.eval.inputs)."""
+    from .eval.inputs import load_inputs, parse_options
+
+    options = parse_options(getattr(args, "dataset_option", None))  # malformed options fail before any file is read
+    if args.num_classes is not None and args.num_classes < 2:
+        raise _err(f"--num-classes must be an integer >= 2, got {args.num_classes}")
+    return load_inputs(args.checkpoint, args.weights, dataset=args.dataset, root=args.root, data=args.data,
+                       labels=args.labels, options=options, mean=args.mean, std=args.std,
+                       num_classes=args.num_classes, device=args.device, split=split)
+
+
+def _log(inputs) -> None:
+    """Say how the model and the data were read (stderr), once everything fits."""
+    if os.environ.get("ADVLAB_QUIET"):
+        return
+    print(f"advlab: model: {inputs.loaded.describe()}; data: {inputs.dataset}, {len(inputs.test)} images of shape "
+          f"{tuple(inputs.test.images.shape[1:])}", file=sys.stderr)
+    for note in inputs.notes:
+        print(f"advlab: note: {note}", file=sys.stderr)
+
+
+def _model_section(rep, inputs, args) -> None:
+    info = inputs.loaded.to_dict()
+    info["data"] = {"name": inputs.dataset, "n": len(inputs.test), "shape": list(inputs.test.images.shape[1:]),
+                    "notes": list(inputs.notes)}
+    rep.results["model"] = info
+    rep.results["checkpoint"] = {"path": str(args.checkpoint), "metadata": info["metadata"]}
+    rep.add_text(f"Model: {inputs.loaded.describe()}; data: {inputs.dataset}"
+                 + (f" ({'; '.join(inputs.notes)})" if inputs.notes else "") + ".")
+    if args.eps is not None:
+        from ._util import format_eps
+
+        eps = args.eps if isinstance(args.eps, list) else [args.eps]
+        rep.add_text("eps: " + ", ".join(format_eps(e) for e in eps) + " (pixel units on [0, 1]).")
+
+
 def cmd_attack(args) -> int:
+    from ._util import check_eps_units
     from .eval.figures import example_grid
     from .eval.report import Report, markdown_table
     from .eval.runner import AttackRun, pick_images, run_attacks
-    from .train import load_checkpoint
 
     names = [a.strip() for a in args.attack.split(",") if a.strip()]
     if not names:
         raise _err(f"--attack names no attack; valid names: {', '.join(ATTACKS)}")
-    model, meta = load_checkpoint(args.checkpoint, device=args.device)
-    dataset = args.dataset or meta.get("dataset")
-    if not dataset:
-        raise _err("--dataset is required (the checkpoint does not name one)")
-    test = _load_data(dataset, args.root, "test")
+    inputs = _inputs(args)
+    model, dataset, test = inputs.model, inputs.dataset, inputs.test
     x, y = pick_images(model, test, args.n, only_correct=args.only_correct, seed=args.seed or 0)
+    if args.eps is not None:
+        check_eps_units(max(args.eps) if isinstance(args.eps, list) else args.eps, args.norm or "inf", x.shape[1:])
     params = {k: getattr(args, k) for k in ATTACK_FLAGS}
     if isinstance(args.eps, list):  # --eps 0.05,0.1,0.2: one accuracy-vs-eps sweep per attack
         from .eval.sweep import check_epsilons, eps_sweep, sweeps_figure
@@ -163,6 +202,7 @@ def cmd_attack(args) -> int:
                 raise _err(f"attack {names[0]!r} does not take {flag}; it takes: "
                            + ", ".join(f"--{p.replace('_', '-')}" for p in sorted(accepted[names[0]]))
                            if len(names) == 1 else f"none of the attacks {', '.join(names)} takes {flag}")
+        _log(inputs)
         sweeps = [eps_sweep(n, model, x, y, epsilons=args.eps, seed=args.seed, batch_size=args.batch_size,
                             progress=_progress(args), **{k: v for k, v in rest.items() if k in accepted[n]})
                   for n in names]
@@ -179,13 +219,13 @@ def cmd_attack(args) -> int:
                            "broken at eps when its adversarial's norm is <= eps.")
         rep.add_figure("accuracy-vs-eps", sweeps_figure(sweeps), "robust accuracy against eps")
         rep.results["sweep"] = {sw.attack: sw.to_dict() for sw in sweeps}
-        rep.results["checkpoint"] = {"path": str(args.checkpoint), "metadata": {k: v for k, v in meta.items()
-                                                                              if k != "history"}}
+        _model_section(rep, inputs, args)
         out = rep.save()
         print(markdown_table(rows, cols))
         print(f"report: {out}")
         return 0
     attacks = build_attacks(names, model, **params)
+    _log(inputs)
     ev = run_attacks([AttackRun(n, a) for n, a in attacks.items()], x, y, batch_size=args.batch_size,
                      progress=_progress(args))
     rows, results = ev.rows, ev.results
@@ -201,8 +241,7 @@ def cmd_attack(args) -> int:
     grid = {n: r.adversarials[:8] for n, r in results.items()}
     rep.add_figure("examples", example_grid(x[:8], grid, magnify=10, labels=[str(int(v)) for v in y[:8]]),
                    "clean / adversarial / perturbation x10")
-    rep.results["checkpoint"] = {"path": str(args.checkpoint), "metadata": {k: v for k, v in meta.items()
-                                                                          if k != "history"}}
+    _model_section(rep, inputs, args)
     for n, r in results.items():
         if n == "ka3" and "rank" in r.extras:
             _ka3_extras(rep, n, r)
@@ -288,7 +327,9 @@ def _torchrun_evaluate(args) -> int:
     for k, v in vars(args).items():
         if k in skip or v is None or v is False:
             continue
-        argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+        for item in (v if isinstance(v, list) else [v]):  # --dataset-option repeats
+            argv += [f"--{k.replace('_', '-')}"] + ([] if item is True else [repr(item) if isinstance(item, float)
+                                                                             else str(item)])
     if args.nproc < 1:
         raise _err(f"--nproc must be >= 1, got {args.nproc}")
     launch = torchrun.get_args_parser().parse_args(["--standalone", f"--nproc_per_node={args.nproc}", "-m",
@@ -334,31 +375,29 @@ def _evaluate_sweep(args) -> Optional[List[float]]:
 
 def cmd_evaluate(args) -> int:
     from . import distributed
-    from .eval.evaluate import BATTERY, evaluate, load_evaluated, write_report
+    from .eval.evaluate import BATTERY, evaluate, write_report
     from .eval.runner import pick_images
-    from .train import read_checkpoint
 
     sweep = _evaluate_sweep(args)  # every number is checked before a process is launched or a file read
     if getattr(args, "launcher", "none") == "torchrun" and "LOCAL_RANK" not in os.environ:
         return _torchrun_evaluate(args)
     distributed.init()  # under torchrun: join the process group (the battery's attacks shard); alone: nothing
 
-    model = load_evaluated(args.checkpoint, device=args.device)
-    dataset = args.dataset or read_checkpoint(args.checkpoint)["metadata"].get("dataset")
-    if not dataset:
-        raise _err("--dataset is required (the checkpoint does not name one)")
-    if args.n < 1:
-        raise _err(f"--n must be >= 1, got {args.n}")
-    test = _load_data(dataset, args.root, "test")
-    x, y = pick_images(model, test, args.n, seed=args.seed)
+    inputs = _inputs(args)
+    model, dataset = inputs.model, inputs.dataset
+    x, y = pick_images(model, inputs.test, args.n, seed=args.seed)
+    if distributed.is_main():
+        _log(inputs)
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else list(BATTERY)
     res = evaluate(model, x, y, norm=args.norm, eps=args.eps, seed=args.seed, steps=args.steps,
                    square_queries=args.square_queries, targets=args.targets, attacks=attacks,
                    batch_size=args.batch_size, sweep=sweep, progress=_progress(args))
     if not distributed.is_main():  # every rank holds the gathered result; rank 0 writes it
         return 0
+    info = inputs.loaded.to_dict()
+    info["data"] = {"name": dataset, "n": len(x), "notes": list(inputs.notes)}
     out = write_report(res, args.out, f"advlab evaluate: {Path(args.checkpoint).name} on {dataset}",
-                       reported=args.reported, spec={k: v for k, v in vars(args).items() if k != "func"})
+                       reported=args.reported, spec={k: v for k, v in vars(args).items() if k != "func"}, model=info)
     print(Path(out, "report.md").read_text())
     print(f"report: {out}")
     return 0
@@ -410,6 +449,40 @@ def _add_common(p):
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
 
+def _eps_arg(text: str) -> float:
+    """``--eps``: a number or a fraction (8/255, 0.3, 2e-2), by the one parser (advlab._util.parse_eps)."""
+    from ._util import parse_eps
+
+    try:
+        return parse_eps(text, "eps", check=False)  # the range is checked with the other numbers, naming --eps
+    except AdvlabError:
+        raise argparse.ArgumentTypeError(f"invalid float or fraction {text!r} (e.g. 8/255, 0.03)") from None
+
+
+def _add_model_and_data(p) -> None:
+    """The flags of the one model loader and the data the model is evaluated on."""
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="SOURCE",
+                   help="the model: an advlab checkpoint or saved defense, a torch.export program (.pt2), a "
+                   "TorchScript archive, or package.module:factory (your code, importable from the working directory; "
+                   "with --weights); --model and --checkpoint are the same flag. Never a plain pickle")
+    p.add_argument("--weights", default=None, metavar="FILE", help="weights of a package.module:factory model: a state "
+                   "dict (torch.save(model.state_dict(), FILE), read weights-only) or a .safetensors file")
+    p.add_argument("--mean", default=None, help="per-channel mean the model expects, e.g. 0.485,0.456,0.406: the model "
+                   "is wrapped in advlab's Normalize so attacks stay in [0, 1] pixels (with --std)")
+    p.add_argument("--std", default=None, help="per-channel std the model expects (with --mean)")
+    p.add_argument("--num-classes", type=int, default=None, help="check the model's output has this many classes")
+    p.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's); 'folder' reads --root "
+                   "with the model's channels and size")
+    p.add_argument("--root", default=None, help="folder of the dataset's files")
+    p.add_argument("--data", default=None, metavar="FILE", help="your test data instead of --dataset: a .npz (x/y or "
+                   "images/labels; uint8 0-255 or float [0,1]; NHWC or NCHW), a .npy of images with --labels, or an "
+                   "image folder root/<class>/*.png (all of it, read with the model's channels and size)")
+    p.add_argument("--labels", default=None, metavar="FILE", help="the labels .npy beside --data images.npy")
+    p.add_argument("--dataset-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="an option of the data loader (repeatable): folder: grayscale=true, size=28,28, "
+                   "test_fraction=0.2; --data: layout=nhwc, x_key=NAME, y_key=NAME, scale=255")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="advlab", description="Adversarial robustness of image classifiers: "
                                 "attack, defend, detect and measure it honestly.")
@@ -443,10 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s)
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("attack", help="attack a trained checkpoint and write a report")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's)")
-    s.add_argument("--root", default=None)
+    s = sub.add_parser("attack", help="attack a model (advlab checkpoint, torch.export, TorchScript or your code's) "
+                       "and write a report")
+    _add_model_and_data(s)
     s.add_argument("--attack", required=True, help="attack name(s), comma-separated: " + ", ".join(ATTACKS))
     s.add_argument("--n", type=int, default=1000, help="number of test images")
     s.add_argument("--only-correct", action="store_true", help="attack only correctly classified images")
@@ -454,30 +526,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="results/attack")
 
     def eps_values(text: str):
-        """One eps (a float: a single attack, as always) or a comma list of them (a sweep)."""
+        """One eps (a float: a single attack, as always) or a comma list of them (a sweep); each a
+        number or a fraction (8/255)."""
         parts = [v.strip() for v in text.split(",") if v.strip()]
         try:
-            values = [float(v) for v in parts]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid eps {text!r}: expected a number or a comma-separated "
-                                             "list of numbers (a sweep)") from None
+            values = [_eps_arg(v) for v in parts]
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"invalid eps {text!r}: expected a number or a fraction such as 8/255, "
+                                             "or a comma-separated list of them (a sweep)") from None
         if not values:
-            raise argparse.ArgumentTypeError(f"invalid eps {text!r}: expected a number")
+            raise argparse.ArgumentTypeError(f"invalid eps {text!r}: expected a number such as 8/255 or 0.03")
         return values[0] if len(values) == 1 else values
     for flag, (typ, help_) in ATTACK_FLAGS.items():
         if flag == "eps":
-            typ, help_ = eps_values, help_ + "; a comma-separated list (0.05,0.1,0.2) runs an accuracy-vs-eps sweep"
+            typ, help_ = eps_values, (help_ + ", a number or a fraction (8/255); a comma-separated list (0.05,0.1,0.2) "
+                                      "runs an accuracy-vs-eps sweep")
         s.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None, help=help_)
     _add_common(s)
     s.set_defaults(func=cmd_attack)
 
-    s = sub.add_parser("evaluate", help="honest robustness evaluation of a checkpoint (APGD-CE, APGD-T, Square, "
+    s = sub.add_parser("evaluate", help="honest robustness evaluation of a model (APGD-CE, APGD-T, Square, "
                        "masking checks, eps sweep)")
-    s.add_argument("--checkpoint", required=True, help="a model checkpoint or a saved defense (e.g. msvdd.pt)")
-    s.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's)")
-    s.add_argument("--root", default=None, help="folder of the dataset's files")
+    _add_model_and_data(s)
     s.add_argument("--norm", default="inf", help="inf or 2")
-    s.add_argument("--eps", type=float, required=True, help="perturbation budget in pixel units ([0,1] scale)")
+    s.add_argument("--eps", type=_eps_arg, required=True, help="perturbation budget in pixel units ([0,1] scale): "
+                   "a number or a fraction, e.g. 8/255 or 0.3")
     s.add_argument("--n", type=int, default=1000, help="number of test images (seeded order)")
     s.add_argument("--reported", type=float, default=None, help="a published robust accuracy to set beside ours")
     s.add_argument("--attacks", default=None, help="stages, comma-separated (default APGD-CE,APGD-T,Square)")
@@ -512,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("defend", help="build a defended model from a checkpoint and write its report")
     s.add_argument("defense", help="defense name: msvdd")
-    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="CHECKPOINT",
+                   help="an advlab checkpoint of a zoo model (advlab train)")
     s.add_argument("--dataset", default=None)
     s.add_argument("--root", default=None)
     s.add_argument("--n", type=int, default=500, help="test images for the attack evaluation")
@@ -545,6 +619,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """advlab's own warnings (an eps in the wrong units) as one ``advlab: warning:`` line."""
+    if issubclass(category, EpsUnitWarning):
+        print(f"advlab: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=file or sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -555,7 +637,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.environ["ADVLAB_QUIET"] = "1"
     debug = args.debug or os.environ.get("ADVLAB_DEBUG")
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("advlab: interrupted", file=sys.stderr)
         return 130

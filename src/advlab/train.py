@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from ._util import (AdvlabError, atomic_write_bytes, check_device, check_images, check_labels, check_positive,
                     check_positive_int, model_device, progress_enabled)
+from .models.loading import CHECKPOINT_FORMAT, build_from_spec, read_checkpoint  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -361,7 +362,8 @@ class _DDPView:
 
 # --------------------------------------------------------------------------- checkpoints
 
-CHECKPOINT_FORMAT = "advlab-checkpoint-1"
+# the reading side (read_checkpoint, build_from_spec, the format tag) lives in advlab.models.loading, below
+# this module, so that the one model loader (advlab.models.load_model) reads advlab checkpoints too
 
 
 def write_checkpoint(path, state_dict: Dict[str, torch.Tensor], metadata: Dict, format: str = CHECKPOINT_FORMAT) -> Path:
@@ -404,46 +406,6 @@ def save_checkpoint(model: nn.Module, path, **metadata) -> Path:
         meta["model"] = spec
     meta.update(metadata)
     return write_checkpoint(path, model.state_dict(), meta)
-
-
-def read_checkpoint(path, format: Optional[str] = None, what: str = "checkpoint") -> dict:
-    """Load a checkpoint file safely (``weights_only=True``: loading never executes code from the
-    file) and check its layout, and its ``format`` tag when given."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdvlabError(f"{what} not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt zip, truncated file, or a pickle that is not weights-only
-        raise AdvlabError(f"cannot read {what} {path}: corrupt or not an advlab file "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(obj, dict) or "state_dict" not in obj or "metadata" not in obj:
-        raise AdvlabError(f"{path} is not an advlab {what} (no state_dict/metadata)")
-    if not isinstance(obj["metadata"], dict):
-        raise AdvlabError(f"{path} is not an advlab {what}: its metadata is a {type(obj['metadata']).__name__}, "
-                          "not a mapping")
-    sd = obj["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise AdvlabError(f"{path} is not an advlab {what}: its state_dict must map parameter names to tensors")
-    if format is not None and obj.get("format") != format:
-        raise AdvlabError(f"{path} is not an advlab {what} file (format {format!r} expected, found "
-                          f"{obj.get('format')!r})")
-    return obj
-
-
-def build_from_spec(spec: Optional[Dict], path) -> nn.Module:
-    """Rebuild a zoo model from the spec stored in a checkpoint's metadata."""
-    if not spec:
-        raise AdvlabError(f"{path} has no model spec (not a zoo model); pass model= (an untrained instance of the "
-                          "architecture) to fill")
-    from .models import build_model
-
-    if not isinstance(spec, dict) or not {"name", "num_classes", "in_shape"} <= set(spec) \
-            or not isinstance(spec.get("kwargs", {}), dict):
-        raise AdvlabError(f"{path}: the model spec in its metadata must be a mapping with name, num_classes and "
-                          f"in_shape (and optional kwargs), got {spec!r:.200}")
-    return build_model(spec["name"], spec["num_classes"], spec["in_shape"], spec.get("mean"), spec.get("std"),
-                       **spec.get("kwargs", {}))
 
 
 def load_checkpoint(path, model: nn.Module | None = None, device=None):

@@ -151,3 +151,21 @@ def load_folder(root=None, split: str = "train", download: bool = False, size=No
         files, labels = [files[i] for i in keep], labels[keep]
     images = read_images(files, size=size, grayscale=grayscale)
     return TensorImageDataset(images, torch.from_numpy(labels), classes, "folder", split)
+
+
+def folder_image_shape(root) -> Tuple[int, int, int]:
+    """(C, H, W) of the first image of a class-per-subfolder folder (of ``root/test`` when the
+    folder is pre-split): C is 1 for a grayscale image, else 3. Reads one image header."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        root = root / "test"
+    files = _class_files(root)
+    first = files[sorted(files)[0]][0]
+    try:
+        with Image.open(first) as img:
+            mode, (w, h) = img.mode, img.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise AdvlabError(f"unreadable image {first}: {e}") from None
+    return (1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3), int(h), int(w)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .._util import AdvlabError, check_device, check_images, check_positive_int, model_device, unknown_name
+from ..models.loading import register_format
 
 
 class Defense(nn.Module):
@@ -154,6 +155,8 @@ def register_defense(name: str, description: str):
             raise TypeError(f"{cls.__name__} must subclass advlab.defenses.Defense")
         cls.name = name
         DEFENSES[name] = DefenseEntry(cls, description)
+        if cls.format:  # saved defenses open through the one model loader (advlab.models.load_model)
+            register_format(cls.format, cls.load)
         return cls
     return deco
 

@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._util import AdvlabError, check_images, check_labels, check_nonneg, check_positive_int, model_device
+from .._util import (AdvlabError, check_eps_units, check_images, check_labels, check_positive_int,
+                     format_eps, model_device, parse_eps)
 from ..attacks import APGD, FGSM, Square
 from ..attacks.dtypes import model_dtype, to_input_dtype
 from ..attacks.geometry import check_norm
@@ -152,12 +153,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
     y = as_tensor(y, "y", "class indices of shape (N,)")
     check_images(x, "x")
     norm = check_norm(norm)
-    eps = check_nonneg(eps, "eps")
+    eps = parse_eps(eps, "eps")  # a number, or text such as "8/255"
     steps = check_positive_int(steps, "steps")
     square_queries = check_positive_int(square_queries, "square_queries")
     targets = check_positive_int(targets, "targets")
     batch_size = check_positive_int(batch_size, "batch_size")
     eot_samples = check_positive_int(eot_samples, "eot_samples")
+    if sweep is not None:  # checked before any work (a bad value would otherwise fail after the battery)
+        if isinstance(sweep, (str, bytes)) or not hasattr(sweep, "__iter__"):
+            raise AdvlabError(f"sweep must be a sequence of eps values (finite numbers >= 0), got {sweep!r}")
+        sweep = [parse_eps(e, "sweep eps") for e in sweep]
     if x.shape[0] == 0:
         raise AdvlabError("x is an empty batch")
     if not isinstance(model, nn.Module):
@@ -168,6 +173,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
     if unknown or not attacks:
         raise AdvlabError(f"attacks must be a non-empty subset of {', '.join(BATTERY)}; unknown: {unknown}")
     t_all = time.perf_counter()
+    check_eps_units(eps, norm, x.shape[1:])  # 8 meant as 8/255: a warning that says so
     dev = model_device(model)
     x, y = x.detach().cpu(), y.detach().cpu()
     x_given, mdt = x, model_dtype(model)
@@ -263,33 +269,34 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
 
 
 
-def load_evaluated(path, device=None) -> nn.Module:
-    """A model checkpoint (:func:`advlab.train.save_checkpoint`) or a saved defense (any format of
-    the :data:`advlab.defenses.DEFENSES` registry), loaded weights-only."""
-    from ..defenses import DEFENSES
-    from ..train import load_checkpoint, read_checkpoint
+def load_evaluated(path, device=None, **options) -> nn.Module:
+    """Any model the one loader reads (:func:`advlab.eval.inputs.open_model`: an advlab checkpoint,
+    a saved defense of the :data:`advlab.defenses.DEFENSES` registry, a torch.export program,
+    TorchScript, ``module:factory`` with ``weights=``), weights-only; ``options`` are
+    :func:`advlab.models.load_model`'s (weights, mean, std, num_classes)."""
+    from .inputs import open_model
 
-    fmt = read_checkpoint(path).get("format")
-    for entry in DEFENSES.values():
-        if fmt == entry.cls.format:
-            return entry.cls.load(path, device=device)
-    return load_checkpoint(path, device=device)[0]
+    return open_model(path, device=device, **options).model
 
 
 def write_report(res: EvaluationResult, out_dir, name: str = "advlab evaluate", reported: Optional[float] = None,
-                 spec: Optional[Dict[str, Any]] = None):
+                 spec: Optional[Dict[str, Any]] = None, model: Optional[Dict[str, Any]] = None):
     """``results.json`` (RobustBench style: clean, each stage, the worst case, the reported number
     beside ours, flags, versions, seed), ``report.md`` and the accuracy-vs-eps PNG."""
     from .figures import line_chart
     from .report import Report
 
     rep = Report(out_dir, name, spec=spec or {}, seed=res.seed)
-    threat = f"L{'-inf' if res.norm == 'inf' else '2'} eps={res.eps:g}, white-box adaptive battery"
+    threat = f"L{'-inf' if res.norm == 'inf' else '2'} eps={format_eps(res.eps)}, white-box adaptive battery"
     rep.add_text(f"Threat model: {threat}; {res.n} images. Clean accuracy **{100 * res.clean_accuracy:.2f}%**, "
                  f"robust accuracy **{100 * res.robust_accuracy:.2f}%** (per-sample worst case over "
                  f"{', '.join(res.per_attack)})" + (f", reported {100 * reported:.2f}%" if reported is not None else "")
                  + (f"; {100 * res.detected:.2f}% of the images end rejected by the detector" if res.detected else "")
                  + ".")
+    if model:
+        rep.add_text(f"Model: {model.get('format')} `{model.get('source')}`"
+                     + (f" with weights `{model['weights']}`" if model.get("weights") else "")
+                     + (f"; the loader: {'; '.join(model['notes'])}" if model.get("notes") else "") + ".")
     rep.add_table("Battery (robust accuracy after each stage)", res.rows())
     if res.flags:
         rep.add_table("Gradient-masking flags", [f.to_dict() for f in res.flags], ["name", "message", "meaning"],
@@ -310,5 +317,8 @@ def write_report(res: EvaluationResult, out_dir, name: str = "advlab evaluate", 
     rep.results.update(res.to_dict())
     rep.results["robust_accuracy_reported"] = reported
     rep.results["threat_model"] = threat
+    rep.results["eps_255"] = res.eps * 255.0
+    if model:
+        rep.results["model"] = model
     rep.time("total", res.seconds.get("total", 0.0))
     return rep.save()

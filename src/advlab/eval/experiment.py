@@ -9,13 +9,19 @@ registry, and a list of attacks, each under a threat model:
     name: my evaluation
     seed: 0
     dataset: {name: mnist, folder: mnist-10k, n: 500, only_correct: true}   # digits needs no files
-    model: {checkpoint: lenet.pt}          # or {name: lenet5, train: {epochs: 3, lr: 0.003}}
+    model: {source: lenet.pt2}             # any model file, or {source: my_models:lenet, weights: lenet.pt},
+                                           # or {name: lenet5, train: {epochs: 3, lr: 0.003}}
     defense: {name: msvdd, params: {projections: 64}, beta: defense}   # optional
     attacks:
       - {name: FGSM, kind: fgsm, params: {eps: 0.3}}                  # white-box on the (defended) model
-      - {name: PGD, kind: pgd, params: {eps: 0.3, steps: 40}}
+      - {name: PGD, kind: pgd, params: {eps: 8/255, steps: 40}}     # eps: a number or a fraction
       - {name: PGD from surrogate, kind: pgd, params: {eps: 0.3}, threat: transfer, source: surrogate}
     reported: {PGD: 0.05}                   # optional: published robust accuracies, shown beside ours
+
+``model.source`` (``checkpoint`` is the same key) is read by the one model loader
+(:func:`advlab.eval.inputs.open_model`: advlab checkpoints, torch.export, TorchScript,
+``module:factory`` with ``weights``), with optional ``mean``, ``std`` and ``num_classes``. Budgets
+(``eps``, ``alpha``) may be written as fractions (``8/255``), read by :func:`advlab._util.parse_eps`.
 
 White-box attacks run on the defended model's ``forward`` (its differentiable scores), every
 attack is judged by the defended model's ``predict`` (``advlab.REJECT`` counts as detected), and
@@ -30,12 +36,13 @@ from typing import Any, Dict, Optional
 
 from torch import nn
 
-from .._util import AdvlabError
+from .._util import AdvlabError, check_eps_units, parse_eps
 from ..attacks import build_attack
 from ..data import load_dataset, shared_data_root, shared_folder, split_validation
 from ..defenses import build_defense, defense_class
-from ..models import build_model
-from ..train import accuracy, fit, load_checkpoint, predict, resolve_device
+from ..models import build_model, fit_model
+from ..train import accuracy, fit, predict, resolve_device
+from .inputs import open_model
 from .report import Report
 from .runner import AttackRun, Evaluation, pick_images, random_targets, run_attacks
 from .stages import stage
@@ -86,8 +93,18 @@ def validate(spec: Dict[str, Any]) -> None:
         raise unknown_name("dataset", d["name"], DATASETS)
     _int(d.get("n", 500), "dataset.n", 1)
     m = _mapping(spec.get("model"), "model")
-    if not m.get("checkpoint") and not m.get("name"):
-        raise AdvlabError("spec 'model' needs a 'checkpoint' path or a zoo 'name'")
+    if not m.get("source") and not m.get("checkpoint") and not m.get("name"):
+        raise AdvlabError("spec 'model' needs a 'source' (a model file or module:factory), a 'checkpoint' path or a "
+                          "zoo 'name'")
+    unknown_keys = set(m) - {"source", "checkpoint", "weights", "mean", "std", "num_classes", "name", "train"}
+    if unknown_keys:
+        raise AdvlabError(f"spec key 'model' has unknown key(s) {', '.join(sorted(map(str, unknown_keys)))}; valid: "
+                          "source (or checkpoint), weights, mean, std, num_classes, name, train")
+    if m.get("source") and m.get("checkpoint"):
+        raise AdvlabError("spec 'model' takes 'source' or 'checkpoint' (the same thing), not both")
+    for key in ("source", "checkpoint", "weights"):
+        if m.get(key) is not None and not isinstance(m[key], str):
+            raise AdvlabError(f"spec key 'model.{key}' must be a path or module:factory string, got {m[key]!r}")
     _mapping(m.get("train"), "model.train")
     dspec = _mapping(spec.get("defense"), "defense")
     if dspec:
@@ -112,7 +129,7 @@ def validate(spec: Dict[str, Any]) -> None:
         if not a.get("kind") or not isinstance(a["kind"], str):
             raise AdvlabError(f"spec key {where!r} needs a 'kind' (an attack name, e.g. pgd)")
         attack_class(a["kind"])
-        params = _mapping(a.get("params"), f"{where}.params")
+        params = _budgets(_mapping(a.get("params"), f"{where}.params"), f"{where}.params")
         threat = a.get("threat", "white-box")
         if threat not in THREATS:
             raise AdvlabError(f"spec key '{where}.threat' must be one of {', '.join(THREATS)}, got {threat!r}")
@@ -137,16 +154,28 @@ def validate(spec: Dict[str, Any]) -> None:
     _mapping(spec.get("reported"), "reported")
 
 
+def _budgets(params: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """``params`` with ``eps``/``alpha`` read by the one eps parser (``8/255``, ``0.3``, ``2e-2``)."""
+    out = dict(params)
+    for key in ("eps", "alpha"):
+        if isinstance(out.get(key), str):
+            out[key] = parse_eps(out[key], f"{where}.{key}")
+    return out
+
+
 #: the models an attack may be crafted on (``source:``)
 SOURCES = ("model", "defense", "surrogate")
 
 
-def _model(spec: Dict[str, Any], train, device, seed: int):
+def _model(spec: Dict[str, Any], train, test, device, seed: int):
     m = _section(spec, "model")
-    if m.get("checkpoint"):
-        return load_checkpoint(m["checkpoint"], device=device)[0]
+    if m.get("source") or m.get("checkpoint"):
+        loaded = open_model(m.get("source") or m["checkpoint"], m.get("weights"), mean=m.get("mean"), std=m.get("std"),
+                            num_classes=m.get("num_classes"), device=device)
+        return fit_model(loaded, test.images[:2], where=f" from {test.name}").model
     if not m.get("name"):
-        raise AdvlabError("spec 'model' needs a 'checkpoint' path or a zoo 'name'")
+        raise AdvlabError("spec 'model' needs a 'source' (a model file or module:factory), a 'checkpoint' path or a "
+                          "zoo 'name'")
     mean, std = train.channel_stats()
     model = build_model(m["name"], train.num_classes, train.in_shape, mean=mean, std=std, seed=seed).to(device)
 
@@ -169,7 +198,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                              shared_folder(shared_data_root(data_root), d["name"], d.get("folder")))
     train, test = load_dataset(d["name"], root, "train"), load_dataset(d["name"], root, "test")
     device = resolve_device(device)
-    model = _model(spec, train, device, seed).eval()
+    model = _model(spec, train, test, device, seed).eval()
     target, source = model, {"model": model}
     dspec = _section(spec, "defense")
     if dspec:
@@ -191,8 +220,11 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
             raise AdvlabError(f"attack {a.get('name')!r}: unknown source {src!r}; valid: "
                               + ", ".join(k for k, v in source.items() if v is not None))
         targets = random_targets(y, train.num_classes, seed) if a.get("targeted") else None
-        runs.append(AttackRun(a.get("name", a["kind"]), build_attack(a["kind"], source[src], **(a.get("params") or {})),
-                              threat, targets))
+        params = _budgets(a.get("params") or {}, f"attacks[{len(runs)}].params")
+        for key in ("eps",):
+            if key in params:
+                check_eps_units(params[key], params.get("norm", "inf"), x.shape[1:])
+        runs.append(AttackRun(a.get("name", a["kind"]), build_attack(a["kind"], source[src], **params), threat, targets))
     if not runs:
         raise AdvlabError("spec has no attacks")
     ev = Evaluation.from_state(stage("attacks", lambda: run_attacks(
