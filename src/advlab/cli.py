@@ -584,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bound)
 
     s = sub.add_parser("defend", help="build a defended model from a checkpoint and write its report")
-    s.add_argument("defense", help="defense name: msvdd")
+    s.add_argument("defense", help="defense name: msvdd, pcl, idefender or vib (advlab.defenses.DEFENSES)")
     s.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="CHECKPOINT",
                    help="an advlab checkpoint of a zoo model (advlab train)")
     s.add_argument("--dataset", default=None)
