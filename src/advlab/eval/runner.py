@@ -240,7 +240,7 @@ def survivor_chain(runs: Sequence[AttackRun], x: torch.Tensor, y: torch.Tensor, 
     detection: the image stays in the chain, and a later link may still break it); without
     ``start`` the clean-misclassified images count as broken from the outset; with ``start`` (an
     earlier result on all of ``x``, e.g. the :func:`worst_case` of attacks run on every image)
-    exactly the images whose adversarial there was classified correctly go on. ``clean``: the
+    exactly the images whose adversarial there was classified correctly or rejected go on. ``clean``: the
     judge's labels for ``x`` when the caller has them already (a randomized judge is then not
     asked twice). An :class:`Attack` link runs through :meth:`Attack.run` (its targets indexed
     along); a function link ``(x, y) -> x_adv`` is judged here. Returns a :class:`Chain`."""
@@ -253,8 +253,9 @@ def survivor_chain(runs: Sequence[AttackRun], x: torch.Tensor, y: torch.Tensor, 
     if start is None:
         broken, x_adv, adv_pred = clean != y, x.clone(), clean.clone()
     else:
-        broken, adv_pred = start.adv_pred != y, start.adv_pred.clone()
-        detected = start.detected & ~broken
+        # a rejection in ``start`` is a detection, as in a link: not broken (never a success), stays in
+        broken, adv_pred = (start.adv_pred != y) & ~start.detected, start.adv_pred.clone()
+        detected = start.detected.clone()
         x_adv = start.adversarials.clone() if start.adversarials is not None else x.clone()
     stages: Dict[str, float] = {}
     results: Dict[str, AttackResult] = {}
