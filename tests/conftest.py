@@ -80,15 +80,40 @@ def _trained(cache_dir: Path, key: str, build, data_files=()):
     return model
 
 
+def _model_state(m) -> tuple:
+    return tuple(x.training for x in m.modules()), tuple(p.requires_grad for p in m.parameters())
+
+
 @pytest.fixture(autouse=True)
 def _shared_models_untouched():
-    """Fail the test that leaves ``.grad`` on a shared model (rather than a later test that checks
-    its attack left none), and clear it so the rest of the session is unaffected."""
+    """Fail the test that leaves ``.grad`` on a shared model, or leaves it in another train/eval mode
+    or with other ``requires_grad`` flags (rather than a later test that depends on them), and
+    undo it so the rest of the session is unaffected, in any test order."""
+    before = {id(m): _model_state(m) for m in _SHARED_MODELS}
     yield
     dirty = [m for m in _SHARED_MODELS if any(p.grad is not None for p in m.parameters())]
     for m in dirty:
         m.zero_grad(set_to_none=True)
+    changed = []
+    for m in _SHARED_MODELS:   # a model first built during this test was built in eval mode
+        modes, flags = before.get(id(m), ((False,) * len(list(m.modules())), (True,) * len(list(m.parameters()))))
+        if _model_state(m) != (modes, flags):
+            changed.append(m)
+            for x, t in zip(m.modules(), modes):
+                x.training = t
+            for p, f in zip(m.parameters(), flags):
+                p.requires_grad_(f)
     assert not dirty, "this test left .grad on a shared trained model (differentiate w.r.t. the input only)"
+    assert not changed, ("this test left a shared trained model in another train/eval mode or with other "
+                         "requires_grad flags (restore them in a finally)")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The test order's seed, also under ``-q`` (which hides pytest-randomly's header line), so that
+    an order-dependent failure in CI can be replayed."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and config.pluginmanager.has_plugin("randomly"):
+        terminalreporter.write_line(f"test order: pytest-randomly seed {seed} (replay with --randomly-seed={seed})")
 
 
 @pytest.fixture(scope="session")

@@ -60,31 +60,42 @@ def test_batches_are_clean_and_adversarial_one_to_one(lenet_digits, digits_data)
     assert lenet_digits.training is False and all(p.requires_grad for p in lenet_digits.parameters())
 
 
+def _pcl_pgd_acc(d, test, eps=0.1):
+    x, y = test.images[:200], test.labels[:200]
+    return PGD(d, eps=eps, steps=10, seed=0).run((x, y), predict_fn=d.predict).robust_accuracy
+
+
 def test_pcl_adversarial_training_on_joint_loss(digits_data):
     train, test = digits_data
-    m = build_model("lenet5", 10, (1, 8, 8), seed=0)
-    d = PCLDefense.fit(m, train, warmup_epochs=3, pc_epochs=2, lr=0.05, batch_size=64, seed=0,
-                       adversarial="fgsm", adv_eps=(0.05, 0.25), adv_objective="joint")
+    kw = dict(warmup_epochs=3, pc_epochs=2, lr=0.05, batch_size=64, seed=0)
+    d = PCLDefense.fit(build_model("lenet5", 10, (1, 8, 8), seed=0), train, adversarial="fgsm",
+                       adv_eps=(0.05, 0.25), adv_objective="joint", **kw)
     rec = d.history["pc"][0]
     assert rec["adversarial"] == "fgsm" and rec["adv_objective"] == "joint"
-    assert accuracy(d, test) > 0.6
+    assert accuracy(d, test) > 0.8                                    # measured 0.87
+    # robustness: PGD at eps 0.1 against the same PCL training without adversarial batches
+    # (measured 0.47 vs 0.28 robust accuracy; at eps 0.15, 0.19 vs 0.08)
+    plain = PCLDefense.fit(build_model("lenet5", 10, (1, 8, 8), seed=0), train, **kw)
+    a_adv, a_plain = _pcl_pgd_acc(d, test), _pcl_pgd_acc(plain, test)
+    assert a_adv >= a_plain + 0.1, (a_adv, a_plain)
     r = d.train_pc(train, 1, adversarial="pgd", adv_eps=0.1, adv_steps=3, adv_objective="ce", lr=0.01,
                    batch_size=64, phase="adv")
     assert d.history["adv"][0] is r and r["epochs"] == 1
+    assert _pcl_pgd_acc(d, test) >= a_adv                             # a PGD epoch more: measured 0.54
 
 
 def test_bad_inputs(lenet_digits):
     assert check_eps_range(0.3) == (0.3, 0.3) and check_eps_range([0.1, 0.5]) == (0.1, 0.5)
     for bad in (-0.1, (0.5, 0.1), (-1, 0.2), "x", (0.1,)):
-        with pytest.raises(AdvlabError, match="eps"):
+        with pytest.raises(AdvlabError, match=r"^eps (range )?must"):
             check_eps_range(bad)
-    with pytest.raises(AdvlabError, match="attack"):
+    with pytest.raises(AdvlabError, match=r"^attack must be 'fgsm' or 'pgd', got 'cw'"):
         AdversarialBatches(lenet_digits, attack="cw")
     with pytest.raises(AdvlabError, match="mix"):
         AdversarialBatches(lenet_digits, mix="half")
     with pytest.raises(AdvlabError, match="objective"):
         AdversarialBatches(lenet_digits, objective="hinge")
-    with pytest.raises(AdvlabError, match="steps"):
+    with pytest.raises(AdvlabError, match=r"^steps must be an integer >= 1, got 0"):
         AdversarialBatches(lenet_digits, steps=0)
     with pytest.raises(AdvlabError, match="model"):
         AdversarialBatches("lenet5")

@@ -4,6 +4,8 @@ against PGD on LeNet-5/digits, argument errors."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -248,12 +250,12 @@ def test_success_rules():
         x_adv = APGD(model, eps=0.3, steps=20, early_stop=early_stop)(x, y)
         assert torch.equal(x_adv[:4], x[:4])
         ok = is_success(predict(model, x_adv), y)
-        assert ok[:4].all() and ok[4:].any()
+        assert ok[:4].all() and int(ok[4:].sum()) >= 11, ok   # measured: 12 of 12, with and without early stop
     # targeted: the goal is the target class (this model only ever predicts classes 0 and 1)
     target = 1 - pred
     x_adv = APGD(model, eps=0.5, steps=30)(x, y, target=target)
     hit = predict(model, x_adv) == target
-    assert hit.float().mean() >= 0.5
+    assert hit.float().mean() >= 0.9   # measured 1.00 (16 of 16)
     # a success is exactly a hit of the target (another wrong class does not count)
     assert torch.equal(is_success(predict(model, x_adv), y, target), hit)
 
@@ -308,7 +310,9 @@ def test_stronger_than_pgd_on_digits(lenet_digits, digits200):
                                     {"restarts": 0}, {"rho": 1.5}, {"rho": -0.1}, {"targeted_classes": 0},
                                     {"eot_iter": 0}, {"eps": -1.0}, {"steps": 2.5}])
 def test_bad_arguments(kwargs):
-    with pytest.raises(AdvlabError):
+    (name, value), = kwargs.items()
+    # the message names the argument first and quotes the value given: "rho must be in [0, 1], got 1.5"
+    with pytest.raises(AdvlabError, match=rf"^{name} must be .*, got {re.escape(repr(value))}$"):
         APGD(tiny_model(), **kwargs)
 
 
@@ -318,7 +322,7 @@ def test_bad_calls():
         APGD(tiny_model(classes=2), loss="dlr")(x, y)
     with pytest.raises(AdvlabError, match="4 classes"):
         APGD(tiny_model(classes=3), loss="dlr-targeted")(x, y)
-    with pytest.raises(AdvlabError):
+    with pytest.raises(AdvlabError, match=r"^y must have shape \(2,\), got shape \(3,\)"):
         APGD(tiny_model())(x, labels(3))
-    with pytest.raises(AdvlabError):
+    with pytest.raises(AdvlabError, match=r"^steps must be an integer >= 1, got 0"):
         apgd_checkpoints(0)

@@ -309,25 +309,25 @@ def test_callable_loss():
 
 # --------------------------------------------------------------------------- input errors
 
-@pytest.mark.parametrize("call, match", [
-    (lambda m, x, y: PGD(m, eps=0.1)(x * float("nan"), y), "NaN"),
-    (lambda m, x, y: PGD(m, eps=0.1)(x + 1.5, y), r"\[0, 1\]"),
-    (lambda m, x, y: PGD(m, eps=0.1)(x[0], y), "shape"),
-    (lambda m, x, y: PGD(m, eps=0.1)((x * 255).long(), y), "floating"),
-    (lambda m, x, y: PGD(m, eps=0.1)(x, y + 10), "labels outside"),
-    (lambda m, x, y: PGD(m, eps=0.1)(x, y.float()), "integer"),
-    (lambda m, x, y: PGD(m, eps=0.1)(x, y[:2]), "shape"),
-    (lambda m, x, y: PGD(m, eps=0.1)(x, y, target=y + 7), "target"),
-    (lambda m, x, y: PGD(m, eps=-0.1), "eps"),
-    (lambda m, x, y: FGSM(m, eps=float("nan")), "eps"),
-    (lambda m, x, y: PGD(m, eps=0.1, steps=0), "steps"),
-    (lambda m, x, y: BIM(m, eps=0.1, alpha=-1.0), "alpha"),
-    (lambda m, x, y: PGD(m, eps=0.1, norm="1"), "norm"),
-    (lambda m, x, y: MIM(m, eps=0.1, loss="hinge"), "loss"),
-    (lambda m, x, y: MIM(m, eps=0.1, decay=-1), "decay"),
-    (lambda m, x, y: PGD(m, eps=0.1, restarts=3, random_start=False), "restarts"),
-    (lambda m, x, y: PGD(m, eps=0.1, restarts=0), "restarts"),
-    (lambda m, x, y: PGD("not a model", eps=0.1), "model"),
+@pytest.mark.parametrize("call, match", [   # the message names the argument first, then what was wrong
+    (lambda m, x, y: PGD(m, eps=0.1)(x * float("nan"), y), r"^x contains NaN"),
+    (lambda m, x, y: PGD(m, eps=0.1)(x + 1.5, y), r"^x must hold pixel values in \[0, 1\]"),
+    (lambda m, x, y: PGD(m, eps=0.1)(x[0], y), r"^x must have shape \(N, C, H, W\)"),
+    (lambda m, x, y: PGD(m, eps=0.1)((x * 255).long(), y), r"^x must be a floating-point tensor"),
+    (lambda m, x, y: PGD(m, eps=0.1)(x, y + 10), r"^y holds labels outside \[0, 4\]"),
+    (lambda m, x, y: PGD(m, eps=0.1)(x, y.float()), r"^y must be an integer tensor"),
+    (lambda m, x, y: PGD(m, eps=0.1)(x, y[:2]), r"^y must have shape \(4,\), got shape \(2,\)"),
+    (lambda m, x, y: PGD(m, eps=0.1)(x, y, target=y + 7), r"^target holds labels outside \[0, 4\]"),
+    (lambda m, x, y: PGD(m, eps=-0.1), r"^eps must be a finite number >= 0, got -0\.1"),
+    (lambda m, x, y: FGSM(m, eps=float("nan")), r"^eps must be a finite number >= 0, got nan"),
+    (lambda m, x, y: PGD(m, eps=0.1, steps=0), r"^steps must be an integer >= 1, got 0"),
+    (lambda m, x, y: BIM(m, eps=0.1, alpha=-1.0), r"^alpha must be"),
+    (lambda m, x, y: PGD(m, eps=0.1, norm="1"), r"^norm must be 'inf' or '2', got '1'"),
+    (lambda m, x, y: MIM(m, eps=0.1, loss="hinge"), r"^loss must be one of .*, got 'hinge'"),
+    (lambda m, x, y: MIM(m, eps=0.1, decay=-1), r"^decay must be"),
+    (lambda m, x, y: PGD(m, eps=0.1, restarts=3, random_start=False), r"^restarts > 1 needs random_start=True"),
+    (lambda m, x, y: PGD(m, eps=0.1, restarts=0), r"^restarts must be an integer >= 1"),
+    (lambda m, x, y: PGD("not a model", eps=0.1), r"^model must be a torch\.nn\.Module, got str"),
 ])
 def test_bad_input(call, match):
     m, x, y = tiny_model(), images(4), labels(4)

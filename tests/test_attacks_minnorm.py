@@ -180,7 +180,7 @@ def test_deepfool_mnist_success_and_norm_below_pgd(lenet_mnist, mnist100, pgd_l2
 
 def test_deepfool_rejects_target(lenet_digits, digits64):
     x, y = digits64
-    with pytest.raises(AdvlabError, match="target"):
+    with pytest.raises(AdvlabError, match=r"DeepFool does not support targeted attacks \(target=\)"):
         DeepFool(lenet_digits)(x, y, target=(y + 1) % 10)
 
 
@@ -236,11 +236,11 @@ def test_jsma_mnist_success_with_few_pixels(lenet_mnist, mnist100):
 def test_jsma_logit_variant_and_negative_theta(lenet_digits, digits64):
     x, y = digits64
     r = JSMA(lenet_digits, gamma=0.3, use_logits=True).run((x, y), keep_adversarials=True)
-    assert r.success_rate >= 0.5
+    assert r.success_rate >= 0.9        # measured 0.94 (60 of 64)
     assert (r.l0 <= 0.3 * 64).all()
     xa = JSMA(lenet_digits, theta=-1.0, gamma=0.3)(x, y)
     assert ((xa - x) <= 0).all()
-    assert (_pred(lenet_digits, xa) != y).float().mean() >= 0.5
+    assert (_pred(lenet_digits, xa) != y).float().mean() >= 0.95   # measured 1.00
 
 
 def _brute_pairs(alpha, beta, domain):
@@ -304,24 +304,36 @@ ATTACKS = {
     "jsma": lambda m: JSMA(m, gamma=0.2),
 }
 
+#: the settings above on ``digits64``, measured: success rate and mean L2 of the successes (JSMA:
+#: mean L0, its own norm) -> cw 0.98, 0.84; deepfool 1.00, 0.46; lbfgs 1.00, 0.63; jsma 0.97, L0 3.9
+#: (of the 12 pixels gamma allows). The bounds leave a few failures and 20-50% of norm as margin.
+MIN_SUCCESS = 0.92
+MAX_MEAN_NORM = {"cw": ("l2", 1.0), "deepfool": ("l2", 0.6), "lbfgs": ("l2", 0.8), "jsma": ("l0", 6.0)}
+
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_box_failures_unchanged_determinism_and_model_untouched(name, lenet_digits, digits64):
     x, y = digits64
     model = lenet_digits
-    model.train()
     flags = [p.requires_grad for p in model.parameters()]
     atk = ATTACKS[name](model)
-    xa = atk(x, y)
-    assert model.training
-    model.eval()
+    model.train()
+    try:
+        xa = atk(x, y)
+        assert model.training
+    finally:
+        model.eval()   # the shared model goes back to eval mode even when the attack fails
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
     assert xa.shape == x.shape and xa.dtype == x.dtype
     assert xa.min() >= 0 and xa.max() <= 1
     pred = _pred(model, xa)
     target_reached = pred != y
-    assert target_reached.float().mean() >= 0.5
+    assert target_reached.float().mean() >= MIN_SUCCESS
+    d = (xa - x).flatten(1)[target_reached]
+    kind, bound = MAX_MEAN_NORM[name]
+    mean_norm = float((d != 0).sum(1).float().mean() if kind == "l0" else d.norm(dim=1).mean())
+    assert mean_norm <= bound, (kind, mean_norm)
     # anything that is not adversarial is returned exactly unchanged
     assert torch.equal(xa[~target_reached], x[~target_reached])
     assert torch.equal(atk(x, y), xa)
@@ -360,7 +372,7 @@ def test_box_holds_for_images_at_the_bounds(lenet_digits, digits64):
 ])
 def test_bad_parameters_raise(make, kwargs, lenet_digits):
     name = next(iter(kwargs))
-    with pytest.raises(AdvlabError, match=name):
+    with pytest.raises(AdvlabError, match=rf"^{name} must be"):
         make(lenet_digits, **kwargs)
 
 
@@ -368,14 +380,14 @@ def test_bad_parameters_raise(make, kwargs, lenet_digits):
 def test_bad_inputs_raise(make, lenet_digits, digits64):
     x, y = digits64
     atk = make(lenet_digits)
-    with pytest.raises(AdvlabError, match="x"):
+    with pytest.raises(AdvlabError, match=r"^x must hold pixel values in \[0, 1\]"):
         atk(x * 2, y)
-    with pytest.raises(AdvlabError, match="y"):
+    with pytest.raises(AdvlabError, match=r"^y must have shape \(64,\), got shape \(63,\)"):
         atk(x, y[:-1])
-    with pytest.raises(AdvlabError, match="y"):
+    with pytest.raises(AdvlabError, match=r"^y holds labels outside \[0, 9\]"):
         atk(x, y + 10)
     if make.supports_targeted:
-        with pytest.raises(AdvlabError, match="target"):
+        with pytest.raises(AdvlabError, match=r"^target holds labels outside \[0, 9\]"):
             atk(x, y, target=y + 10)
 
 

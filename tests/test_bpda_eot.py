@@ -4,6 +4,7 @@ LeNet-5 of the 8x8 digits, and the wrapped model is left as it was."""
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 import pytest
@@ -341,21 +342,23 @@ def test_wrappers_leave_the_model_unchanged(net, digits_test, training):
     noisy = Noisy(model)
     before = {k: v.clone() for k, v in noisy.state_dict().items()}
     flags = [p.requires_grad for p in noisy.parameters()]
-    noisy.train(training)
-    for wrapper in (BPDA(model, ["quant"]), BPDA(net, input_transform=quantise), EoT(noisy, 4),
-                    EoT(BPDA(noisy, ["model.quant"]), 3), BPDA(EoT(noisy, 2), ["model.model.quant"])):
-        PGD(wrapper, eps=0.3, steps=3, seed=0)(x, y)
-        input_grad(wrapper, x, y)
-        find_gradient_killers(wrapper, x[:8])
-        auto_bpda(wrapper, x[:8], y[:8])
-        assert no_hooks(noisy)
-        assert noisy.training == training and all(m.training == training for m in noisy.modules())
-        assert [p.requires_grad for p in noisy.parameters()] == flags
-        assert all(p.grad is None for p in noisy.parameters())
-        for k, v in noisy.state_dict().items():
-            assert torch.equal(v, before[k])
-        assert set(vars(model.quant)) == set(vars(Quantise()))
-    noisy.eval()
+    noisy.train(training)   # the shared LeNet inside too: back to eval mode in the finally, pass or fail
+    try:
+        for wrapper in (BPDA(model, ["quant"]), BPDA(net, input_transform=quantise), EoT(noisy, 4),
+                        EoT(BPDA(noisy, ["model.quant"]), 3), BPDA(EoT(noisy, 2), ["model.model.quant"])):
+            PGD(wrapper, eps=0.3, steps=3, seed=0)(x, y)
+            input_grad(wrapper, x, y)
+            find_gradient_killers(wrapper, x[:8])
+            auto_bpda(wrapper, x[:8], y[:8])
+            assert no_hooks(noisy)
+            assert noisy.training == training and all(m.training == training for m in noisy.modules())
+            assert [p.requires_grad for p in noisy.parameters()] == flags
+            assert all(p.grad is None for p in noisy.parameters())
+            for k, v in noisy.state_dict().items():
+                assert torch.equal(v, before[k])
+            assert set(vars(model.quant)) == set(vars(Quantise()))
+    finally:
+        noisy.eval()
 
 
 def test_hooks_are_removed_after_an_error(net, digits_test):
@@ -397,7 +400,7 @@ def test_bad_input_raises(net, digits_test):
         BPDA(model, [nn.ReLU()])
     with pytest.raises(AdvlabError, match="needs layers"):
         BPDA(model)
-    with pytest.raises(AdvlabError, match="must not be empty"):
+    with pytest.raises(AdvlabError, match=r"layer name must not be empty"):
         BPDA(model, [""])
     with pytest.raises(AdvlabError, match="torch.nn.Module"):
         BPDA(lambda t: t, ["quant"])
@@ -419,7 +422,7 @@ def test_bad_input_raises(net, digits_test):
     with pytest.raises(AdvlabError, match="no detector"):
         BPDA(model, ["quant"]).detect(x)
     for bad in (0, -1, 1.5, True, "3"):
-        with pytest.raises((AdvlabError, ValueError)):
+        with pytest.raises(AdvlabError, match=rf"^samples must be an integer >= 1, got {re.escape(repr(bad))}$"):
             EoT(net, samples=bad)
     with pytest.raises(AdvlabError, match="average must be"):
         EoT(net, average="mean")
@@ -429,15 +432,15 @@ def test_bad_input_raises(net, digits_test):
         EoT(None)
     with pytest.raises(AdvlabError, match="no layer named"):
         find_gradient_killers(model, x, names=["nope"])
-    with pytest.raises(AdvlabError, match=r"\[0, 1\]"):
+    with pytest.raises(AdvlabError, match=r"^x must hold pixel values in \[0, 1\]"):
         find_gradient_killers(model, x * 2)
-    with pytest.raises(AdvlabError, match="empty"):
+    with pytest.raises(AdvlabError, match=r"^x is an empty batch"):
         find_gradient_killers(model, x[:0])
     with pytest.raises(AdvlabError, match="min_fraction"):
         find_gradient_killers(model, x, min_fraction=0)
-    with pytest.raises(AdvlabError, match="shape"):
+    with pytest.raises(AdvlabError, match=r"^y must have shape \(8,\), got shape \(3,\)"):
         auto_bpda(model, x, y[:3])
-    with pytest.raises(AdvlabError, match="threshold"):
+    with pytest.raises(AdvlabError, match=r"^threshold must be in \[0, 1\)"):
         auto_bpda(model, x, y, threshold=1.0)
     with pytest.raises(AdvlabError, match="max_rounds"):
         auto_bpda(model, x, y, max_rounds=0)

@@ -229,18 +229,19 @@ def test_bad_input_raises(plain, digits_test):
     x, y = x[:4], y[:4]
     for fn in (lambda m, xx, yy: zero_gradient_fraction(m, xx, yy), lambda m, xx, yy: output_kind(m, xx),
                lambda m, xx, yy: is_randomized(m, xx), lambda m, xx, yy: model_checks(m, xx, yy)):
-        with pytest.raises(AdvlabError, match="empty"):
+        with pytest.raises(AdvlabError, match=r"^x is an empty batch"):
             fn(plain, x[:0], y[:0])
-        with pytest.raises(AdvlabError, match=r"\[0, 1\]"):
+        with pytest.raises(AdvlabError, match=r"^x must hold pixel values in \[0, 1\]"):
             fn(plain, x * 2, y)
-        with pytest.raises(AdvlabError, match="shape"):
+        with pytest.raises(AdvlabError, match=r"^x must have shape \(N, C, H, W\)"):
             fn(plain, x[:, 0], y)
         with pytest.raises(AdvlabError, match="torch.nn.Module"):
             fn(lambda t: t, x, y)
-    for bad_y in (y[:3], y.float(), y + 10):
-        with pytest.raises(AdvlabError, match="y"):
+    for bad_y, needle in ((y[:3], r"^y must have shape \(4,\), got shape \(3,\)"),
+                          (y.float(), r"^y must be an integer tensor"), (y + 10, r"^y holds labels outside \[0, 9\]")):
+        with pytest.raises(AdvlabError, match=needle):
             zero_gradient_fraction(plain, x, bad_y)
-        with pytest.raises(AdvlabError, match="y"):
+        with pytest.raises(AdvlabError, match=needle):
             model_checks(plain, x, bad_y)
     with pytest.raises(AdvlabError, match="loss"):
         zero_gradient_fraction(plain, x, y, loss="hinge")
@@ -249,7 +250,7 @@ def test_bad_input_raises(plain, digits_test):
     with pytest.raises(AdvlabError, match="zero_grad_threshold"):
         model_checks(plain, x, y, zero_grad_threshold=1.5)
     assert output_kind(nn.Flatten(), x) == "logits"  # (N, 64) scores are fine ...
-    with pytest.raises(AdvlabError, match="shape"):
+    with pytest.raises(AdvlabError, match=r"model must return scores of shape \(4, K\)"):
         output_kind(nn.Identity(), x)  # ... (N, C, H, W) is not a score matrix
     with pytest.raises(AdvlabError, match="percentage"):
         attack_checks({"FGSM": 30.0, "PGD": 50.0})
@@ -261,7 +262,7 @@ def test_bad_input_raises(plain, digits_test):
         eps_sweep_check([], [])
     with pytest.raises(AdvlabError, match="distinct"):
         eps_sweep_check([0.1, 0.1], [0.5, 0.4])
-    with pytest.raises(AdvlabError, match=r"\[0, 1\]"):
+    with pytest.raises(AdvlabError, match=r"^robust_acc\[1\] must be a robust accuracy in \[0, 1\]"):
         eps_sweep_check([0.1, 0.2], [0.5, 1.4])
     with pytest.raises(AdvlabError, match="NaN"):
         eps_sweep_check([0.1, 0.2], [0.5, math.nan])

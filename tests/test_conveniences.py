@@ -14,6 +14,7 @@ from advlab._util import AdvlabError
 from advlab.attacks import PGD, DeepFool, build_attack
 from advlab.streaming import own_batches
 from advlab.eval import SweepResult, eps_sweep, evaluate
+from advlab.train import predict
 
 from helpers import images, labels, tiny_model
 
@@ -93,7 +94,10 @@ def test_model_and_images_of_different_float_dtypes(model_dtype, x_dtype):
     xa = PGD(model, eps=0.05, steps=3, seed=0)(x, y)
     assert xa.dtype == x_dtype and (xa - x).abs().max() <= 0.05 and (xa != x).any()
     res = PGD(model, eps=0.05, steps=3, seed=0).run((x, y), batch_size=8)
-    assert len(res) == 12 and res.clean_accuracy == res.clean_accuracy
+    # the clean predictions are the model's own, in its dtype (measured accuracy: 0/12 and 3/12)
+    clean = predict(model, x.to(model_dtype))
+    assert len(res) == 12 and torch.equal(res.clean_pred, clean)
+    assert res.clean_accuracy == pytest.approx(float((clean == y).float().mean()))
     assert DeepFool(model, steps=5)(x, y).dtype == x_dtype
 
 
@@ -372,5 +376,6 @@ def test_cli_attack_with_a_list_of_eps_writes_a_sweep(digits_model, tmp_path, ca
     assert main(["attack", "--checkpoint", str(ckpt), "--attack", "pgd", "--eps", "0.1,-0.2", "--n", "20",
                  "--out", str(tmp_path / "bad"), "--quiet"]) == 2
     assert "--eps must be finite and >= 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         main(["attack", "--checkpoint", str(ckpt), "--attack", "pgd", "--eps", "0.1,abc"])
+    assert exit_.value.code == 2 and "argument --eps: invalid eps '0.1,abc'" in capsys.readouterr().err

@@ -113,7 +113,7 @@ def test_pyramid_depth_follows_image_size():
         cw_ssim(torch.rand(1, 1, 8, 8), torch.rand(2, 1, 8, 8))
     with pytest.raises(AdvlabError, match="orientations"):
         CWSSIM(orientations=1)
-    with pytest.raises(AdvlabError, match="K must be > 0"):
+    with pytest.raises(AdvlabError, match=r"^K must be > 0"):
         CWSSIM(K=0)
 
 
@@ -183,7 +183,7 @@ def test_rank_pmf_and_k_anonymity():
     assert k_anonymity_violation(at_two, 5) == pytest.approx(0.9 - 0.2)
     with pytest.raises(AdvlabError, match="ranks must lie"):
         rank_pmf(torch.tensor([0, 1]), 10)
-    with pytest.raises(AdvlabError, match="empty"):
+    with pytest.raises(AdvlabError, match=r"^ranks is empty"):
         rank_pmf(torch.tensor([], dtype=torch.long), 10)
     with pytest.raises(AdvlabError, match="sum"):
         satisfies_k_anonymity(torch.tensor([0.5, 0.2]), 2)

@@ -104,5 +104,5 @@ def test_normalize():
     n = Normalize([0.5, 0.25], [0.5, 0.25])
     x = torch.ones(1, 2, 2, 2)
     assert torch.allclose(n(x)[0, 0], torch.ones(2, 2)) and torch.allclose(n(x)[0, 1], 3 * torch.ones(2, 2))
-    with pytest.raises(ValueError):
+    with pytest.raises(AdvlabError, match=r"^std must be > 0"):
         Normalize(0.0, 0.0)

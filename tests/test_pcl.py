@@ -142,7 +142,7 @@ def test_save_load_round_trip(tmp_path, digits_data):
         PCLDefense.load(tmp_path / "u.pt")
     assert PCLDefense.load(tmp_path / "u.pt", model=UserNet()).dims == [16]
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(AdvlabError):
+    with pytest.raises(AdvlabError, match=r"cannot read PCL defense .*bad\.pt: corrupt"):
         PCLDefense.load(tmp_path / "bad.pt")
 
 
@@ -165,7 +165,7 @@ def test_registry_presets_and_bad_options(digits_data):
     d = PCLDefense(m)
     with pytest.raises(AdvlabError, match="rule"):
         d.predict(digits_data[1].images[:2], rule="vote")
-    with pytest.raises(AdvlabError, match="adversarial"):
+    with pytest.raises(AdvlabError, match=r"^adversarial must be None, 'fgsm' or 'pgd'"):
         d.train_pc(digits_data[0], 1, adversarial="cw")
     with pytest.raises(AdvlabError, match="labels"):
         PCLDefense.fit(m, (torch.rand(8, 1, 8, 8), torch.full((8,), 12)), warmup_epochs=0, pc_epochs=1)

@@ -113,8 +113,14 @@ def test_loop_early_stop_returns_the_judged_iterate(lenet_digits, digits_data):
 
 
 def test_every_registered_attack_builds_and_unknown_names_fail(lenet_digits):
-    for name in ATTACKS:
-        assert build_attack(name, lenet_digits) is not None
+    for name, (cls_name, fixed) in ATTACKS.items():
+        atk = build_attack(name, lenet_digits)
+        # the registered class on the given model, with the name's fixed settings (pgd-l2 is PGD in L2)
+        assert type(atk).__name__ == cls_name and atk.model is lenet_digits, name
+        assert {k: getattr(atk, k) for k in fixed} == fixed, name
+    # the caller's parameters reach the attack, beside the fixed ones
+    atk = build_attack("square-l2", lenet_digits, eps=0.7, queries=12)
+    assert (atk.eps, atk.queries, atk.norm) == (0.7, 12, "2")
     with pytest.raises(AdvlabError, match="unknown attack 'nope'"):
         build_attack("nope", lenet_digits)
     with pytest.raises(AdvlabError, match="does not take 'steps'"):
@@ -170,3 +176,26 @@ def test_data_root_honours_the_argument_and_the_environment(tmp_path, monkeypatc
         shared_data_root(tmp_path / "absent")
 
 
+
+
+def test_a_wrapper_in_train_mode_leaves_its_backbone_in_eval_mode():
+    """The attacks, the checks, evaluate and predict put the model in eval mode and then give every
+    submodule back its own flag: a backbone in eval mode inside a wrapper in train mode (a frozen
+    feature extractor, a shared trained model wrapped by a test) stays in eval mode."""
+    from torch import nn
+
+    from advlab.eval import evaluate
+    from advlab.eval.checks import zero_gradient_fraction
+    from advlab.train import predict
+    from helpers import images, labels, tiny_model
+
+    backbone = tiny_model()                         # eval mode; BatchNorm and Dropout make the mode matter
+    wrapper = nn.Sequential(nn.Identity(), backbone)  # a new module: train mode
+    x, y = images(4), labels(4)
+    runs = {"PGD": lambda: PGD(wrapper, eps=0.1, steps=2, seed=0)(x, y), "predict": lambda: predict(wrapper, x),
+            "checks": lambda: zero_gradient_fraction(wrapper, x, y),
+            "evaluate": lambda: evaluate(wrapper, x, y, eps=0.1, steps=2, attacks=("APGD-CE",), checks=False)}
+    for name, run in runs.items():
+        run()
+        assert wrapper.training and wrapper[0].training, name
+        assert not any(m.training for m in backbone.modules()), name

@@ -135,16 +135,20 @@ def test_batched_equals_one_by_one():
     assert torch.allclose(whole, single, atol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [
-    lambda: ssim(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 7)),
-    lambda: ssim(torch.rand(1, 8, 8), torch.rand(1, 8, 8)),
-    lambda: mse(torch.zeros(1, 1, 4, 4, dtype=torch.int64), torch.zeros(1, 1, 4, 4, dtype=torch.int64)),
-    lambda: ssim(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), window_size=0),
-    lambda: ssim(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), sigma=-1.0),
-    lambda: ssim(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), data_range=0),
-    lambda: ms_ssim(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), scales=5),
-    lambda: ms_ssim(torch.rand(1, 1, 28, 28), torch.rand(1, 1, 28, 28), scales=2, weights=[1.0]),
+@pytest.mark.parametrize("bad, needle", [
+    (lambda: ssim(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 7)), r"^x and y must have the same shape"),
+    (lambda: ssim(torch.rand(1, 8, 8), torch.rand(1, 8, 8)), r"^x must have shape \(N, C, H, W\), got shape \(1, 8, 8\)"),
+    (lambda: mse(torch.zeros(1, 1, 4, 4, dtype=torch.int64), torch.zeros(1, 1, 4, 4, dtype=torch.int64)),
+     r"^x must be a floating-point tensor"),
+    (lambda: ssim(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), window_size=0),
+     r"^window_size must be an integer >= 1, got 0"),
+    (lambda: ssim(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), sigma=-1.0), r"^sigma .*> 0, got -1\.0"),
+    (lambda: ssim(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), data_range=0),
+     r"^data_range must be a finite number > 0, got 0"),
+    (lambda: ms_ssim(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), scales=5), r"cannot be halved 4 times \(scales=5\)"),
+    (lambda: ms_ssim(torch.rand(1, 1, 28, 28), torch.rand(1, 1, 28, 28), scales=2, weights=[1.0]),
+     r"^weights must have 2 entries \(one per scale\), got 1"),
 ])
-def test_bad_input_raises(bad):
-    with pytest.raises(AdvlabError):
+def test_bad_input_raises(bad, needle):
+    with pytest.raises(AdvlabError, match=needle):
         bad()

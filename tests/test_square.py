@@ -200,7 +200,7 @@ def test_queries_are_forward_passes_and_fooled_samples_leave_the_batch(lenet_dig
     # the base class's one-image class-count probe, then exactly the recorded queries
     assert count.images == 1 + int(q.sum())
     fooled = is_success(predict(lenet_digits, x_adv), y)
-    assert fooled.float().mean() >= 0.5
+    assert fooled.float().mean() >= 0.9   # measured 0.975 (39 of 40)
     assert (q[~fooled] == 2 * 100).all()  # the failures spent the whole budget of both restarts
     assert q[fooled].float().median() < 100  # the others stopped early
 
@@ -257,7 +257,7 @@ def test_targeted_success(lenet_digits, digits_correct, norm, eps, loss):
     ({"loss": "hinge"}, "loss"),
 ])
 def test_bad_arguments(kwargs, name):
-    with pytest.raises(AdvlabError, match=name):
+    with pytest.raises(AdvlabError, match=rf"^{name} must be"):
         Square(tiny_model(), **kwargs)
 
 

@@ -41,7 +41,7 @@ def test_fit_callbacks_custom_loss_and_early_stop(digits_data):
 
 def test_fit_rejects_bad_arguments(digits_data):
     m = build_model("model-e", 10, (1, 8, 8))
-    with pytest.raises(AdvlabError, match="lr"):
+    with pytest.raises(AdvlabError, match=r"^lr must be"):
         fit(m, digits_data[0], lr=-1)
     with pytest.raises(AdvlabError, match="optimizer"):
         fit(m, digits_data[0], optimizer="rmsprop")
@@ -69,7 +69,7 @@ def test_corrupt_and_foreign_checkpoints_give_clear_errors(tmp_path, lenet_digit
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(AdvlabError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
-    with pytest.raises(AdvlabError, match="not found"):
+    with pytest.raises(AdvlabError, match=r"checkpoint not found: .*missing\.pt"):
         load_checkpoint(tmp_path / "missing.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
     with pytest.raises(AdvlabError, match="not an advlab checkpoint"):

@@ -116,14 +116,28 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def train_modes(model: nn.Module) -> list:
+    """Every submodule's own train/eval flag, for :func:`restore_train_modes`."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def restore_train_modes(modes: list) -> None:
+    """Give every submodule back its own flag. ``model.train(was)`` would not: it sets one flag on
+    the whole tree, so a backbone in eval mode inside a wrapper in train mode (a frozen feature
+    extractor, a user's model wrapped by a defense) would come back in train mode."""
+    for m, training in modes:
+        m.training = training
+
+
 @contextlib.contextmanager
 def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode with parameters not requiring grad; restore both afterwards.
+    """Put ``model`` in eval mode with parameters not requiring grad; restore both afterwards
+    (each submodule's own train/eval flag, see :func:`restore_train_modes`).
 
     Attacks run inside this guard: no gradient lands on the model's parameters, and the
     backward pass skips the weight gradients it would otherwise compute.
     """
-    was_training = model.training
+    modes = train_modes(model)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     for p, _ in flags:
@@ -133,7 +147,7 @@ def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        model.train(was_training)
+        restore_train_modes(modes)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
 from ._util import (AdvlabError, atomic_write_bytes, check_device, check_images, check_labels, check_positive,
-                    check_positive_int, model_device, progress_enabled)
+                    check_positive_int, model_device, progress_enabled, restore_train_modes, train_modes)
 from .models.loading import CHECKPOINT_FORMAT, build_from_spec, read_checkpoint  # noqa: F401 - re-exported
 
 
@@ -91,7 +91,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
     """Class predictions of ``model`` for ``x``: ``model.predict(x)`` when the model defines it
     (a defended model may return ``advlab.REJECT``), else the argmax of its logits. Batched."""
     dev = model_device(model)
-    was = model.training
+    was = train_modes(model)
     model.eval()
     out = []
     try:
@@ -102,7 +102,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
             else:
                 out.append(model(xb).argmax(1).cpu())
     finally:
-        model.train(was)
+        restore_train_modes(was)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._util import AdvlabError, model_device
+from .._util import AdvlabError, model_device, restore_train_modes, train_modes
 from ..metrics.robustness import is_success
 
 
@@ -86,7 +86,7 @@ def checked_predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
     if callable(getattr(model, "predict", None)):
         return predict(model, x, batch_size=batch_size)
     dev = model_device(model)
-    was = model.training
+    was = train_modes(model)
     model.eval()
     out = []
     try:
@@ -96,5 +96,5 @@ def checked_predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
                 check_output(z, min(batch_size, x.shape[0] - i), where)
                 out.append(z.argmax(1).cpu())
     finally:
-        model.train(was)
+        restore_train_modes(was)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)

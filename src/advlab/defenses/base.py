@@ -30,7 +30,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from .._util import AdvlabError, check_device, check_images, check_positive_int, model_device, unknown_name
+from .._util import (AdvlabError, check_device, check_images, check_positive_int, model_device,
+                     restore_train_modes, train_modes, unknown_name)
 from ..models.loading import register_format
 
 
@@ -72,12 +73,12 @@ class Defense(nn.Module):
         check_images(x, "x")
         batch_size = check_positive_int(batch_size, "batch_size")
         dev = model_device(self)
-        was = self.training
+        was = train_modes(self)
         self.eval()
         try:
             out = [fn(x[i: i + batch_size].to(dev)) for i in range(0, x.shape[0], batch_size)]
         finally:
-            self.train(was)
+            restore_train_modes(was)
         return torch.cat(out).to(x.device) if out else torch.empty(0, dtype=torch.long, device=x.device)
 
     # ------------------------------------------------------------------ persistence

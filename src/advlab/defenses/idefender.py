@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from .. import REJECT
-from .._util import AdvlabError, check_images, check_positive_int, model_device
+from .._util import AdvlabError, check_images, check_positive_int, model_device, restore_train_modes, train_modes
 from ..data import dataset_tensors
 from ..nn import taps
 from .base import Defense, register_defense
@@ -237,13 +237,13 @@ class IDefender(Defense):
             raise AdvlabError("num_classes and feature_dim (or in_shape) are needed for a model that is not "
                               "from the zoo")
         dev = model_device(model)
-        was = model.training
+        was = train_modes(model)
         model.eval()
         try:
             with torch.no_grad(), taps(model, layers) as f:
                 z = model(torch.zeros(1, *shape, device=dev))
         finally:
-            model.train(was)
+            restore_train_modes(was)
         return int(z.shape[1]), int(sum(f[n].flatten(1).shape[1] for n in layers))
 
     # ------------------------------------------------------------------ structure
@@ -352,7 +352,7 @@ class IDefender(Defense):
     def loglik_and_logits(self, x: torch.Tensor, batch_size: int = 1024):
         """(logits, log p(H|c) for all classes) for ``x``, batched, on the CPU."""
         zs, lls = [], []
-        was = self.training
+        was = train_modes(self)
         self.eval()
         dev = model_device(self)
         try:
@@ -361,7 +361,7 @@ class IDefender(Defense):
                 zs.append(z.cpu())
                 lls.append(ll.cpu())
         finally:
-            self.train(was)
+            restore_train_modes(was)
         return torch.cat(zs), torch.cat(lls)
 
     # ------------------------------------------------------------------ fitting

@@ -48,7 +48,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from .. import REJECT
-from .._util import AdvlabError, check_images, check_positive_int, make_generator, model_device
+from .._util import (AdvlabError, check_images, check_positive_int, make_generator, model_device, restore_train_modes,
+                     train_modes)
 from ..data import dataset_tensors
 from ..nn import SVDDLayer, find_module, last_linear_name, taps
 from .base import Defense, register_defense
@@ -86,7 +87,7 @@ class SVDDHead(nn.Module):
 def extract_features(model: nn.Module, head: str, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Inputs of the ``head`` layer for ``images`` (batched, eval mode), on the model's device."""
     dev = model_device(model)
-    was = model.training
+    was = train_modes(model)
     model.eval()
     out = []
     try:
@@ -95,7 +96,7 @@ def extract_features(model: nn.Module, head: str, images: torch.Tensor, batch_si
                 model(images[i: i + batch_size].to(dev))
                 out.append(feats[head].flatten(1))
     finally:
-        model.train(was)
+        restore_train_modes(was)
     return torch.cat(out) if out else torch.empty(0, device=dev)
 
 
@@ -308,7 +309,7 @@ class MSVDDDefense(Defense):
         dev = model_device(self)
         layer = self.svdd
         out = []
-        was = self.training
+        was = train_modes(self)
         self.eval()
         try:
             with taps(self.net, [self.head_name], inputs=True, detach=True) as feats:
@@ -317,7 +318,7 @@ class MSVDDDefense(Defense):
                     f = feats[self.head_name]
                     out.append((layer.sq_distance(f) / layer.R.pow(2)).cpu())
         finally:
-            self.train(was)
+            restore_train_modes(was)
         return torch.cat(out) if out else torch.empty(0, self.num_classes)
 
     def _accuracy_curve(self, q: torch.Tensor, y: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:

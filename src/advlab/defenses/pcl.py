@@ -58,7 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._util import AdvlabError, check_images, check_nonneg, check_positive_int, model_device
+from .._util import (AdvlabError, check_images, check_nonneg, check_positive_int, model_device, restore_train_modes,
+                     train_modes)
 from ..data import dataset_tensors
 from ..nn import find_module, last_linear_name, taps
 from .base import Defense, register_defense
@@ -265,14 +266,14 @@ class PCLDefense(Defense):
         if shape is None:
             raise AdvlabError("cannot size the prototypes: pass in_shape=(C, H, W) (or dims= and num_classes=)")
         dev = model_device(self.model)
-        was = self.model.training
+        was = train_modes(self.model)
         self.model.eval()
         try:
             with torch.no_grad(), _Taps(self.model, self.layers, detach=True) as feats:
                 out = self.model(torch.zeros(1, *[int(s) for s in shape], device=dev))
                 dims = [_feature(feats[n]).shape[1] for n in self.layers]
         finally:
-            self.model.train(was)
+            restore_train_modes(was)
         if out.dim() != 2:
             raise AdvlabError(f"the model must map images to logits (N, classes), got shape {tuple(out.shape)}")
         return int(out.shape[1]), dims
@@ -296,7 +297,7 @@ class PCLDefense(Defense):
         out: Dict[str, List[torch.Tensor]] = {n: [] for n in self.layers}
         out["logits"] = []
         dev = model_device(self)
-        was = self.training
+        was = train_modes(self)
         self.eval()
         try:
             for i in range(0, x.shape[0], batch_size):
@@ -305,7 +306,7 @@ class PCLDefense(Defense):
                 for n, f in zip(self.layers, fs):
                     out[n].append(f.cpu())
         finally:
-            self.train(was)
+            restore_train_modes(was)
         return {k: torch.cat(v) for k, v in out.items()}
 
     def prototype_scores(self, x: torch.Tensor, layer: Optional[str] = None) -> torch.Tensor:

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from .._util import (AdvlabError, check_eps_units, check_images, check_labels, check_positive_int,
-                     format_eps, model_device, parse_eps)
+                     format_eps, model_device, parse_eps, restore_train_modes, train_modes)
 from ..attacks import APGD, FGSM, Square
 from ..attacks.dtypes import model_dtype, to_input_dtype
 from ..attacks.geometry import check_norm
@@ -180,12 +180,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
     if mdt is not None and mdt != x.dtype:  # float64 numpy images, a float32 model
         x = x.to(mdt)
     with torch.no_grad():
-        was = model.training
+        was = train_modes(model)
         model.eval()
         try:
             nc = check_output(model(x[:1].to(dev)), 1)
         finally:
-            model.train(was)
+            restore_train_modes(was)
     reject_column = bool(getattr(model, "reject_column", False))
     check_labels(y, x.shape[0], nc - 1 if reject_column else nc, "y")
     # the model's own decision, REJECT allowed; an output that turns NaN on an adversarial is an error
