@@ -401,19 +401,23 @@ def test_hyp_cli_bad_counts(cmd, flag, value, files, capsys, tmp_path_factory):
 
 #: the distinct bad inputs this suite was built with (Python API + CLI + hypothesis families); the
 #: catalogue may grow, never shrink below this
-BUILT = 1245
+BUILT = 1414
 
 
 def test_fuzz_catalogue_count(tmp_path, capsys):
     """Distinct named bad inputs over every entry point; writes nothing."""
     before = sorted(tmp_path.iterdir())
-    n_api, n_cli, n_hyp = len(CASES), len(CLI_CASES), len(HYPOTHESIS)
+    from test_fuzz_load import LOAD_CASES, LOAD_CLI_CASES
+
+    n_api, n_cli, n_hyp = len(CASES) + len(LOAD_CASES), len(CLI_CASES) + len(LOAD_CLI_CASES), len(HYPOTHESIS)
     total = n_api + n_cli + n_hyp
-    assert not set(CASES) & set(CLI_CASES)
-    entry_points = {cid.split("/")[0] for cid in CASES} | {"/".join(cid.split("/")[:2]) for cid in CLI_CASES}
+    assert not set(CASES) & set(CLI_CASES) and not (set(CASES) | set(CLI_CASES)) & (set(LOAD_CASES) | set(LOAD_CLI_CASES))
+    entry_points = ({cid.split("/")[0] for cid in {**CASES, **LOAD_CASES}}
+                    | {"/".join(cid.split("/")[:2]) for cid in {**CLI_CASES, **LOAD_CLI_CASES}})
     with capsys.disabled():
         print(f"\nadvlab fuzz catalogue: {total} distinct bad inputs ({n_api} Python API, {n_cli} CLI, {n_hyp} "
               f"hypothesis families) over {len(entry_points)} entry points; "
-              f"{sum(1 for c in list(CASES.values()) + list(CLI_CASES.values()) if c.xfail)} marked xfail")
+              f"{sum(1 for cat in (CASES, CLI_CASES, LOAD_CASES, LOAD_CLI_CASES) for c in cat.values() if c.xfail)} "
+              "marked xfail")
     assert total >= BUILT
     assert sorted(tmp_path.iterdir()) == before

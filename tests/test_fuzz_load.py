@@ -183,7 +183,7 @@ def _load_model_cases():
     no_code = absent("PWNED")
 
     bad("load_model/missing-file", r"not found.*gone\.pt", lambda t: L(t / "gone.pt"))
-    bad("load_model/folder", r"is a folder", lambda t: L(t))
+    bad("load_model/folder", r"is a folder; --model takes a model file", lambda t: L(t))
     bad("load_model/empty-file", r"empty\.pt.*corrupt", lambda t: L(_write(t, "empty.pt", b"")))
     bad("load_model/random-bytes", r"junk\.pt.*corrupt", lambda t: L(_write(t, "junk.pt", bytes(range(256)) * 2)))
     bad("load_model/text-file", r"notes\.txt.*corrupt", lambda t: L(_write(t, "notes.txt", b"hello\n")))
@@ -208,7 +208,7 @@ def _load_model_cases():
         lambda t: L(_pt2_with(t, "data/aotinductor/model/m.so", b"\x7fELF", add=True)))
     bad("load_model/export-truncated", r"trunc\.pt2.*corrupt",
         lambda t: L(_write(t, "trunc.pt2", _pt2(t).read_bytes()[:-300])))
-    bad("load_model/export-bad-model-json", r"torch\.export.*corrupt",
+    bad("load_model/export-bad-model-json", r"cannot read torch\.export program .*: corrupt or from another torch version",
         lambda t: L(_pt2_with(t, "models/model.json", b"{not json")))
     bad("load_model/torchscript-truncated", r"trunc\.ts.*corrupt",
         lambda t: L(_write(t, "trunc.ts", _ts(t).read_bytes()[:-400])))
@@ -337,19 +337,22 @@ def _array_cases():
     bad("load_arrays/labels-beyond-num_classes", r"go up to 3, beyond the model's 2 classes",
         lambda t: A(_npz(t, x=X8, y=Y4), num_classes=2))
     bad("load_arrays/images-5d", r"must have shape \(N, C, H, W\)", lambda t: A(_npz(t, x=X8[None], y=Y4)))
-    bad("load_arrays/images-2d", r"must have shape", lambda t: A(_npz(t, x=X8.reshape(4, 64), y=Y4)))
+    bad("load_arrays/images-2d", r"^images in .* must have shape \(N, C, H, W\), \(N, H, W, C\) or \(N, H, W\), got \(4, 64",
+        lambda t: A(_npz(t, x=X8.reshape(4, 64), y=Y4)))
     bad("load_arrays/no-channel-axis", r"cannot tell the channel axis", lambda t: A(_npz(t, x=np.zeros((4, 5, 5, 5),
                                                                                                     np.float32), y=Y4)))
     bad("load_arrays/layout-bogus", r"layout must be nchw or nhwc", lambda t: A(_npz(t, x=X8, y=Y4), layout="hwcn"))
     bad("load_arrays/float-0-255", r"must lie in \[0, 1\].*scale=255", lambda t: A(_npz(t, x=X8 * 255, y=Y4)))
     bad("load_arrays/float-negative", r"must lie in \[0, 1\].*--mean", lambda t: A(_npz(t, x=X8 - 0.5, y=Y4)))
-    bad("load_arrays/float-nan", r"NaN", lambda t: A(_npz(t, x=np.where(X8 > 0.5, np.nan, X8), y=Y4)))
+    bad("load_arrays/float-nan", r"^images in .* contain NaN or infinite values",
+        lambda t: A(_npz(t, x=np.where(X8 > 0.5, np.nan, X8), y=Y4)))
     bad("load_arrays/int-out-of-range", r"integer images .* \[0, 255\].*1000",
         lambda t: A(_npz(t, x=np.full((4, 1, 8, 8), 1000, np.int16), y=Y4)))
     bad("load_arrays/bool-images", r"uint8 \(0-255\) or float", lambda t: A(_npz(t, x=X8 > 0.5, y=Y4)))
-    bad("load_arrays/scale=0", r"scale must be a number > 0", lambda t: A(_npz(t, x=X8, y=Y4), scale=0))
+    bad("load_arrays/scale=0", r"^\bscale\b must be a number > 0 \(the value of a white pixel\)",
+        lambda t: A(_npz(t, x=X8, y=Y4), scale=0))
     bad("load_arrays/empty", r"holds no images", lambda t: A(_npz(t, x=X8[:0], y=Y4[:0])))
-    bad("load_arrays/truncated-npz", r"corrupt|not a numpy", lambda t: A(_write(t, "c.npz", _npz(
+    bad("load_arrays/truncated-npz", r"cannot read data file .*c\.npz: corrupt", lambda t: A(_write(t, "c.npz", _npz(
         t, "full.npz", x=X8, y=Y4).read_bytes()[:200])))
 
 

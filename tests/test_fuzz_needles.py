@@ -156,8 +156,9 @@ def names_argument(needle: str, args: List[str]) -> bool:
 def _catalogues():
     from test_fuzz import CASES
     from test_fuzz_cli import CLI_CASES
+    from test_fuzz_load import LOAD_CASES, LOAD_CLI_CASES
 
-    return {**{cid: c.match for cid, c in CASES.items()}, **{cid: c.match for cid, c in CLI_CASES.items()}}
+    return {cid: c.match for cat in (CASES, CLI_CASES, LOAD_CASES, LOAD_CLI_CASES) for cid, c in cat.items()}
 
 
 def test_the_checker_catches_weak_needles():

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from .. import defenses  # noqa: F401 - registers the saved defenses' formats with the model loader
-from .._util import AdvlabError
+from .._util import AdvlabError, restore_train_modes, train_modes
 from ..data import TensorImageDataset, load_dataset
 from ..data.arrays import load_arrays
 from ..data.folder import folder_image_shape
@@ -84,11 +84,13 @@ def _probe_channels(loaded: LoadedModel, c0: int, h: int, w: int) -> Optional[in
     dev = next((t.device for t in list(model.parameters()) + list(model.buffers())), torch.device("cpu"))
     for c in (c0, 4 - c0):
         try:
-            was = model.training
+            modes = train_modes(model)
             model.eval()
-            with torch.no_grad():
-                model(torch.zeros(1, c, h, w, device=dev))
-            model.train(was)
+            try:
+                with torch.no_grad():
+                    model(torch.zeros(1, c, h, w, device=dev))
+            finally:
+                restore_train_modes(modes)
             return c
         except Exception:  # noqa: BLE001 - the wrong shape, whatever the model raises
             continue

@@ -51,7 +51,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .._util import AdvlabError, check_device, check_positive_int
+from .._util import AdvlabError, check_device, check_positive_int, restore_train_modes, train_modes
 from ..nn import Normalize
 
 __all__ = ["load_model", "load_model_info", "LoadedModel", "fit_model", "read_weights", "read_safetensors",
@@ -621,7 +621,7 @@ def fit_model(loaded: LoadedModel, x: torch.Tensor, where: str = "") -> LoadedMo
     norm = getattr(model, "normalize", None)
     if isinstance(norm, Normalize) and norm.mean.numel() not in (1, x.shape[1]):
         raise AdvlabError(f"mean/std have {norm.mean.numel()} values but the {what} have {x.shape[1]} channel(s)")
-    was = model.training
+    modes = train_modes(model)
     model.eval()
     try:
         with torch.no_grad(), _quiet():
@@ -630,7 +630,7 @@ def fit_model(loaded: LoadedModel, x: torch.Tensor, where: str = "") -> LoadedMo
         raise AdvlabError(f"{what} do not fit the model {loaded.source}: {type(e).__name__}: {_first_line(e)}") \
             from None
     finally:
-        model.train(was)
+        restore_train_modes(modes)
     logits, how = _logits(out)
     if how is not None and not isinstance(model, Logits):
         loaded.model = Logits(model)
