@@ -1,6 +1,6 @@
 """Bad input on the entry points of issue 19 (bring your own model and data): the one model loader
 (``advlab.models.load_model``), weights and safetensors files, numpy data files, the eps parser,
-``advlab.eval.inputs.load_inputs``, and the new flags of ``advlab attack`` / ``advlab evaluate``
+``advlab.models.inputs.load_inputs``, and the new flags of ``advlab attack`` / ``advlab evaluate``
 (``--model --weights --mean --std --num-classes --data --labels --dataset-option``, eps fractions).
 
 The catalogue style of ``test_fuzz.py`` / ``test_fuzz_cli.py``: ``LOAD_CASES`` (Python API, each
@@ -378,7 +378,7 @@ def _eps_cases():
 
 
 def _inputs_cases():
-    from advlab.eval.inputs import load_inputs, parse_options
+    from advlab.models.inputs import load_inputs, parse_options
 
     bad("load_inputs/labels-beyond-model", r"labels of d\.npz go up to 11.*10 classes",
         lambda t: load_inputs(_ts(t), data=_npz(t, x=X8, y=np.array([0, 1, 2, 11]))))

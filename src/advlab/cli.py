@@ -139,8 +139,9 @@ def cmd_train(args) -> int:
 def _inputs(args, split: str = "test"):
     """The model (``--model``/``--checkpoint`` with ``--weights --mean --std --num-classes``) and
     its test images (``--dataset``/``--root``, or ``--data`` with ``--labels``, and
-    ``--dataset-option``), checked against each other before any attack (advlab.eval.inputs)."""
-    from .eval.inputs import load_inputs, parse_options
+    ``--dataset-option``), checked against each other before any attack (advlab.models.inputs)."""
+    from . import defenses  # noqa: F401 - registers the saved defenses' formats with the model loader
+    from .models.inputs import load_inputs, parse_options
 
     options = parse_options(getattr(args, "dataset_option", None))  # malformed options fail before any file is read
     if args.num_classes is not None and args.num_classes < 2:

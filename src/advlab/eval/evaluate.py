@@ -270,11 +270,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
 
 
 def load_evaluated(path, device=None, **options) -> nn.Module:
-    """Any model the one loader reads (:func:`advlab.eval.inputs.open_model`: an advlab checkpoint,
+    """Any model the one loader reads (:func:`advlab.models.inputs.open_model`: an advlab checkpoint,
     a saved defense of the :data:`advlab.defenses.DEFENSES` registry, a torch.export program,
     TorchScript, ``module:factory`` with ``weights=``), weights-only; ``options`` are
     :func:`advlab.models.load_model`'s (weights, mean, std, num_classes)."""
-    from .inputs import open_model
+    from .. import defenses  # noqa: F401 - registers the saved defenses' formats with the model loader
+    from ..models.inputs import open_model
 
     return open_model(path, device=device, **options).model
 

@@ -19,7 +19,7 @@ registry, and a list of attacks, each under a threat model:
     reported: {PGD: 0.05}                   # optional: published robust accuracies, shown beside ours
 
 ``model.source`` (``checkpoint`` is the same key) is read by the one model loader
-(:func:`advlab.eval.inputs.open_model`: advlab checkpoints, torch.export, TorchScript,
+(:func:`advlab.models.inputs.open_model`: advlab checkpoints, torch.export, TorchScript,
 ``module:factory`` with ``weights``), with optional ``mean``, ``std`` and ``num_classes``. Budgets
 (``eps``, ``alpha``) may be written as fractions (``8/255``), read by :func:`advlab._util.parse_eps`.
 
@@ -42,7 +42,8 @@ from ..data import load_dataset, shared_data_root, shared_folder, split_validati
 from ..defenses import build_defense, defense_class
 from ..models import build_model, fit_model
 from ..train import accuracy, fit, predict, resolve_device
-from .inputs import open_model
+from .. import defenses  # noqa: F401 - registers the saved defenses' formats with the model loader
+from ..models.inputs import open_model
 from .report import Report
 from .runner import AttackRun, Evaluation, pick_images, random_targets, run_attacks
 from .stages import stage

@@ -1,9 +1,10 @@
 """What the commands and specs evaluate: a model from any source and the test images that fit it.
 
 ``advlab attack``, ``advlab evaluate`` and user specs (``model: {source: ...}``) open their model
-here: :func:`open_model` is :func:`advlab.models.load_model_info` with the saved defenses'
-formats registered (importing :mod:`advlab.defenses` does that), so one entry point reads advlab
-checkpoints, saved defenses, torch.export programs, TorchScript and ``module:factory`` + weights.
+here: :func:`open_model` is :func:`advlab.models.load_model_info`, one entry point for advlab
+checkpoints, torch.export programs, TorchScript and ``module:factory`` + weights, and for saved
+defenses once :mod:`advlab.defenses` is imported (it registers their formats; this module sits
+below it, so the commands import it).
 :func:`load_inputs` adds the data: a named dataset, a ``.npz``/``.npy`` file
 (:func:`advlab.data.arrays.load_arrays`) or an image folder read with the model's channels and
 size, then checks the model on the first images before any attack runs (:func:`fit_model`).
@@ -18,12 +19,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import yaml
 
-from .. import defenses  # noqa: F401 - registers the saved defenses' formats with the model loader
 from .._util import AdvlabError, restore_train_modes, train_modes
 from ..data import TensorImageDataset, load_dataset
 from ..data.arrays import load_arrays
 from ..data.folder import folder_image_shape
-from ..models.loading import LoadedModel, fit_model, load_model_info
+from .loading import LoadedModel, fit_model, load_model_info
 
 __all__ = ["open_model", "load_inputs", "Inputs", "parse_options"]
 
@@ -33,7 +33,8 @@ ARRAY_OPTIONS = {"layout", "x_key", "y_key", "scale"}
 
 def open_model(source, weights=None, mean=None, std=None, num_classes: Optional[int] = None,
                device=None) -> LoadedModel:
-    """:func:`advlab.models.load_model_info` with every advlab format known (saved defenses too)."""
+    """:func:`advlab.models.load_model_info` (saved defenses too, once :mod:`advlab.defenses` is
+    imported)."""
     return load_model_info(source, weights, mean=mean, std=std, num_classes=num_classes, device=device)
 
 
