@@ -432,7 +432,8 @@ def _adaptive_table(rows) -> List[Dict[str, Any]]:
 def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, device=None) -> Report:
     """Run the bundled ``idefender`` reproduction; returns the saved Report."""
     t0 = time.perf_counter()
-    data_root = shared_data_root(data_root)
+    if any(e["dataset"] != "digits" for e in spec["experiments"]):  # the embedded digits need no files
+        data_root = shared_data_root(data_root)
     seed = int(spec.get("seed", 0))
     rep = Report(out_dir, "I-defender reproduction (Zheng & Hong 2018)", spec=spec, seed=seed)
     log = (lambda msg: None) if spec.get("quiet") else (lambda msg: print(msg, flush=True))
