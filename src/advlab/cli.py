@@ -53,13 +53,17 @@ def build_attacks(names: List[str], model, **params) -> Dict[str, object]:
     """Build several registered attacks sharing the flags: each takes the flags it accepts; a flag
     that none of them accepts is an error."""
     params = {k: v for k, v in params.items() if v is not None}  # unset flags keep the class defaults
+    # without --seed, every attack with a random start is seeded with 0: a command gives the same numbers
+    # whatever ran before it in the process (torch's global stream is not the command's to depend on)
+    seeded = lambda n: {} if "seed" in params or "seed" not in attack_parameters(n) else {"seed": 0}  # noqa: E731
     if len(names) == 1:
-        return {names[0]: _flag_errors(build_attack, names[0], model, **params)}
+        return {names[0]: _flag_errors(build_attack, names[0], model, **params, **seeded(names[0]))}
     accepted = {n: attack_parameters(n) for n in names}
     for k, v in params.items():
         if v is not None and not any(k in a for a in accepted.values()):
             raise _err(f"none of the attacks {', '.join(names)} takes --{k.replace('_', '-')}")
-    return {n: build_attack(n, model, **{k: v for k, v in params.items() if k in accepted[n]}) for n in names}
+    return {n: build_attack(n, model, **{k: v for k, v in params.items() if k in accepted[n]}, **seeded(n))
+            for n in names}
 
 
 def _flag_errors(fn, name, model, **params):
@@ -204,7 +208,7 @@ def cmd_attack(args) -> int:
                            + ", ".join(f"--{p.replace('_', '-')}" for p in sorted(accepted[names[0]]))
                            if len(names) == 1 else f"none of the attacks {', '.join(names)} takes {flag}")
         _log(inputs)
-        sweeps = [eps_sweep(n, model, x, y, epsilons=args.eps, seed=args.seed, batch_size=args.batch_size,
+        sweeps = [eps_sweep(n, model, x, y, epsilons=args.eps, seed=args.seed or 0, batch_size=args.batch_size,
                             progress=_progress(args), **{k: v for k, v in rest.items() if k in accepted[n]})
                   for n in names]
         rep = Report(args.out, f"advlab attack: {', '.join(names)} on {dataset}, eps sweep",
