@@ -30,3 +30,41 @@ def catalogue_params(cases: dict) -> list:
 
     return [pytest.param(cid, id=cid, marks=[pytest.mark.xfail(strict=True, reason=cases[cid].xfail)]
                          if cases[cid].xfail else []) for cid in sorted(cases)]
+
+
+def check_api_case(case, folder, leftovers, one_line: bool = True) -> None:
+    """One Python-API case of a bad-input catalogue: one AdvlabError whose message matches the
+    case's needle (on one line with ``one_line``: a few library messages quote a YAML error or list
+    the mirrors tried, which the CLI folds onto its one line), no traceback, no file left in
+    ``folder``, then the case's own ``after`` check."""
+    import re
+
+    import pytest
+
+    from advlab._util import AdvlabError
+
+    with pytest.raises(AdvlabError) as info:
+        case.run(folder)
+    msg = str(info.value)
+    assert re.search(case.match, msg, re.IGNORECASE | re.DOTALL), \
+        f"message does not name the problem ({case.match!r}): {msg}"
+    assert "Traceback" not in msg and not (one_line and "\n" in msg), msg
+    assert not leftovers(folder), f"temporary files left behind: {leftovers(folder)}"
+    if case.after is not None:
+        case.after(folder)
+
+
+def check_cli_case(case, rc: int, err: str, folder, leftovers) -> None:
+    """One command-line case: exit code 2, one ``advlab: error:`` line matching the needle, no
+    traceback, no file left, then the case's own ``after`` check."""
+    import re
+
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, f"exit code {rc}: {err}"
+    assert len(lines) == 1 and lines[0].startswith("advlab: error: "), err
+    assert re.search(case.match, lines[0], re.IGNORECASE), f"message does not name the problem ({case.match!r}): {lines[0]}"
+    assert not leftovers(folder), f"temporary files left behind: {leftovers(folder)}"
+    if case.after is not None:
+        case.after(folder)
+

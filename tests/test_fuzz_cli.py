@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from advlab.cli import main
-from helpers import catalogue_params
+from helpers import catalogue_params, check_cli_case
 from test_fuzz import CASES, HYPOTHESIS, absent, leftovers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -345,14 +345,7 @@ def test_cli_bad_input(cid, tmp_path, files, capsys, monkeypatch):
     c = CLI_CASES[cid]
     monkeypatch.chdir(tmp_path)  # a default output folder would land here, never in the repository
     rc, err = _run(c.argv(tmp_path, files), capsys)
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == 2, f"exit code {rc}: {err}"
-    assert len(lines) == 1 and lines[0].startswith("advlab: error: "), err
-    assert re.search(c.match, lines[0], re.IGNORECASE), f"message does not name the problem ({c.match!r}): {lines[0]}"
-    assert not leftovers(tmp_path), f"temporary files left behind: {leftovers(tmp_path)}"
-    if c.after is not None:
-        c.after(tmp_path)
+    check_cli_case(c, rc, err, tmp_path, leftovers)
 
 
 # --------------------------------------------------------------------------- hypothesis: drawn bad numbers
