@@ -17,6 +17,16 @@ what they really did.
     python benchmarks/attacks.py                        # trains a LeNet-5 for 3 epochs first
     python benchmarks/attacks.py --checkpoint lenet.pt  # or an advlab checkpoint
     python benchmarks/attacks.py --attacks PGD,FGSM --others none
+    python benchmarks/attacks.py --model mnist-fc1 --attacks KA3-1,KA3-5,KA3-9 --others none
+    python benchmarks/attacks.py --attacks PGD-L2 --seeds 0,1,2,3,4   # mean success over seeds
+
+K-A3's rows (``KA3-K``: K = 1, 5, 9 with the CW-SSIM term) stop samples early, so their ratio is
+per *sample-step*: ``seconds / (sample-steps x unit / n)``, the sample-steps counted by the
+attack (``total_sample_steps``), as the K-A3 report prints it. With ``--seeds`` an attack that
+takes ``seed`` runs once per seed (the other libraries with torch's and numpy's global RNG seeded
+the same) and the row shows the mean success (min-max over the seeds) and the mean median L2.
+Beside another library's row, ``common`` is the median L2 of ours and theirs on the images both
+broke.
 """
 
 from __future__ import annotations
@@ -36,7 +46,6 @@ from advlab._util import frozen_eval
 
 REPO = Path(__file__).resolve().parents[1]
 
-# name shown, advlab class name, parameters, nominal forward+backward passes (None: from the attack)
 # name shown, registry name (advlab.attacks.ATTACKS), parameters, nominal forward+backward passes
 # (None: from the attack)
 SPECS = [
@@ -49,17 +58,35 @@ SPECS = [
     ("PGD-L2", "pgd-l2", dict(eps=2.0, alpha=0.1, steps=40, random_start=True, seed=0), 40),
     ("IterativeL2", "l2", dict(eps=2.0, alpha=0.1, steps=40), 40),
     ("APGD-CE", "apgd", dict(eps=0.3, steps=40, early_stop=False, seed=0), 40),
+    ("APGD-CE-earlystop", "apgd", dict(eps=0.3, steps=40, seed=0), 40),
+    # black-box: one forward per query (no backward), so its ratio is well under 1
+    ("Square", "square", dict(eps=0.3, queries=1000, seed=0), 1000),
     # the attacks of the other modules run with their own defaults (set there from the papers)
     ("CarliniWagnerL2", "cw", dict(), None),
     # one C&W run of 100 steps, no binary search: the setting the other libraries are timed with
     ("CW-100", "cw", dict(c=1.0, steps=100, lr=0.1, binary_search_steps=1), None),
+    # the same at the other libraries' default learning rate (0.01), and at 1000 steps
+    ("CW-100-lr0.01", "cw", dict(c=1.0, steps=100, lr=0.01, binary_search_steps=1), None),
+    ("CW-1000-lr0.01", "cw", dict(c=1.0, steps=1000, lr=0.01, binary_search_steps=1), None),
+    # C&W without the early stop: the converged reference of the early-stop rule
+    ("CW-100-lr0.01-noabort", "cw", dict(c=1.0, steps=100, lr=0.01, binary_search_steps=1, abort_early=False),
+     None),
+    ("CW-lr0.01", "cw", dict(lr=0.01), None),
     ("DeepFool", "deepfool", dict(steps=50, overshoot=0.02, num_candidates=10), None),
     ("LBFGS", "lbfgs", dict(), None),
     ("JSMA", "jsma", dict(theta=1.0, gamma=0.1), None),
     # torchattacks' JSMA loops over images: the comparison runs on the first 64
     ("JSMA-64", "jsma", dict(theta=1.0, gamma=0.1, _n=64), None),
     ("KA3", "ka3", dict(), None),
+    # K-A3 with CW-SSIM at K = 1, 5, 9 (ratio per sample-step; MNIST-FC1 with --model mnist-fc1)
+    ("KA3-1", "ka3", dict(K=1), None),
+    ("KA3-5", "ka3", dict(K=5), None),
+    ("KA3-9", "ka3", dict(K=9), None),
+    ("KA3-5-nosim", "ka3", dict(K=5, similarity=None), None),
 ]
+
+#: rows compared with another library under the name of the row whose parameters they share
+PEER_NAME = {"CW-100-lr0.01": "CW-100", "CW-1000-lr0.01": "CW-100"}
 
 
 def second_ranked(model, x, y):
@@ -82,6 +109,8 @@ def parse_args(argv=None):
     p.add_argument("--others", default="torchattacks,foolbox,art",
                    help="other libraries to run beside (comma-separated, or 'none')")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per attack; the fastest is shown")
+    p.add_argument("--model", default="lenet5", help="model trained when no checkpoint is given (lenet5, mnist-fc1)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds: attacks with a seed run once per seed")
     return p.parse_args(argv)
 
 
@@ -107,9 +136,9 @@ def get_model(args, device):
         model, _ = load_checkpoint(args.checkpoint, device=device)
         return model.eval()
     train = load_dataset("mnist", resolve_root(args.data_root), "train")
-    print(f"training LeNet-5 on {len(train)} images for {args.epochs} epochs (use --checkpoint to skip)...",
+    print(f"training {args.model} on {len(train)} images for {args.epochs} epochs (use --checkpoint to skip)...",
           flush=True)
-    model = build_model("lenet5", 10, (1, 28, 28), mean=0.1307, std=0.3081)
+    model = build_model(args.model, 10, (1, 28, 28), mean=0.1307, std=0.3081)
     fit(model, train, epochs=args.epochs, lr=3e-3, batch_size=64, schedule="onecycle", seed=0, progress=False)
     if args.save_checkpoint:
         save_checkpoint(model, args.save_checkpoint)
@@ -162,14 +191,21 @@ def time_plain_step(model, x, y, device, reps=5):
     return out
 
 
-def evaluate(model, x, y, x_adv, ok):
+def evaluate(model, x, y, x_adv, ok, with_mask=False):
+    """Success rate on the correctly classified images and the median L2 of the successes (and
+    the per-sample success mask and L2 norms with ``with_mask``)."""
     with torch.no_grad():
         pred = model(x_adv).argmax(1)
     success = (pred != y) & ok
     rate = float(success.sum()) / max(1, int(ok.sum()))
-    l2 = (x_adv - x).flatten(1).norm(dim=1)[success]
+    norms = (x_adv - x).flatten(1).norm(dim=1)
+    l2 = norms[success]
     med = float(l2.median()) if l2.numel() else float("nan")
-    return rate, med
+    return (rate, med, success, norms) if with_mask else (rate, med)
+
+
+def median_or_nan(t):
+    return float(t.median()) if t.numel() else float("nan")
 
 
 def run_timed(fn, device, repeat):
@@ -183,11 +219,15 @@ def run_timed(fn, device, repeat):
     return best, out
 
 
-def row(name, seconds, steps, t_step, fwd, rate, med):
-    ratio = f"{seconds / (steps * t_step):6.2f}" if steps else "     -"
+def row(name, seconds, steps, t_step, fwd, rate, med, extra="", ratio=None):
+    """One printed row; ``ratio`` defaults to seconds / (steps x unit)."""
+    if ratio is None and steps:
+        ratio = seconds / (steps * t_step)
+    ratio_s = f"{ratio:6.2f}" if ratio is not None else "     -"
     steps_s = f"{steps:5d}" if steps else "    -"
     fwd_s = f"{fwd:7.1f}" if fwd is not None else "      -"
-    print(f"{name:<30} {seconds:8.2f} {steps_s} {1e3 * t_step:7.1f} {ratio} {fwd_s} {100 * rate:7.1f}% {med:8.3f}",
+    rate_s = f"{100 * rate:7.1f}%" if isinstance(rate, float) else f"{rate:>8}"
+    print(f"{name:<30} {seconds:8.2f} {steps_s} {1e3 * t_step:7.1f} {ratio_s} {fwd_s} {rate_s} {med:8.3f}{extra}",
           flush=True)
 
 
@@ -291,6 +331,42 @@ def other_library_runs(lib, model, x, y, spec_name, params, device):
 
 # --------------------------------------------------------------------------- main
 
+def run_advlab(model, registered, params, xs, ys, oks, device, repeat, seed=None):
+    """One advlab row: (seconds, nominal steps, unit, forwards, success rate, median L2, success
+    mask, L2 norms, the ratio per sample-step for K-A3 or None)."""
+    if seed is not None:
+        params = {**params, "seed": seed}
+    atk = advlab.attacks.build_attack(registered, model, **params)
+    steps = getattr(atk, "steps", None)
+    if steps is not None:
+        steps *= getattr(atk, "binary_search_steps", 1)
+    atk(xs[:8], ys[:8])  # warm-up
+    if hasattr(atk, "reset"):
+        atk.reset()
+    t_step = time_plain_step(model, xs, ys, device)[0]
+    counter = ForwardCounter(model)
+    try:
+        seconds, x_adv = run_timed(lambda: atk(xs, ys), device, repeat)
+    finally:
+        counter.handle.remove()
+    fwd = counter.images / repeat / xs.shape[0]
+    rate, med, success, norms = evaluate(model, xs, ys, x_adv, oks, with_mask=True)
+    ratio = None
+    if hasattr(atk, "total_sample_steps"):  # K-A3: per sample-step of the timed (last) run
+        ratio = seconds / (atk.last_sample_steps * t_step / xs.shape[0])
+    return seconds, steps, t_step, fwd, rate, med, success, norms, ratio
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -304,13 +380,15 @@ def main(argv=None):
     with torch.no_grad():
         ok = model(x).argmax(1) == y
     t_step, t_train = time_plain_step(model, x, y, device)
+    seeds = None if args.seeds is None else [int(v) for v in args.seeds.split(",")]
     print(f"advlab {advlab.__version__}, torch {torch.__version__}, device {device}, "
           f"threads {torch.get_num_threads()}, {x.shape[0]} images, clean accuracy {float(ok.float().mean()):.4f}")
     print(f"one plain forward+backward of the batch: {1e3 * t_step:.1f} ms w.r.t. the input "
           f"(the unit below), {1e3 * t_train:.1f} ms w.r.t. the parameters")
-    print("unit = input fwd+bwd in ms, re-measured before each row; ratio = seconds / (steps x unit); "
-          "fwd = forward passes made, in full-batch units;\nsuccess on the correctly classified images; "
-          "median L2 of the successful perturbations\n")
+    print("unit = input fwd+bwd in ms, re-measured before each row; ratio = seconds / (steps x unit) (K-A3: per "
+          "sample-step); fwd = forward passes made, in full-batch units;\nsuccess on the correctly classified "
+          "images; median L2 of the successful perturbations; common = median L2 of ours / theirs on the images "
+          "both broke\n")
     print(f"{'attack':<30} {'seconds':>8} {'steps':>5} {'unit ms':>7} {'ratio':>6} {'fwd':>7} {'success':>8} "
           f"{'med L2':>8}")
 
@@ -323,52 +401,76 @@ def main(argv=None):
         params = dict(params)
         n_row = params.pop("_n", None)
         xs, ys, oks = (x, y, ok) if n_row is None else (x[:n_row], y[:n_row], ok[:n_row])
-        atk = advlab.attacks.build_attack(registered, model, **params)
-        if steps is None:
-            steps = getattr(atk, "steps", None)
-            if steps is not None:
-                steps *= getattr(atk, "binary_search_steps", 1)
-        atk(xs[:8], ys[:8])  # warm-up
-        if hasattr(atk, "reset"):
-            atk.reset()
-        t_step = time_plain_step(model, xs, ys, device)[0]
-        counter = ForwardCounter(model)
-        try:
-            seconds, x_adv = run_timed(lambda: atk(xs, ys), device, args.repeat)
-        finally:
-            counter.handle.remove()
-        fwd = counter.images / args.repeat / xs.shape[0]
-        rate, med = evaluate(model, xs, ys, x_adv, oks)
-        row(name, seconds, steps, t_step, fwd, rate, med)
+        seeded = seeds is not None and "seed" in advlab.attacks.attack_parameters(registered)
+        row_seeds = seeds if seeded else [params.get("seed")]
+        ours = []  # per seed: (success mask, norms)
+        runs = []
+        for sd in row_seeds:
+            out = run_advlab(model, registered, params, xs, ys, oks, device, args.repeat, sd if seeded else None)
+            runs.append(out)
+            ours.append((out[6], out[7]))
+        seconds, st, t_step, fwd, rate, med, _, _, ratio = runs[-1]
+        steps = steps if steps is not None else st
+        if seeded:
+            rates = [r[4] for r in runs]
+            rate_s = f"{100 * statistics.mean(rates):.1f}%"
+            row(name, statistics.median(r[0] for r in runs), steps, statistics.median(r[2] for r in runs), fwd,
+                rate_s, statistics.mean(r[5] for r in runs),
+                f"   seeds {seeds}: {', '.join(f'{100 * r:.1f}' for r in rates)}")
+        else:
+            row(name, seconds, steps, t_step, fwd, rate, med, ratio=ratio)
+        peer_name = PEER_NAME.get(name, name)
         for lib in libs:
             if lib in missing_libs:
                 continue
-            fn = other_library_runs(lib, model, xs, ys, name, params, device)
+            fn = other_library_runs(lib, model, xs, ys, peer_name, params, device)
             if fn is None:
                 continue
             if isinstance(fn, str):
                 print(f"  [{lib}] {fn}")
                 missing_libs[lib] = fn
                 continue
-            try:
-                fn_small = other_library_runs(lib, model, xs[:8], ys[:8], name, params, device)
-                fn_small()  # warm-up
-                t_step = time_plain_step(model, xs, ys, device)[0]
-                seconds, x_adv = run_timed(fn, device, args.repeat)
-            except Exception as e:  # another library's failure must not stop the benchmark
-                print(f"  [{lib}] failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            rates, meds, secs, commons = [], [], [], []
+            failed = False
+            for i, sd in enumerate(row_seeds):
+                try:
+                    if sd is not None:
+                        seed_everything(sd)
+                    fn_small = other_library_runs(lib, model, xs[:8], ys[:8], peer_name, params, device)
+                    fn_small()  # warm-up
+                    t_step = time_plain_step(model, xs, ys, device)[0]
+                    if sd is not None:
+                        seed_everything(sd)
+                    seconds, x_adv = run_timed(fn, device, args.repeat)
+                except Exception as e:  # another library's failure must not stop the benchmark
+                    print(f"  [{lib}] failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    failed = True
+                    break
+                model.eval()
+                x_adv = x_adv.detach().to(x.dtype)
+                # foolbox's C&W returns an all-black image where it failed; most are misclassified, so
+                # they would count as successes: they count as failures (the clean image in their place)
+                blank = (x_adv.flatten(1).abs().amax(1) == 0) & (xs.flatten(1).abs().amax(1) > 0)
+                if bool(blank.any()):
+                    print(f"    ({int(blank.sum())} blank images returned for failures: counted as failures)",
+                          flush=True)
+                    x_adv = torch.where(blank.view(-1, 1, 1, 1), xs, x_adv)
+                rate, med, success, norms = evaluate(model, xs, ys, x_adv, oks, with_mask=True)
+                mine, my_norms = ours[i]
+                both = mine & success
+                commons.append((median_or_nan(my_norms[both]), median_or_nan(norms[both]), int(both.sum())))
+                rates.append(rate)
+                meds.append(med)
+                secs.append(seconds)
+            if failed:
                 continue
-            model.eval()
-            x_adv = x_adv.detach().to(x.dtype)
-            rate, med = evaluate(model, xs, ys, x_adv, oks)
-            row(f"  {name} [{lib}]", seconds, steps, t_step, None, rate, med)
-            # foolbox's C&W returns an all-black image where it failed; most are misclassified, so
-            # they would count as successes: say how many, and the rate without them
-            blank = (x_adv.flatten(1).abs().amax(1) == 0) & (xs.flatten(1).abs().amax(1) > 0)
-            if bool(blank.any()):  # counted as failures: the clean image in their place
-                real = evaluate(model, xs, ys, torch.where(blank.view(-1, 1, 1, 1), xs, x_adv), oks)[0]
-                print(f"    ({int(blank.sum())} blank images returned for failures; success without them "
-                      f"{100 * real:.1f}%)", flush=True)
+            common = "   common " + "; ".join(f"{a:.3f} / {b:.3f} on {k}" for a, b, k in commons)
+            if seeded:
+                row(f"  {name} [{lib}]", statistics.median(secs), steps, t_step, None,
+                    f"{100 * statistics.mean(rates):.1f}%", statistics.mean(meds),
+                    f"   seeds: {', '.join(f'{100 * r:.1f}' for r in rates)}")
+            else:
+                row(f"  {name} [{lib}]", secs[0], steps, t_step, None, rates[0], meds[0], common)
     return 0
 
 

@@ -1,7 +1,10 @@
 """Images per second with 1 and with 2 processes under torchrun (gloo on the CPU, nccl on GPUs):
 one epoch of LeNet-5 training through ``advlab.train.fit`` (DDP, the same global batch: each of
 W processes takes batch/W) and a seeded PGD run through ``Attack.run`` (sharded by batches,
-gathered once). Not a timed test: it prints a table.
+gathered once). Not a timed test: it prints a table. With 2 processes it also prints the bytes
+rank 0's gather sends per sample it attacked (what ``all_gather_object`` pickles): for the PGD
+run, and for an FGSM run over ``--gather-n`` labels at ``--gather-batch`` (tiny 2x2 images, so
+only the per-sample results count).
 
     python benchmarks/distributed.py [--data-root ../shared/data/mnist-10k] [--nprocs 1,2] [--threads 1]
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -27,7 +31,7 @@ os.environ.setdefault("ADVLAB_QUIET", "1")
 def worker(args) -> None:
     """One rank of a measured run (started by torchrun)."""
     from advlab import distributed
-    from advlab.attacks import PGD
+    from advlab.attacks import FGSM, PGD
     from advlab.data import load_dataset
     from advlab.models import build_model
     from advlab.train import fit
@@ -58,14 +62,39 @@ def worker(args) -> None:
     atk = PGD(model, eps=0.3, alpha=0.01, steps=args.steps, seed=0)
     atk.run((x[: args.attack_batch], y[: args.attack_batch]), batch_size=args.attack_batch, progress=False)
     distributed.barrier()
+    sent = []  # bytes this rank's gather pickles (what all_gather_object sends)
+    gather = distributed.all_gather_object
+
+    def counting_gather(obj):
+        sent.append(len(pickle.dumps(obj)))
+        return gather(obj)
+    distributed.all_gather_object = counting_gather
     t0 = time.perf_counter()
     res = atk.run((x, y), batch_size=args.attack_batch, progress=False)
     distributed.barrier()
     pgd_s = time.perf_counter() - t0
+    distributed.all_gather_object = gather
+    # the gather alone on a large label set: FGSM on --gather-n labels (tiny images), rank 0's bytes
+    big = min(args.gather_n, 10 ** 7)
+    gx = torch.rand(big, 1, 2, 2)
+    gy = torch.randint(0, 10, (big,))
+    tiny = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 10)).to(dev)
+    sent_big = []
+
+    def counting_gather_big(obj):
+        sent_big.append(len(pickle.dumps(obj)))
+        return gather(obj)
+    distributed.all_gather_object = counting_gather_big
+    FGSM(tiny, eps=0.1).run((gx, gy), batch_size=args.gather_batch, progress=False)
+    distributed.all_gather_object = gather
+    own = sum(min(args.gather_batch, big - b * args.gather_batch)
+              for b in range(distributed.rank(), -(-big // args.gather_batch), world))
     if distributed.is_main():
         print("RESULT " + json.dumps({"world": world, "train_images_per_s": args.epochs * len(train.labels) / train_s,
                                       "pgd_images_per_s": n / pgd_s, "pgd_robust_acc": res.robust_accuracy,
-                                      "train_n": len(train.labels), "pgd_n": n, "device": str(dev)}), flush=True)
+                                      "train_n": len(train.labels), "pgd_n": n, "device": str(dev),
+                                      "pgd_sent_bytes": sum(sent), "gather_sent_bytes": sum(sent_big),
+                                      "gather_own": own}), flush=True)
     distributed.shutdown()
 
 
@@ -80,6 +109,8 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=1024, help="images attacked")
     p.add_argument("--steps", type=int, default=20, help="PGD steps")
     p.add_argument("--attack-batch", type=int, default=128)
+    p.add_argument("--gather-n", type=int, default=50_000, help="labels of the gather-size measurement")
+    p.add_argument("--gather-batch", type=int, default=256, help="batch of the gather-size measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -103,11 +134,16 @@ def main(argv=None) -> None:
     print(f"LeNet-5, {base['train_n']} training images x {args.epochs} epoch(s), global batch {args.batch_size}; "
           f"PGD-{args.steps} on {base['pgd_n']} images, batch {args.attack_batch}; {args.threads} thread(s) per "
           f"process, {base['device']}")
-    print(f"{'processes':>9} | {'train img/s':>11} | {'speed-up':>8} | {'PGD img/s':>9} | {'speed-up':>8} | PGD robust acc")
+    print(f"{'processes':>9} | {'train img/s':>11} | {'speed-up':>8} | {'PGD img/s':>9} | {'speed-up':>8} | "
+          f"PGD robust acc | gather sent by rank 0, B/sample (PGD run; {args.gather_n} labels at batch "
+          f"{args.gather_batch})")
     for r in rows:
+        pgd_own = -(-r["pgd_n"] // r["world"])
+        g = f"{r['pgd_sent_bytes'] / pgd_own:.0f}; {r['gather_sent_bytes'] / r['gather_own']:.0f}" \
+            if r["world"] > 1 else "-"
         print(f"{r['world']:>9} | {r['train_images_per_s']:>11.0f} | "
               f"{r['train_images_per_s'] / base['train_images_per_s']:>7.2f}x | {r['pgd_images_per_s']:>9.1f} | "
-              f"{r['pgd_images_per_s'] / base['pgd_images_per_s']:>7.2f}x | {r['pgd_robust_acc']:.4f}")
+              f"{r['pgd_images_per_s'] / base['pgd_images_per_s']:>7.2f}x | {r['pgd_robust_acc']:>14.4f} | {g}")
 
 
 if __name__ == "__main__":

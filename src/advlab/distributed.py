@@ -23,6 +23,9 @@ its per-sample tensors (CPU) together with their positions in the original order
 receives all of them, checks that every position arrives exactly once, and puts them back in the
 original order. One collective per call, any dtype or shape, uneven shards allowed; the cost is
 one pickle per rank and every rank holding the whole result (size estimates in the README).
+A tensor pickles its whole storage, so a view (a batch's slice of the whole label tensor) would
+send the whole set once per batch: what is sent is first made :func:`compact` (a copy of only
+its own elements wherever it is a view into a larger storage).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from ._util import AdvlabError, atomic_write_bytes
 
 __all__ = ["rank", "world_size", "local_rank", "is_initialized", "is_distributed", "is_main", "device", "init",
            "shutdown", "barrier", "shard_indices", "gather", "gather_indexed", "all_gather_object",
-           "all_reduce_sum", "average_gradients", "on_main", "log", "write_bytes"]
+           "all_reduce_sum", "average_gradients", "on_main", "log", "write_bytes", "compact"]
 
 T = TypeVar("T")
 
@@ -174,6 +177,28 @@ def shard_indices(n: int, rank_: Optional[int] = None, world: Optional[int] = No
 
 # --------------------------------------------------------------------------- collectives
 
+def compact(obj: T) -> T:
+    """``obj`` with every tensor in it (through dicts, lists and tuples) detached, on the CPU and
+    holding only its own elements: a view into a larger storage (a slice of a whole dataset's
+    labels) is copied, since pickling a tensor writes its whole storage. Tensors that already own
+    exactly their storage are returned as they are (no copy)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.device.type != "cpu":
+            return t.cpu()  # a fresh, compact copy
+        if t.storage_offset() != 0 or t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            t = t.clone(memory_format=torch.contiguous_format)
+        return t
+    if isinstance(obj, dict):
+        return {k: compact(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [compact(v) for v in obj]
+    if isinstance(obj, tuple):
+        vals = [compact(v) for v in obj]
+        return type(obj)(*vals) if hasattr(obj, "_fields") else tuple(vals)
+    return obj
+
+
 def all_gather_object(obj: T) -> List[T]:
     """Every rank's ``obj`` in rank order (``[obj]`` in a single process). Tensors should be on
     the CPU (they are pickled)."""
@@ -190,7 +215,7 @@ def gather_indexed(items: Dict[int, T], total: Optional[int] = None) -> List[T]:
     two ranks). ``total``: the expected number of positions (default: as many as arrive, which
     must then be ``0..k-1``). Every rank receives the whole list."""
     merged: Dict[int, T] = {}
-    for part in all_gather_object(items):
+    for part in all_gather_object(compact(items)):
         for k, v in part.items():
             if k in merged:
                 raise AdvlabError(f"gather: position {k} was sent by two ranks")
@@ -209,7 +234,7 @@ def gather(values: Dict[str, torch.Tensor], indices: torch.Tensor, n: Optional[i
     Every sample of ``0..n-1`` must arrive exactly once (checked). Works unchanged in a single
     process (it then only reorders). Returns CPU tensors."""
     indices = torch.as_tensor(indices, dtype=torch.long).cpu()
-    local = {k: v.detach().cpu() for k, v in values.items()}
+    local = {k: compact(v) for k, v in values.items()}
     for k, v in local.items():
         if v.shape[:1] != indices.shape:
             raise AdvlabError(f"gather: {k} has {tuple(v.shape)[:1]} entries for {indices.shape[0]} indices")

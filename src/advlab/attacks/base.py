@@ -14,6 +14,7 @@ from torch import nn
 from .._util import (AdvlabError, check_images, check_labels, check_nonneg, check_positive_int, frozen_eval,
                      make_generator, model_device, progress_enabled)
 from .. import REJECT
+from ..distributed import compact
 from ..metrics.robustness import is_success, perturbation_norms
 from ..streaming import as_data, as_tensor, batch_seed, num_batches, own_batches, run_world, sliced_batches
 from .dtypes import model_dtype, to_input_dtype
@@ -231,15 +232,19 @@ class Attack:
                 dt = time.perf_counter() - t0
                 clean = judge(xb).cpu()
                 adv = judge(xa).cpu()
-                yc = yb.cpu().long()  # int32 numpy labels: stored as the int64 every result holds
-                tc = None if tb is None else tb.cpu().long()
+                # int32 numpy labels: stored as the int64 every result holds
+                yc = yb.detach().to("cpu", torch.long)
+                tc = None if tb is None else tb.detach().to("cpu", torch.long)
                 norms = perturbation_norms(xa.cpu() - xb.cpu())
-                local[b] = {"labels": yc, "clean_pred": clean, "adv_pred": adv, "success": is_success(adv, yc, tc),
-                            "l0": norms["l0"], "l2": norms["l2"], "linf": norms["linf"], "targets": tc,
-                            "detected": adv == REJECT, "adv": xa.cpu() if keep_adversarials else None,
-                            "extras": {k: v.cpu() for k, v in self.outcome(in_model_dtype(xb), in_model_dtype(xa),
-                                                                           yb, tb, **ps).items()},
-                            "seconds": dt}
+                # every entry holds copies of this batch's samples only (compact): a view such as
+                # the batch's slice of the whole label tensor would pickle the whole set per batch
+                # in the sharded gather
+                local[b] = compact({
+                    "labels": yc, "clean_pred": clean, "adv_pred": adv, "success": is_success(adv, yc, tc),
+                    "l0": norms["l0"], "l2": norms["l2"], "linf": norms["linf"], "targets": tc,
+                    "detected": adv == REJECT, "adv": xa if keep_adversarials else None,
+                    "extras": self.outcome(in_model_dtype(xb), in_model_dtype(xa), yb, tb, **ps),
+                    "seconds": dt})
         finally:
             if stream is not None:
                 self._generator = main_generator
