@@ -7,6 +7,7 @@ from .logits import best_other, keep_if_adversarial, runner_up
 from .result import AttackResult
 from .cw import CarliniWagnerL2
 from .deepfool import DeepFool
+from .fab import FAB
 from .gradient import BIM, FGSM, MIM, PGD, IterativeL2
 from .jsma import JSMA
 from .kanon import KA3, ka3_targets
@@ -16,4 +17,4 @@ from .square import Square
 
 __all__ = ["Attack", "AttackResult", "project", "runner_up", "best_other", "keep_if_adversarial",
            "FGSM", "BIM", "MIM", "PGD", "IterativeL2", "KA3", "ka3_targets", "CarliniWagnerL2", "DeepFool", "LBFGS",
-           "JSMA", "Square", "APGD", "ATTACKS", "attack_class", "build_attack"]
+           "JSMA", "Square", "APGD", "FAB", "ATTACKS", "attack_class", "build_attack"]

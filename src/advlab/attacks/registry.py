@@ -15,6 +15,7 @@ from .._util import AdvlabError, unknown_name
 from .apgd import APGD
 from .cw import CarliniWagnerL2
 from .deepfool import DeepFool
+from .fab import FAB
 from .gradient import BIM, FGSM, MIM, PGD, IterativeL2
 from .jsma import JSMA
 from .kanon import KA3
@@ -23,7 +24,7 @@ from .square import Square
 
 #: the attack classes the registry's names refer to (all exported by advlab.attacks)
 _CLASSES = {cls.__name__: cls for cls in (FGSM, BIM, MIM, PGD, IterativeL2, CarliniWagnerL2, DeepFool, LBFGS, JSMA, KA3,
-                                          APGD, Square)}
+                                          APGD, Square, FAB)}
 
 #: name -> (class name in advlab.attacks, fixed keyword arguments)
 ATTACKS: Dict[str, Tuple[str, Dict[str, Any]]] = {
@@ -44,6 +45,8 @@ ATTACKS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "apgd-t": ("APGD", {"norm": "inf", "loss": "dlr-targeted"}),
     "square": ("Square", {"norm": "inf"}),
     "square-l2": ("Square", {"norm": "2"}),
+    "fab": ("FAB", {"norm": "inf"}),
+    "fab-l2": ("FAB", {"norm": "2"}),
 }
 
 
