@@ -416,6 +416,207 @@ def test_flag_is_plain_data():
     assert f.to_dict() == {"name": "n", "message": "m", "meaning": "x"} and math.isfinite(len(f.to_dict()))
 
 
+# ---------------------------------------------------------------------------- defaults, devices, names
+
+class Sizes(nn.Module):
+    """Linear logits of the first three pixels (a gradient everywhere, logits in the first batch,
+    deterministic) or, with ``probs``, their softmax; records the size of every batch it sees."""
+
+    def __init__(self, probs=False):
+        super().__init__()
+        self.sizes, self.probs = [], probs
+
+    def forward(self, v):
+        self.sizes.append(v.shape[0])
+        z = v.flatten(1)[:, :3] * 2
+        return z.softmax(1) if self.probs else z
+
+
+def many(n=300):
+    return torch.rand(n, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+
+
+def test_the_default_batch_size_is_256_and_the_default_repeats_3():
+    x, y = many(300), torch.zeros(300, dtype=torch.long)
+    m = Sizes()
+    assert zero_gradient_fraction(m, x, y) == 0.0 and m.sizes == [256, 44]
+    m = Sizes(probs=True)
+    assert output_kind(m, x) == "probabilities" and m.sizes == [256, 44]
+    m = Sizes()
+    assert not is_randomized(m, x) and m.sizes == [256, 256, 256, 44, 44, 44]
+    m = Sizes()
+    assert model_checks(m, x, y) == []
+    # zero gradients: 2 batches; output kind: logits in the first batch; randomized: 3 passes per batch
+    assert m.sizes == [256, 44] + [256] + [256, 256, 256, 44, 44, 44]
+
+
+def test_default_repeats_find_a_third_pass_that_differs_but_not_a_fourth():
+    base = torch.tensor([[3.0, 4.0, 0.0], [1.0, 0.0, 0.0]])
+    x = batch(2)
+    assert is_randomized(Scripted(base, base, large_of(base)), x)
+    assert not is_randomized(Scripted(base, base, base, large_of(base)), x)
+    # model_checks calls the model twice before is_randomized (zero gradients, output kind), which then
+    # makes calls 2, 3 and 4 (Scripted has no gradient: the threshold of 1 keeps that flag quiet)
+    flags = model_checks(Scripted(*[base] * 5, large_of(base)), x, Y4[:2], zero_grad_threshold=1)
+    assert flags == []
+    flags = model_checks(Scripted(*[base] * 4, large_of(base)), x, Y4[:2], zero_grad_threshold=1)
+    assert [f.name for f in flags] == ["randomized"]
+    assert flags[0].message == "3 forward passes in eval mode on the same 2 inputs gave different outputs"
+
+
+class OnMeta(nn.Module):
+    """A model whose parameter lives on the ``meta`` device: it records the device of its input and
+    returns scores on the CPU (probabilities with ``probs``), so a check that forgets to move the
+    batch to the model's device shows up without a GPU."""
+
+    def __init__(self, probs=False):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1, device="meta"))
+        self.seen, self.probs = [], probs
+
+    def forward(self, v):
+        self.seen.append(v.device.type)
+        out = torch.zeros(v.shape[0], 3)
+        return out.softmax(1) if self.probs else out
+
+
+def test_every_model_check_moves_each_batch_to_the_model_device():
+    x, y = batch(3), Y4[:3]
+    m = OnMeta()
+    assert zero_gradient_fraction(m, x, y, batch_size=2) == 1.0 and m.seen == ["meta", "meta"]
+    m = OnMeta(probs=True)
+    assert output_kind(m, x, batch_size=2) == "probabilities" and m.seen == ["meta", "meta"]
+    m = OnMeta()
+    assert not is_randomized(m, x, batch_size=2) and m.seen == ["meta"] * 6
+    m = OnMeta()
+    assert [f.name for f in model_checks(m, x, y)] == ["zero-gradients"] and set(m.seen) == {"meta"}
+
+
+def test_zero_gradient_fraction_moves_the_labels_to_the_model_device_too():
+    seen = []
+
+    class Free(OnMeta):   # scores that need a gradient (through a tensor that is not a parameter), not through x
+        def __init__(self):
+            super().__init__()
+            self.c = torch.ones(1, 3, requires_grad=True)
+
+        def forward(self, v):
+            super().forward(v)
+            return self.c.expand(v.shape[0], 3) * 1.0
+
+    def loss(z, yy, t):
+        seen.append(yy.device.type)
+        return z.sum(1)
+
+    m = Free()
+    assert zero_gradient_fraction(m, batch(3), Y4[:3], loss=loss, batch_size=2) == 1.0   # grad w.r.t. x is None
+    assert m.seen == ["meta", "meta"] and seen == ["meta", "meta"]
+
+
+def test_output_kind_bounds_are_inclusive():
+    x = batch(1)
+    # with atol = 0.25 (exact in binary): an entry of -atol and a sum of 1 + atol are still probabilities
+    assert output_kind(Scripted(torch.tensor([[-0.25, 0.5, 0.75]])), x, atol=0.25) == "probabilities"
+    assert output_kind(Scripted(torch.tensor([[0.25, 0.5, 0.5]])), x, atol=0.25) == "probabilities"
+    assert output_kind(Scripted(torch.tensor([[0.25, 0.5, 0.5001]])), x, atol=0.25) == "logits"
+    # an entry of +atol with a logsumexp of atol is still a log-probability
+    assert output_kind(Scripted(torch.tensor([[0.25, -100.0]])), x, atol=0.25) == "log-probabilities"
+    assert output_kind(Scripted(torch.tensor([[0.25, -1.0]])), x, atol=0.25) == "logits"     # logsumexp 0.53
+
+
+@pytest.mark.parametrize("call", ["zero", "kind", "random", "all"])
+def test_a_bad_batch_size_is_named_in_every_model_check(call):
+    fns = {"zero": lambda **kw: zero_gradient_fraction(Fn(gated), batch(4), Y4, **kw),
+           "kind": lambda **kw: output_kind(Fn(gated), batch(4), **kw),
+           "random": lambda **kw: is_randomized(Fn(gated), batch(4), **kw),
+           "all": lambda **kw: model_checks(Fn(gated), batch(4), Y4, **kw)}
+    for bad in (0, 2.5):
+        with pytest.raises(AdvlabError, match=f"^batch_size must be an integer >= 1, got {bad}$"):
+            fns[call](batch_size=bad)
+
+
+def test_model_checks_measure_zero_gradients_with_the_given_loss():
+    x = batch(4)
+    linear = Fn(lambda v: v.flatten(1)[:, :3] * 2)           # ce and margin both have gradients
+    flat = lambda z, yy, t: z.sum(1) * 0.0                  # noqa: E731 - a loss with no gradient at all
+    assert zero_gradient_fraction(linear, x, Y4, loss=flat) == 1.0
+    assert [f.to_dict() for f in model_checks(linear, x, Y4, loss=flat)] == EXPECTED_ZERO_CUSTOM
+    assert model_checks(linear, x, Y4) == []
+
+
+# ---------------------------------------------------------------------------- is_randomized, sharper
+
+def test_is_randomized_class_change_alone_counts():
+    base = torch.tensor([[1.0, 0.99999, 0.0], [1.0, 0.0, 0.0]])
+    swapped = torch.tensor([[0.99999, 1.0, 0.0], [1.0, 0.0, 0.0]])   # moves by 1.4e-5, but the class changes
+    assert is_randomized(Scripted(base, swapped), batch(2), rtol=1.0)
+    assert not is_randomized(Scripted(base, base + 1e-5), batch(2), rtol=1.0)
+
+
+def test_is_randomized_nan_pattern_alone_counts():
+    nan = float("nan")
+    first = torch.tensor([[nan, 1.0, 0.0]])
+    more = torch.tensor([[nan, nan, 0.0]])     # same argmax (the first NaN), one more NaN
+    assert torch.equal(first.argmax(1), more.argmax(1))
+    assert is_randomized(Scripted(first, more), batch(1), rtol=1.0)
+
+
+def test_is_randomized_tolerance_is_strict():
+    base = torch.tensor([[3.0, 4.0, 0.0], [1.0, 0.0, 0.0]])
+    moved = base.clone()
+    moved[0, 2] = 0.5                                           # exactly 0.1 of the row norm 5
+    assert not is_randomized(Scripted(base, moved), batch(2), rtol=0.1)
+    assert is_randomized(Scripted(base, moved), batch(2), rtol=0.0999)
+    assert not is_randomized(Scripted(base, base), batch(2), rtol=0.0)   # identical passes with rtol 0
+
+
+def test_is_randomized_scale_ignores_non_finite_entries_of_the_first_pass():
+    inf, nan = float("inf"), float("nan")
+    # the scale is the norm of the first pass's finite entries: 1 here (2 for the -inf row), not more
+    for first, rtol in (([nan, 1.0, 0.0], 1.0), ([inf, 1.0, 0.0], 1.0), ([-inf, 2.0, 0.0], 0.55)):
+        a = torch.tensor([first])
+        b = a.clone()
+        b[0, 2] = 1.2
+        assert torch.equal(a.argmax(1), b.argmax(1))
+        assert is_randomized(Scripted(a, b), batch(1), rtol=rtol), first
+        assert not is_randomized(Scripted(a, b), batch(1), rtol=1.25 / first[1]), first   # 1.25 x the scale
+
+
+# ---------------------------------------------------------------------------- attack_checks / eps_sweep_check, sharper
+
+def test_attack_checks_names_every_group_in_its_errors():
+    for group in ("single_step", "iterative", "black_box", "transfer"):
+        with pytest.raises(AdvlabError, match=f"^{group} must be a sequence of attack names, got 3$"):
+            attack_checks({"PGD": 0.1}, **{group: 3})
+        with pytest.raises(AdvlabError, match=rf"^{group} must hold attack names \(str\), got None$"):
+            attack_checks({"PGD": 0.1}, **{group: ("A1", None)})
+
+
+def test_attack_checks_groups_fold_case_as_the_results_do():
+    # "ß" and "ss" are different names under str.lower() (as the keys of robust are folded), though
+    # both upper-case to "SS": they are two attacks, not one listed twice
+    flags = attack_checks({"ß": 0.1, "ss": 0.5}, single_step=("ß",), iterative=("ss",))
+    assert [f.name for f in flags] == ["single-step-beats-iterative"]
+    assert flags[0].message.startswith("single-step attacks leave lower robust accuracy than iterative ones: "
+                                       "ß 10.0% < ss 50.0%")
+
+
+def test_attack_checks_report_the_largest_gap_and_the_best_white_box():
+    flags = attack_checks({"FGSM": 0.1, "PGD": 0.2, "APGD-CE": 0.5})
+    assert flags[0].message == ("single-step attacks leave lower robust accuracy than iterative ones: FGSM 10.0% < "
+                                "PGD 20.0%; FGSM 10.0% < APGD-CE 50.0% (largest gap 40.0%, tolerance 0.0%)")
+    # the best white-box attack is the one with the lowest accuracy, not the first name
+    assert attack_checks({"Square": 0.4, "APGD-CE": 0.5, "CW": 0.3}) == []
+    flags = attack_checks({"Square": 0.1, "APGD-CE": 0.5, "CW": 0.3})
+    assert flags[0].message == "Square 10.0% beats every white-box attack (best white-box: CW 30.0%; tolerance 0.0%)"
+
+
+def test_eps_sweep_rise_is_measured_from_the_first_eps_reaching_the_minimum():
+    flags = eps_sweep_check([0.1, 0.2, 0.3], [0.1, 0.1, 0.5], floor=1.0)
+    assert [f.message for f in flags] == ["robust accuracy rises with the budget: 10.0% at eps=0.1 but 50.0% at "
+                                          "eps=0.3 (tolerance 1.0%)"]
+
+
 # ---------------------------------------------------------------------------- the flags, in full
 
 EXPECTED_ZERO = [

@@ -377,3 +377,79 @@ def test_a_custom_gradient_function_is_used():
     s = ActiveSet(2, "cpu", outputs=("v",), v=x.clone())
     AttackLoop(forward=lambda s_, v: v, objective=lambda out, s_, v: out.sum(1), step=SignStep(0.5), grad=grad).run(s, 2)
     assert calls == [2, 2] and s.outputs["v"][:, 0].tolist() == [-1.0, -1.0]
+
+
+def test_momentum_normalises_each_sample_by_its_own_mean_abs_gradient():
+    s = ActiveSet(2, "cpu", v=torch.zeros(2, 2, dtype=D))
+    mim = SignStep(alpha=1.0, decay=0.5)
+    mim.init(s)
+    # mean |g| is 0.25 and 4 (one global mean would be 2.125; a floor of 1 would leave the first row as is)
+    mim(s, torch.tensor([[0.25, -0.25], [-2.0, 6.0]], dtype=D), 1)
+    assert s.momentum.tolist() == [[1.0, -1.0], [-0.5, 1.5]] and s.v.tolist() == [[-1.0, 1.0], [1.0, -1.0]]
+    mim(s, torch.tensor([[0.0, 0.1], [4.0, 0.0]], dtype=D), 2)   # mean |g| 0.05 and 2
+    assert s.momentum.tolist() == [[0.5, 1.5], [1.75, 0.75]] and s.v.tolist() == [[-2.0, 0.0], [0.0, -2.0]]
+
+
+def test_forward_and_objective_get_the_active_set_and_the_variable():
+    # forward scales by a per-sample tensor of the set; the objective is a function of v itself
+    x = torch.tensor([[1.0], [2.0]])
+    s = ActiveSet(2, "cpu", outputs=("v",), v=x.clone(), w=torch.tensor([[1.0], [3.0]]))
+    seen = []
+
+    def observe(out, obj, s_, t):
+        seen.append((out[:, 0].tolist(), obj.tolist()))
+
+    AttackLoop(forward=lambda s_, v: v * s_.w, objective=lambda out, s_, v: (out * v).sum(1), step=L2Step(0.5),
+               observe=observe).run(s, 1)
+    # obj = w v^2, gradient 2 w v > 0: one L2 step of 0.5 downwards per sample
+    assert seen == [([1.0, 6.0], [1.0, 12.0])]
+    assert s.outputs["v"][:, 0].tolist() == [0.5, 1.5]
+
+
+def test_active_set_index_lives_on_the_given_device_and_a_missing_name_is_named():
+    s = ActiveSet(3, "meta")
+    assert s.idx.device.type == "meta" and s.idx.shape == (3,)
+    with pytest.raises(AttributeError, match="^missing$"):
+        s.missing
+
+
+class Counting(Linear):
+    """Linear logits that count the forward calls and the rows they saw."""
+
+    def __init__(self, w, cls=Linear):
+        super().__init__(w)
+        self.rows, self.cls = [], cls
+
+    def forward(self, x):
+        self.rows.append(x.shape[0])
+        return self.cls.forward(self, x)
+
+
+@pytest.mark.parametrize("cls", [Linear, LinearNoVmap])
+def test_logit_grads_costs_one_forward_unless_vmap_fails_and_stays_quiet(cls):
+    import warnings
+
+    W = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, -1.0, 0.0, 3.0], [0.5, 0.5, 0.5, 0.5]], dtype=D)
+    x = torch.rand(1, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=D)     # N = 1, K = 3
+    w = torch.eye(3, dtype=D)[:, None, :]
+    m = Counting(W, cls)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logits, g = logit_grads(m, x, w)
+    assert caught == []
+    assert g.shape == (3, 1, 1, 2, 2) and torch.allclose(g.flatten(2)[:, 0], W, rtol=0, atol=1e-12)
+    # vmapped: one forward of the batch; without a batching rule: one more of the K-times replicated batch
+    assert m.rows == ([1] if cls is Linear else [1, 3])
+
+
+def test_final_observe_gets_the_set_and_the_variable_too():
+    x = torch.tensor([[1.0], [2.0]])
+    s = ActiveSet(2, "cpu", outputs=("v",), v=x.clone(), w=torch.tensor([[1.0], [3.0]]))
+    seen = []
+
+    def observe(out, obj, s_, t):
+        seen.append((t, out[:, 0].tolist(), obj.tolist()))
+
+    AttackLoop(forward=lambda s_, v: v * s_.w, objective=lambda out, s_, v: (out * v).sum(1), step=L2Step(0.5),
+               observe=observe, final_observe=True).run(s, 1)
+    assert seen == [(1, [1.0, 6.0], [1.0, 12.0]), (2, [0.5, 4.5], [0.25, 6.75])]
