@@ -10,7 +10,7 @@ from torch import nn
 
 from advlab import REJECT
 from advlab._util import AdvlabError
-from advlab.attacks import APGD, Square
+from advlab.attacks import APGD, FAB, Square
 from advlab.eval import evaluate
 
 
@@ -54,13 +54,14 @@ def test_plain_model_battery_is_a_per_sample_worst_case(lenet_digits, xy):
     x, y = xy
     res = evaluate(lenet_digits, x, y, eps=0.1, seed=0, **FAST)
     assert res.flags == [] and res.detected == 0.0 and res.x_adv.shape == x.shape
-    assert list(res.per_attack) == ["APGD-CE", "APGD-T", "Square"]
+    assert list(res.per_attack) == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
     accs = list(res.per_attack.values())
     assert all(a >= b for a, b in zip(accs, accs[1:])) and res.robust_accuracy == accs[-1]
     assert res.robust_accuracy <= res.clean_accuracy
     # never above any single attack's robust accuracy on the same images
     for atk in (APGD(lenet_digits, eps=0.1, steps=20, loss="ce"),
                 APGD(lenet_digits, eps=0.1, steps=20, loss="dlr-targeted"),
+                FAB(lenet_digits, eps=0.1, steps=20),
                 Square(lenet_digits, eps=0.1, queries=100)):
         assert res.robust_accuracy <= atk.run((x, y)).robust_accuracy + 1e-9
     # x_adv holds, for every broken image, an adversarial in the ball that the model gets wrong
@@ -160,7 +161,7 @@ def test_cli_evaluate_writes_robustbench_style_results(tmp_path, capsys):
                  "--square-queries", "50", "--reported", "0.5", "--out", str(out), "--quiet"]) == 0
     res = json.loads((out / "results.json").read_text())["results"]
     assert res["robust_accuracy_reported"] == 0.5 and res["eps"] == 0.1 and res["n"] == 60
-    assert list(res["per_attack"]) == ["APGD-CE", "APGD-T", "Square"] and isinstance(res["flags"], list)
+    assert list(res["per_attack"]) == ["APGD-CE", "APGD-T", "FAB-T", "Square"] and isinstance(res["flags"], list)
     assert res["sweep"]["eps"] == pytest.approx([0.025, 0.05, 0.1, 0.2])
     assert (out / "accuracy-vs-eps.png").is_file() and "robust accuracy" in (out / "report.md").read_text()
     capsys.readouterr()

@@ -1,4 +1,4 @@
-"""The ``advlab`` command: demo, train, attack, evaluate, defend, reproduce, datasets, models.
+"""The ``advlab`` command: demo, train, attack, evaluate, exam, defend, reproduce, datasets, models.
 
 Errors print one line and exit non-zero; ``--debug`` shows the traceback."""
 
@@ -275,6 +275,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_exam(args) -> int:
+    from .exam import run_exam
+    from .eval.report import markdown_table
+
+    entries = [e.strip() for e in args.entries.split(",") if e.strip()] if args.entries else None
+    out = run_exam(out_dir=args.out, quick=args.quick, dataset=args.dataset, root=args.root, entries=entries,
+                   n=args.n, seed=args.seed, progress=_progress(args))
+    cols = ["entry", "naive PGD-CE", "evaluate", "true robustness", "flags", "verdict"]
+    print(markdown_table([{k: (f"{100 * r[k]:.1f}" if isinstance(r[k], float) else r[k]) for k in cols}
+                          for r in out["rows"]], cols))
+    print(f"report: {out['path']}")
+    bad = [r["entry"] for r in out["rows"] if r["verdict"] not in ("seen through", "sound")]
+    if bad:
+        print(f"the evaluator failed its exam on: {', '.join(bad)}")
+    return 1 if bad else 0
+
+
 def cmd_reproduce(args) -> int:
     from .papers import list_reproductions, reproduce
 
@@ -353,7 +370,7 @@ def _evaluate_sweep(args) -> Optional[List[float]]:
     values (None for ``--sweep none``)."""
     from ._util import check_nonneg, check_positive_int
     from .attacks.geometry import check_norm
-    from .eval.evaluate import BATTERY
+    from .eval.evaluate import STAGES
 
     check_nonneg(args.eps, "--eps")
     check_norm(args.norm)
@@ -363,9 +380,9 @@ def _evaluate_sweep(args) -> Optional[List[float]]:
         raise _err(f"--reported must be an accuracy in [0, 1], got {args.reported}")
     if args.attacks is not None:
         stages = [a.strip() for a in args.attacks.split(",") if a.strip()]
-        unknown = [a for a in stages if a not in BATTERY]
+        unknown = [a for a in stages if a not in STAGES]
         if unknown or not stages:
-            raise _err(f"--attacks must name stages among {', '.join(BATTERY)}, got {args.attacks!r}")
+            raise _err(f"--attacks must name stages among {', '.join(STAGES)}, got {args.attacks!r}")
     if args.sweep == "none":
         return None
     parts = [v.strip() for v in (args.sweep or "0.25,0.5,2").split(",")]
@@ -550,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s)
     s.set_defaults(func=cmd_attack)
 
-    s = sub.add_parser("evaluate", help="honest robustness evaluation of a model (APGD-CE, APGD-T, Square, "
+    s = sub.add_parser("evaluate", help="honest robustness evaluation of a model (APGD-CE, APGD-T, FAB-T, Square, "
                        "masking checks, eps sweep)")
     _add_model_and_data(s)
     s.add_argument("--norm", default="inf", help="inf or 2")
@@ -558,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a number or a fraction, e.g. 8/255 or 0.3")
     s.add_argument("--n", type=int, default=1000, help="number of test images (seeded order)")
     s.add_argument("--reported", type=float, default=None, help="a published robust accuracy to set beside ours")
-    s.add_argument("--attacks", default=None, help="stages, comma-separated (default APGD-CE,APGD-T,Square)")
+    s.add_argument("--attacks", default=None, help="stages, comma-separated (default APGD-CE,APGD-T,FAB-T,Square; "
+                   "APGD-T-CE joins against a defense that rejects)")
     s.add_argument("--steps", type=int, default=100, help="APGD iterations")
     s.add_argument("--square-queries", type=int, default=5000, help="Square's query budget per image")
     s.add_argument("--targets", type=int, default=9, help="wrong classes APGD-T runs against, highest clean "
@@ -609,6 +627,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     _add_common(s)
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("exam", help="the evaluator's own exam: evaluate on defenses known to be broken (and two "
+                       "sound controls) beside a naive PGD and each one's true robustness")
+    s.add_argument("--quick", action="store_true", help="the embedded digits, a subset of the gallery, 64 images "
+                   "(minutes; what CI runs)")
+    s.add_argument("--dataset", default=None, help="digits or mnist (default: digits with --quick, else mnist)")
+    s.add_argument("--root", default=None, help="folder of the dataset's files (mnist)")
+    s.add_argument("--entries", default=None, help="gallery entries and controls, comma-separated (default: all)")
+    s.add_argument("--n", type=int, default=None, help="test images (default 200, 64 with --quick)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="results/exam")
+    _add_common(s)
+    s.set_defaults(func=cmd_exam)
 
     s = sub.add_parser("reproduce", help="run a bundled paper reproduction (--list shows them) or your own "
                        "experiment spec (a YAML path)")

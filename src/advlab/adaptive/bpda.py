@@ -473,6 +473,34 @@ def _same_shape(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> list
     return [n for n in names if shapes.get(n, False)]
 
 
+def _lookups(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, Optional[Approx]]:
+    """For each layer in ``names``: its smoothed value table on its input over ``x``
+    (:func:`~advlab.adaptive.decision.lookup_approx`), or None when it is not element-wise."""
+    from .decision import lookup_approx
+
+    if not names:
+        return {}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module, args, kwargs, output):
+            inp = _first_tensor(args, kwargs)
+            if inp is not None and name not in inputs:
+                inputs[name] = inp.detach()
+        return hook
+
+    with frozen_eval(model), torch.no_grad():
+        try:
+            for n in names:
+                handles.append(find_module(model, n).register_forward_hook(make_hook(n), with_kwargs=True))
+            model(x.detach().to(model_device(model)))
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: (lookup_approx(find_module(model, n), inputs[n]) if n in inputs else None) for n in names}
+
+
 def auto_bpda(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threshold: float = 0.5,
               max_rounds: int = 3) -> tuple[nn.Module, list[str]]:
     """The automatic BPDA path: when the cross-entropy input gradient is exactly zero on more than
@@ -481,9 +509,11 @@ def auto_bpda(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threshold: 
 
     Returns ``(BPDA wrapper, layer names)``, or ``(model, [])`` when the gradients are fine. When
     the gradient is still masked after wrapping (a killer hidden behind another), the killers of
-    the wrapped model are added, up to ``max_rounds`` rounds. Layers that kill the gradient but
-    change the shape of their input (the identity cannot stand for them) are left out with a
-    ``RuntimeWarning``: wrap them yourself with an ``approx``. When the gradient is masked but no
+    the wrapped model are added, up to ``max_rounds`` rounds. A layer that kills the gradient but
+    changes the shape of its input (a thermometer encoding: the identity cannot stand for it) is
+    approximated by its smoothed value table (:func:`advlab.adaptive.decision.lookup_approx`) when
+    it acts on each input value alone, and left out with a ``RuntimeWarning`` otherwise (wrap it
+    yourself with an ``approx``). When the gradient is masked but no
     layer kills it (a saturated softmax: vanishing rather than shattered gradients), a
     ``RuntimeWarning`` says so and ``(model, [])`` is returned: use the margin loss there.
     ``x`` should be a few dozen clean images with their labels ``y``.
@@ -502,6 +532,7 @@ def auto_bpda(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threshold: 
         return model, []
     names: list[str] = []
     reshaping: list[str] = []
+    approx: dict[str, Optional[Approx]] = {}
     current: nn.Module = model
     prefix = "model."
     for _ in range(max_rounds):
@@ -510,12 +541,17 @@ def auto_bpda(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threshold: 
             found = [n[len(prefix):] for n in found if n.startswith(prefix)]
         found = [n for n in found if n not in names and n not in reshaping]
         keep = _same_shape(model, x, found)
-        reshaping.extend(n for n in found if n not in keep)
         new = [n for n in found if n in keep]
+        for n, g in _lookups(model, x, [n for n in found if n not in keep]).items():
+            if g is None:
+                reshaping.append(n)
+            else:
+                approx[n] = g
+                new.append(n)
         if not new:
             break
         names.extend(new)
-        current = BPDA(model, layers=names)
+        current = BPDA(model, layers=names, approx={n: approx.get(n) for n in names})
         frac = _zero_ce_gradient_fraction(current, x, y)
         if frac <= threshold:
             break

@@ -45,7 +45,7 @@ from ..train import accuracy, fit, predict, resolve_device
 from .. import defenses  # noqa: F401 - registers the saved defenses' formats with the model loader
 from ..models.inputs import open_model
 from .report import Report
-from .runner import AttackRun, Evaluation, pick_images, random_targets, run_attacks
+from .runner import AttackRun, Evaluation, outcome_checks, pick_images, random_targets, run_attacks
 from .stages import stage
 
 COLUMNS = ["attack", "threat model", "n", "clean_acc", "robust_acc", "robust_acc (reported)", "asr", "failed",
@@ -239,6 +239,13 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                  "(`advlab.REJECT`) is a detection, never a success. The worst case counts a sample as robust "
                  "only if every attack failed on it.")
     rep.add_table("Attacks", rows, COLUMNS)
+    flags = outcome_checks(runs, ev.results)
+    if flags:
+        rep.add_table("Attack-outcome flags", [f.to_dict() for f in flags], ["name", "message", "meaning"],
+                      note="Compared on the attacker's success (accepted as a wrong class; a rejection is no "
+                           "success), over attacks run on the same images. A flag means a white-box number above "
+                           "may be an artefact of the attack failing.")
+    rep.results["flags"] = [f.to_dict() for f in flags]
     rep.results["rows"] = rows
     rep.save()
     return rep

@@ -180,6 +180,42 @@ def worst_case(results: Sequence[AttackResult]) -> AttackResult:
                         adversarials=take("adversarials"), extras={"attack_index": pick})
 
 
+def not_fooled(res: AttackResult) -> float:
+    """Fraction of all images classified correctly when clean and not turned into a success by the
+    attack (robust or rejected): one minus the attacker's success, the quantity the attack-outcome
+    checks compare where a defense can reject (robust accuracy alone counts a rejection as a loss
+    for the defender)."""
+    return float((res.counted & ~res.success).double().mean()) if len(res) else float("nan")
+
+
+def outcome_checks(runs: Sequence[AttackRun], results: Dict[str, AttackResult], tol: float = 0.02) -> list:
+    """The attack-outcome checks (:func:`advlab.eval.checks.attack_checks`: single-step beating
+    iterative, black-box or transfer beating every white-box attack) on untargeted attacks run on
+    the same images, comparing :func:`not_fooled`; the groups come from each run's threat model
+    (``transfer``, ``black-box``; the rest white-box) and its attack (FGSM is single-step, the
+    other gradient attacks iterative)."""
+    from ..attacks import FGSM
+    from .checks import attack_checks
+
+    robust: Dict[str, float] = {}
+    groups: Dict[str, List[str]] = {"single_step": [], "iterative": [], "black_box": [], "transfer": []}
+    for run in runs:
+        if run.name not in results or run.targets is not None:
+            continue
+        robust[run.name] = not_fooled(results[run.name])
+        if run.threat == "transfer":
+            groups["transfer"].append(run.name)
+        elif run.threat == "black-box":
+            groups["black_box"].append(run.name)
+        elif isinstance(run.attack, FGSM):
+            groups["single_step"].append(run.name)
+        elif getattr(run.attack, "steps", 1) > 1:
+            groups["iterative"].append(run.name)
+    if len(robust) < 2:
+        return []
+    return attack_checks(robust, tol=tol, **groups)
+
+
 def run_attacks(runs: Sequence[AttackRun], x: torch.Tensor, y: torch.Tensor, judge: Optional[Callable] = None,
                 batch_size: int = 256, progress: Optional[bool] = None, keep_adversarials: bool = True,
                 log: Callable[[str], None] = lambda msg: None) -> Evaluation:
