@@ -32,6 +32,7 @@ mnist-10k, ``advlab.eval.evaluate`` gives a robust accuracy no higher than torch
     python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --steps 20   # twice torchattacks' step count
     python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --targets 3  # fewer APGD-T targets
     python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --ta-steps 100 --rounds 1  # both at the reference's budgets
+    python benchmarks/evaluate.py --checkpoint /tmp/lenet_at.pt --norm 2 --n 200 --ta-steps 100 --rounds 1  # L2 eps 2
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ os.environ.setdefault("ADVLAB_QUIET", "1")
 import advlab  # noqa: E402
 from advlab._util import AdvlabError, frozen_eval  # noqa: E402
 
-EPS = 0.3
+EPS = 0.3  # the training eps (L-inf), and the attack eps at L-inf unless --eps says otherwise
+#: the threat model the batteries attack (set from --norm / --eps in main)
+NORM, ATTACK_EPS = "inf", EPS
 TOL = 1e-6  # float slack on the eps ball and the box
 
 
@@ -65,6 +68,10 @@ def parse_args(argv=None):
                    help="folder holding mnist-10k/ (or the mnist-10k folder itself); default $ADVLAB_SHARED_DATA, "
                         "else ../shared/data")
     p.add_argument("--n", type=int, default=500, help="images evaluated (from the start of the test split)")
+    p.add_argument("--norm", default="inf", choices=["inf", "2"],
+                   help="the attacks' norm (the model is trained at L-inf either way; 2: an L-inf-trained model "
+                        "attacked at L2, where gradients mislead and FAB-T and Square matter)")
+    p.add_argument("--eps", type=float, default=None, help="the attacks' eps (default 0.3 at L-inf, 2.0 at L2)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads, for both batteries")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--others", default="torchattacks", help="'torchattacks' (default) or 'none'")
@@ -214,7 +221,8 @@ def run_torchattacks(model, x, y, device, seed, steps=None):
     except Exception as e:  # ImportError, or a broken torchvision under it
         return f"torchattacks not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     try:
-        atk = torchattacks.AutoAttack(model, norm="Linf", eps=EPS, version="standard", n_classes=10, seed=seed)
+        atk = torchattacks.AutoAttack(model, norm="Linf" if NORM == "inf" else "L2", eps=ATTACK_EPS,
+                                      version="standard", n_classes=10, seed=seed)
         if steps is not None:
             for sub in atk._autoattack.attacks:
                 if hasattr(sub, "steps"):
@@ -256,16 +264,20 @@ def ta_breakers(atk, model, x, y):
 
 def in_ball(x, x_adv):
     """x_adv where it lies in the eps ball and [0, 1] (else x), the number outside, the largest L-inf."""
-    d = (x_adv - x).flatten(1).abs().amax(1)
+    diff = (x_adv - x).flatten(1)
+    d = diff.abs().amax(1) if NORM == "inf" else diff.norm(dim=1)
     box = (x_adv.flatten(1).amin(1) >= -TOL) & (x_adv.flatten(1).amax(1) <= 1 + TOL)
-    ok = (d <= EPS + TOL) & box
+    ok = (d <= ATTACK_EPS + 1e-4 * max(1.0, ATTACK_EPS)) & box
     return torch.where(ok.view(-1, 1, 1, 1), x_adv, x), int((~ok).sum()), float(d.max())
 
 
 # --------------------------------------------------------------------------- main
 
 def main(argv=None):
+    global NORM, ATTACK_EPS
     args = parse_args(argv)
+    NORM = "inf" if args.norm in ("inf", "linf", "Linf") else "2"
+    ATTACK_EPS = args.eps if args.eps is not None else (EPS if NORM == "inf" else 2.0)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     from advlab.data import load_dataset
@@ -296,7 +308,7 @@ def main(argv=None):
                 unit = time_plain_step(model, x, y, device)
                 sync(device)
                 t0 = time.perf_counter()
-                res = evaluate(model, x, y, norm="inf", eps=EPS, seed=args.seed, steps=args.steps, progress=False,
+                res = evaluate(model, x, y, norm=NORM, eps=ATTACK_EPS, seed=args.seed, steps=args.steps, progress=False,
                                **extra)
                 sync(device)
                 runs_a.append((time.perf_counter() - t0, unit, res))
@@ -322,7 +334,8 @@ def main(argv=None):
         unit_t = statistics.mean(r[1] for r in runs_t)
         same_t = all(torch.equal(r[2], runs_t[0][2]) for r in runs_t)
 
-    print(f"\n{n} images (first of the test split), L-inf eps {EPS}, clean accuracy {res.clean_accuracy:.4f}")
+    print(f"\n{n} images (first of the test split), L{'-inf' if NORM == 'inf' else '2'} eps {ATTACK_EPS}, "
+          f"clean accuracy {res.clean_accuracy:.4f}")
     print(f"unit = one plain forward+backward of the {n} images w.r.t. the input, measured just before each battery; "
           f"seconds and units: {args.rounds} round(s) in ABBA order, summed / averaged")
     print("  advlab runs (s): " + ", ".join(f"{r[0]:.1f} (unit {1e3 * r[1]:.1f} ms)" for r in runs_a)
@@ -336,9 +349,9 @@ def main(argv=None):
     for name, acc in res.per_attack.items():
         s = res.seconds.get(name)
         print(f"{'  advlab after ' + name:<52} {acc:10.4f} {s if s is not None else float('nan'):8.1f}")
-    label = f"advlab evaluate (checks, APGD-CE/T {args.steps} steps, Square)"
+    label = f"advlab evaluate (checks, APGD-CE/T, FAB-T {args.steps} steps, Square)"
     if args.targets is not None:
-        label = f"advlab evaluate (APGD-CE/T {args.steps}, {args.targets} targets, Square)"
+        label = f"advlab evaluate (APGD-CE/T, FAB-T {args.steps}, {args.targets} targets, Square)"
     print(f"{label:<52} {res.robust_accuracy:10.4f} {sec_a:8.1f} {1e3 * unit_a:8.1f}")
     if ta:
         xt_ok, out_t, linf_t = in_ball(x, xt)
@@ -359,10 +372,11 @@ def main(argv=None):
         print("advlab flags: none")
     for note in res.notes:
         print(f"advlab note: {note}")
-    print(f"advlab adversarials: max L-inf {linf_a:.6f}, {out_a} outside the ball or [0, 1]")
+    dist = "L-inf" if NORM == "inf" else "L2"
+    print(f"advlab adversarials: max {dist} {linf_a:.6f}, {out_a} outside the ball or [0, 1]")
     if not ta:
         return 0
-    print(f"torchattacks adversarials: max L-inf {linf_t:.6f}, {out_t} outside the ball or [0, 1] "
+    print(f"torchattacks adversarials: max {dist} {linf_t:.6f}, {out_t} outside the ball or [0, 1] "
           f"(counted as the clean image)")
 
     only_a = (robust_a & ~robust_t).nonzero().flatten().tolist()  # advlab missed what torchattacks broke

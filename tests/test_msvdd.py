@@ -244,6 +244,11 @@ def test_reproduction_quick_writes_report(mnist_root, tmp_path):
     od = [r for r in rows if r["beta"].startswith("O_d=")]
     worst = next(r for r in od if r["attack"] == "worst case")
     assert worst["asr"] >= max(r["asr"] for r in od if r["attack"] != "worst case") - 1e-9
+    # the attack-outcome checks ran on every beta's transfer and full-knowledge runs, and the report says so
+    assert {k.split("=")[0] for k in res["outcome_flags"]} == {"1", "O_c", "O_d"}
+    assert all(f["name"] in ("black-box-beats-white-box", "single-step-beats-iterative")
+               for flags in res["outcome_flags"].values() for f in flags)
+    assert "Attack-outcome" in (out / "report.md").read_text()
     curve = res["beta_curve"]
     assert len(curve["beta"]) == len(curve["ASR"]) == 8
     assert curve["clean accuracy"][0] <= curve["clean accuracy"][-1]  # tighter spheres reject more

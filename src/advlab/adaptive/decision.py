@@ -152,7 +152,8 @@ def lookup_approx(layer: Callable[[torch.Tensor], torch.Tensor], example: torch.
     ``k * C_in // C_out``. When the table predicts the layer's output on ``example`` itself for
     at least ``tol`` of its elements, the layer is element-wise and the returned function is the
     table smoothed by a Gaussian kernel of ``width`` (default: 1.5 grid steps of the coarsest
-    jump, at least 1/64 of the range), evaluated at each input value; else None."""
+    jump, at least 1/64 of the range), computed once at the table's levels and interpolated linearly
+    between them at each input value (a few element-wise operations per output element); else None."""
     x = example.detach()
     if x.dim() < 2 or x.shape[0] == 0:
         return None
@@ -183,11 +184,23 @@ def lookup_approx(layer: Callable[[torch.Tensor], torch.Tensor], example: torch.
         steps = int(jumps.sum())
         width = max((hi - lo) / max(steps, 1) * 0.5, (hi - lo) / 64)
     w = float(width)
+    # the table smoothed once at the grid's own levels; between two levels it is interpolated
+    # linearly, so one call costs a few element-wise operations per output element (evaluating the
+    # kernel at every level per element would cost `points` times the layer's output)
+    with torch.no_grad():
+        k = torch.exp(-0.5 * ((levels[:, None] - levels[None, :]) / w) ** 2)  # (points, points)
+        smooth = (k @ table) / k.sum(1, keepdim=True)  # (points, c_out)
+    flat = smooth.t().contiguous().flatten()  # channel-major: channel c's level j at c * points + j
+    shape = (1, c_out) + (1,) * (x.dim() - 2)
+    base_idx = (torch.arange(c_out, device=x.device) * points).view(shape)
+    scale = (points - 1) / (hi - lo)
 
     def approx(v: torch.Tensor) -> torch.Tensor:
-        vv = v[:, src].unsqueeze(-1)  # (N, c_out, ..., 1)
-        k = torch.exp(-0.5 * ((vv - levels.to(v.dtype)) / w) ** 2)  # (N, c_out, ..., points)
-        tab = table.t().to(v.dtype).reshape(1, c_out, *([1] * (x.dim() - 2)), points)
-        return (k * tab).sum(-1) / k.sum(-1).clamp_min(1e-12)
+        pos = ((v[:, src] - lo) * scale).clamp(0, points - 1)  # (N, c_out, ...), the grid position
+        i0 = pos.detach().floor().clamp(max=points - 2).long()
+        frac = pos - i0.to(pos.dtype)
+        f = flat.to(device=v.device, dtype=v.dtype)
+        b = base_idx.to(v.device) + i0
+        return torch.take(f, b) * (1 - frac) + torch.take(f, b + 1) * frac
 
     return approx

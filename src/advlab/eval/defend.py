@@ -152,7 +152,7 @@ def defend_pcl(checkpoint, train_ds, test_ds, out_dir, n: int = 500, seed: int =
         return bat[-1].x_adv
 
     runs = [AttackRun("PGD-10 (paper protocol)", build_attack("pgd", defense, eps=eps, alpha=eps / 10, steps=10, seed=seed)),
-            AttackRun("+ battery (APGD-CE, APGD-T, Square)", battery, "adaptive"),
+            AttackRun("+ battery (APGD-CE, APGD-T, FAB-T, Square)", battery, "adaptive"),
             AttackRun("+ APGD-DLR", build_attack("apgd-dlr", defense, eps=eps, steps=m, seed=seed), "adaptive"),
             AttackRun("+ PGD-margin", build_attack("pgd", defense, eps=eps, alpha=2.5 * eps / m, steps=m, loss="margin",
                                                    seed=seed + 1), "adaptive")]

@@ -36,7 +36,7 @@ Protocol (written into every report):
   target plus a hinge on the target class's log-likelihood above its threshold (or feature
   matching), several targets and random restarts; success = F's defended decision is a wrong
   class (not REJECT);
-- the battery: :func:`advlab.eval.evaluate` (APGD-CE, APGD-T, Square) on the defense with the
+- the battery: :func:`advlab.eval.evaluate` (APGD-CE, APGD-T, FAB-T, Square) on the defense with the
   goal "be accepted as a wrong class" (the defense's adversarial column merged into the true class).
 """
 
@@ -375,7 +375,7 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
                          steps=int(bat.get("steps", 50)), square_queries=int(bat.get("square_queries", 300)),
                          batch_size=bs, checks=False)
         res = adversarial_result(x[:nb], y[:nb], ev.x_adv, defense.predict, seconds=ev.seconds["total"])
-        battery = dict(result_row("evaluate battery (APGD-CE, APGD-T, Square)", res,
+        battery = dict(result_row("evaluate battery (APGD-CE, APGD-T, FAB-T, Square)", res,
                                   threat="white-box adaptive battery (reject-aware)"),
                        eps=float(bat.get("eps", 0.3)), robust_accuracy=ev.robust_accuracy, detected_end=ev.detected)
         times["battery"] = time.perf_counter() - t

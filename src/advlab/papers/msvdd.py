@@ -18,7 +18,7 @@ Protocol (written into every report):
   success); rates are over the attacked images that the defended model (at that beta) classifies
   correctly when clean;
 - SSIM (x100) and MSE (per pixel, x10^3) are over the adversarials that fool W~-LC;
-- the battery (:func:`advlab.eval.evaluate`: APGD-CE, APGD-T, Square, each on the points the
+- the battery (:func:`advlab.eval.evaluate`: APGD-CE, APGD-T, FAB-T, Square, each on the points the
   earlier ones failed on) attacks the defended model itself with the goal "be accepted as a wrong
   class" (its adversarial column merged into the true class);
 - the worst case counts a sample as broken if any attack (transferred, full-knowledge or the
@@ -30,7 +30,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -43,8 +43,8 @@ from ..train import accuracy, fit, predict, resolve_device
 from ..eval.report import Report, pct, with_paper
 from ..eval.evaluate import evaluate as run_battery
 from ..eval.stages import stage
-from ..eval.runner import (AttackRun, adversarial_result, pick_images, random_targets, rejudge, result_row, run_attacks,
-                     worst_case)
+from ..eval.runner import (AttackRun, adversarial_result, outcome_checks, pick_images, random_targets, rejudge,
+                           result_row, run_attacks, worst_case)
 
 PAPER_ATTACKS = ("L-BFGS", "DeepFool", "C&W", "1-A3", "5-A3", "9-A3")
 #: Table 2's ASR split: column -> result_row key
@@ -122,6 +122,9 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root: Optiona
     bs = int(spec.get("batch_size", 256))
     ev = run_attacks(runs, x, y, batch_size=bs, log=log)
     rows, per_beta, curve = [], {label: [] for label in betas}, None
+    # per beta, the runs judged on the defense by name: the attack-outcome checks compare them
+    named: Dict[str, Tuple[List[AttackRun], Dict[str, Any]]] = {label: ([], {}) for label in betas}
+    by_name = {r.name: r for r in runs}
     for name, res in ev.results.items():
         # the paper's ASR is "a wrong class", also for the targeted attacks
         und = result_row(name, rejudge(res, x, lambda xb: predict(sur, xb), untargeted=True), x)
@@ -129,6 +132,8 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root: Optiona
             defense.set_beta(b)
             judged = rejudge(res, x, defense.predict, untargeted=True)
             per_beta[label].append(judged)
+            named[label][0].append(by_name[name])
+            named[label][1][name] = judged
             rows.append(_defended_row(name, judged, "transfer", f"{label}={b:.2f}", und))
     bc = spec.get("beta_curve")
     if bc and bc["attack"] in ev.results:
@@ -147,9 +152,11 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root: Optiona
             atk = MSVDDFullKnowledge(defense, eps=fk["eps"], norm=str(fk.get("norm", "inf")),
                                      targets=int(fk.get("targets", 1)), steps=int(fk.get("steps", 100)),
                                      kappa=float(fk.get("kappa", 1e-3)), seed=seed)
-            res = run_attacks([AttackRun(fk["name"], atk, "full-knowledge")], x, y, judge=defense.predict,
-                              batch_size=bs, log=log).results[fk["name"]]
+            fk_run = AttackRun(fk["name"], atk, "full-knowledge")
+            res = run_attacks([fk_run], x, y, judge=defense.predict, batch_size=bs, log=log).results[fk["name"]]
             per_beta[label].append(res)
+            named[label][0].append(fk_run)
+            named[label][1][fk["name"]] = res
             rows.append(dict(_defended_row(fk["name"], res, "full-knowledge", f"{label}={betas[label]:.2f}", None),
                              reference=fk.get("reference")))
     for bat in ([] if wanted is not None else spec.get("battery", [])):
@@ -160,6 +167,8 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root: Optiona
                             batch_size=bs, checks=False)
             res = adversarial_result(x, y, ev_b.x_adv, defense.predict, seconds=ev_b.seconds["total"])
             per_beta[label].append(res)
+            named[label][0].append(AttackRun(bat["name"], lambda xb, yb: xb, "white-box"))
+            named[label][1][bat["name"]] = res
             rows.append(_defended_row(bat["name"], res, "adaptive (battery)", f"{label}={betas[label]:.2f}", None))
             log(f"  {bat['name']} at {label}: robust accuracy {100 * ev_b.robust_accuracy:.1f}%, detected "
                 f"{100 * ev_b.detected:.1f}%, {ev_b.seconds['total']:.1f} s")
@@ -173,6 +182,8 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root: Optiona
             "projections": defense.svdd.projections, "gamma": float(defense.svdd.gamma), "accuracy": accs,
             "betas": betas, "tuning": {"O_c": tune_c, "O_d": tune_d}, "attack_rows": rows, "beta_curve": curve,
             "adversarials": {k: v.adversarials[:8] for k, v in ev.results.items()}, "x": x[:8], "y": y[:8],
+            "outcome_flags": {f"{label}={betas[label]:.2f}": [f.to_dict() for f in outcome_checks(*named[label])]
+                              for label in betas},
             "seconds": {"train W": t_train, "fit defense": t_def, "total": time.perf_counter() - t0}}
 
 
@@ -293,6 +304,16 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
             rep.add_table(f"Table 2 over {len(runs)} training seeds: {name}", _seed_table(runs, spec),
                           note="mean ± sample standard deviation over the training seeds (W, the defense, beta "
                                "tuning and the attacked images all change with the seed).")
+    outcome = [{"experiment": name, "beta": beta, **f} for name, runs in groups.items()
+               for beta, flags in runs[0].get("outcome_flags", {}).items() for f in flags]
+    if outcome:
+        rep.add_table("Attack-outcome flags", outcome, ["experiment", "beta", "name", "message", "meaning"],
+                      note="Transfer, full-knowledge and battery runs judged on the defense, compared on the "
+                           "attacker's success (accepted as a wrong class; a rejection is no success). A flag means "
+                           "a white-box number above may be an artefact of the attack failing.")
+    else:
+        rep.add_text("Attack-outcome checks (transfer against the white-box attacks on the defense, single-step "
+                     "against iterative, compared on the attacker's success): no flag.")
     rep.add_text(_summary(groups, spec))
     curves = {n: runs[0]["beta_curve"] for n, runs in groups.items() if runs[0]["beta_curve"]}
     if curves:

@@ -85,7 +85,7 @@ HEADLINE = {"model": "model", "clean": "clean (test set)", "pgd": "PGD-10 (paper
             "eq6_pgd_prototype": "eq. 6 PGD-10 (prototype scores) %", "eq6_adaptive": "eq. 6 adaptive %"}
 #: the sweep's curves -> their labels in the figure
 CURVES = {"fgsm": "FGSM", "pgd": "PGD-10 (paper)", "adaptive": "adaptive (paper attacks + battery + PGD-margin)"}
-BATTERY_STAGE = "+ battery (APGD-CE, APGD-T, Square)"
+BATTERY_STAGE = "+ battery (APGD-CE, APGD-T, FAB-T, Square)"
 
 
 def _key(attack: str) -> str:
@@ -136,7 +136,7 @@ def _after_paper_attacks(model, eps: float, seed: int, bs: int, steps: int, squa
                          restarts: int = 1, dlr: bool = False, checks: bool = False,
                          kept: Optional[list] = None) -> List[AttackRun]:
     """The links a chain runs on the paper attacks' survivors: the :func:`advlab.eval.evaluate`
-    battery (APGD-CE, APGD-T, Square; appended to ``kept``), with ``dlr`` APGD-DLR, then
+    battery (APGD-CE, APGD-T, FAB-T, Square; appended to ``kept``), with ``dlr`` APGD-DLR, then
     PGD-margin with ``margin_steps`` steps."""
     def battery(xs, ys):
         bat = run_battery(model, xs, ys, norm="inf", eps=eps, seed=seed, steps=steps, square_queries=square_queries,
@@ -741,7 +741,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                           note=f"{r['table9']['n']} images (the first of the Table 2 images). Paper columns: "
                                "Baseline (our Softmax twin), Ours, Ours_f*, Ours_p*. 'adaptive e': per-sample worst "
                                "case over FGSM/BIM/MIM/PGD-10 at e, what broke at a smaller eps, then the "
-                               "advlab.eval.evaluate battery (APGD-CE, APGD-T, Square) and PGD-margin on the "
+                               "advlab.eval.evaluate battery (APGD-CE, APGD-T, FAB-T, Square) and PGD-margin on the "
                                "survivors. C&W at c = 0.1 / 1 is cut (time).")
         if r.get("ablation"):
             p7 = spec.get("paper", {}).get("table7", {})

@@ -20,7 +20,7 @@ Protocol (written into every report):
   image to the training set);
 - the defense (eq. 4-6): f_theta2 initialised with theta1 and trained to minimise KL(f_theta1(x) ||
   f_theta2(x + N(0, sigma_i^2 I))) over n noise copies per image; deterministic at test time;
-- adaptive rows: :func:`advlab.eval.evaluate` (APGD-CE, APGD-T, Square on the survivors; no EoT,
+- adaptive rows: :func:`advlab.eval.evaluate` (APGD-CE, APGD-T, FAB-T, Square on the survivors; no EoT,
   the defense draws no randomness at test time) and the paper's attacks re-crafted white-box on
   the defended model itself.
 """
@@ -46,7 +46,8 @@ from ..eval.defend import BOUND_XLABEL
 from ..eval.evaluate import evaluate as run_battery
 from ..eval.figures import histogram
 from ..eval.report import Report, renamed
-from ..eval.runner import AttackRun, Evaluation, pick_images, rejudge, run_attacks
+from ..eval.checks import attack_checks
+from ..eval.runner import AttackRun, Evaluation, not_fooled, pick_images, rejudge, run_attacks
 from ..eval.stages import stage
 
 __all__ = ["run"]
@@ -349,6 +350,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
             wev = Evaluation.from_state(stage("white-box attacks on the defense", lambda: run_attacks(
                 [AttackRun(a["name"], build_attack(a["kind"], chosen, **a.get("params", {})), "white-box")
                  for a in wb_specs], xa, ya, batch_size=bs, log=log).to_state()))
+            not_fooled_by = {}  # the attacker's success, white-box on the defense and transferred from f_theta1
             for name, res in wev.results.items():
                 tr_res = rejudge(ev.results[name], x, chosen.predict, untargeted=True)
                 arows.append({"model": f"VIB k={chosen_key[0]:g} n={chosen_key[1]}", "attack": name,
@@ -356,11 +358,27 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                               "robust_acc": 100 * res.robust_accuracy,
                               "transfer_acc": 100 * float((tr_res.adv_pred[:na] == y[:na]).float().mean()),
                               "seconds": res.seconds})
+                not_fooled_by[name] = not_fooled(res)
+                not_fooled_by[f"{name} (transfer)"] = float((tr_res.counted & ~tr_res.success)[:na].double().mean())
+            single = tuple(a["name"] for a in wb_specs if a["kind"] == "fgsm")
+            outcome = attack_checks(not_fooled_by, single_step=single,
+                                    iterative=tuple(n for n in wev.results if n not in single), black_box=(),
+                                    transfer=tuple(f"{n} (transfer)" for n in wev.results), tol=0.02)
+            rep.results["outcome_flags"] = [f.to_dict() for f in outcome]
         rep.add_table("Adaptive: the defense attacked on its own gradients", renamed(arows, NAMES),
-                      note=f"{na} test images. Battery = advlab.eval.evaluate (APGD-CE, APGD-T, Square on survivors, "
+                      note=f"{na} test images. Battery = advlab.eval.evaluate (APGD-CE, APGD-T, FAB-T, Square on survivors, "
                            "per-sample worst case, gradient-masking checks); the defense is deterministic at test time, "
                            "so no EoT. The paper reports no absolute MNIST white-box number (only differences to other "
                            "papers) and none of its Table IV numbers are adaptive.")
+        flags_out = rep.results.get("outcome_flags")
+        if flags_out:
+            rep.add_table("Attack-outcome flags", flags_out, ["name", "message", "meaning"],
+                          note="The paper's attacks white-box on the defense against the same attacks transferred "
+                               "from f_theta1, compared on the attacker's success. A flag means a white-box number "
+                               "above may be an artefact of the attack failing.")
+        elif flags_out is not None:
+            rep.add_text("Attack-outcome checks (transfer from f_theta1 against white-box on the defense, "
+                         "single-step against iterative, on the attacker's success): no flag.")
         ctx = []
         for tname, label in (("table5_cifar10", "CIFAR-10 (Table V)"), ("table6_tiny_imagenet", "Tiny ImageNet (Table VI)")):
             for attack, v in spec.get("paper", {}).get(tname, {}).items():
