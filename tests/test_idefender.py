@@ -291,10 +291,14 @@ def test_reproduction_table6_calibration_bisects(tmp_path):
     col = {"name": "FGSM (50%)", "kind": "fgsm", "adv_acc": 50.0, "param": "eps", "grid": [0.0, 0.5], "params": {}}
     over = {"experiments": [{"name": "digits", "paper": "mnist", "dataset": "digits"}], "n": 60, "quiet": True,
             "fgsm_eps": [0.3], "other_attacks": [], "ablation_components": [], "graybox": {}, "battery": {},
-            "adaptive": {"eps": []}, "substitute": {"seeds": 30, "rounds": 1, "epochs": 1},
+            "adaptive": {"eps": [0.3], "steps": 5, "n": 20}, "substitute": {"seeds": 30, "rounds": 1, "epochs": 1},
             "table6": {"calibration_n": 1000, "refine": 4, "columns": [col]}}
     reproduce("idefender", tmp_path, quick=True, overrides=over, fresh=True)
-    (row,) = json.loads((tmp_path / "results.json").read_text())["results"]["digits"]["table6"]
+    res = json.loads((tmp_path / "results.json").read_text())["results"]["digits"]
+    # the attack-outcome check ran on PGD on F against the adaptive attack, and the report says what it found
+    assert all(f["name"] == "black-box-beats-white-box" and f["eps"] == 0.3 for f in res["outcome_flags"])
+    assert "Attack-outcome" in (tmp_path / "report.md").read_text()
+    (row,) = res["table6"]
     assert row["calibrated_on"] == 60                          # calibration_n >= n: on every evaluated image
     vals = [v for v, _ in row["tried"]]
     assert len(vals) == 6 and vals == sorted(vals) and 0.0 < row["value"] < 0.5   # two grid points, four bisections

@@ -62,7 +62,8 @@ from ..eval.defend import rejection_rates
 from ..eval.evaluate import evaluate as run_battery
 from ..eval.figures import line_chart, roc_figure
 from ..eval.report import Report, pct, renamed
-from ..eval.runner import adversarial_result, pick_images, result_row
+from ..eval.checks import attack_checks
+from ..eval.runner import adversarial_result, not_fooled, pick_images, result_row
 from ..eval.stages import stage
 
 __all__ = ["run"]
@@ -339,7 +340,7 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
     ad = spec.get("adaptive", {}) or {}
     na = int(ad.get("n", 100))
     xa_n, ya_n = x[:na], y[:na]
-    adaptive_rows, roc_adapt = [], {}
+    adaptive_rows, roc_adapt, outcome = [], {}, []
 
     def auc_successes(res):                  # the detector's AUC on the successful adversarials
         succ = res.success & res.counted
@@ -350,6 +351,8 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
         adaptive_rows.append({**result_row("PGD on F (semi-white-box, defense unknown)", naive,
                                            threat="semi-white-box"), "eps": float(eps),
                               "auc_successes": auc_successes(naive)})
+        # the attacker's success of PGD on F (blind to the detector) against the white-box adaptive runs
+        not_fooled_by = {"PGD on F": not_fooled(naive)}
         for mode in ad.get("modes", ["hinge"]):
             atk = IDefenderAdaptive(defense, eps=float(eps), steps=int(ad.get("steps", 50)),
                                     targets=int(ad.get("targets", 2)), restarts=_per_mode(ad.get("restarts", 1), mode),
@@ -360,10 +363,15 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
                    "broken_by_run": ", ".join(f"{t}/{r}: {c}" for (t, r), c in sorted(atk.stats.items())),
                    "broken_after_first": sum(c for k, c in atk.stats.items() if k != (1, 1))}
             adaptive_rows.append(row)
+            not_fooled_by[f"adaptive ({mode})"] = not_fooled(res)
             if mode == "hinge" and bool(res.success.any()):
                 fr, tr_, _ = roc(s_nat[:na], defense.detect(res.adversarials[res.success]))
                 roc_adapt[f"eps={eps:g} (AUC {row['auc_successes']:.3f})"] = (fr, tr_)
             log(f"  adaptive {mode} eps={eps:g}: success {100 * row['asr']:.1f}%, detected {100 * row['detected']:.1f}%")
+        outcome += [{"eps": float(eps), **f.to_dict()} for f in attack_checks(
+            not_fooled_by, single_step=(), iterative=tuple(k for k in not_fooled_by if k != "PGD on F"), black_box=(),
+            transfer=("PGD on F",),
+            tol=0.02)]
     times["adaptive"] = time.perf_counter() - t
 
     battery = None
@@ -386,7 +394,7 @@ def run_experiment(exp: Dict[str, Any], spec: Dict[str, Any], data_root, seed: i
             "defense": {k: v for k, v in defense.history.items() if k != "bic"}, "bic": defense.history["bic"],
             "fgsm": fgsm_rows, "other": other_rows, "table6": t6, "graybox": gray, "graybox_second": gray2,
             "second_model": second_info,
-            "adaptive": adaptive_rows, "battery": battery, "ablation": ablation, "seconds": times,
+            "adaptive": adaptive_rows, "outcome_flags": outcome, "battery": battery, "ablation": ablation, "seconds": times,
             "roc": {"fgsm": roc_fgsm, "other": roc_other, "adaptive": roc_adapt}}
 
 
@@ -578,6 +586,14 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                            + ", each run on the images still unbroken ('broken by run': how many images each "
                              "target/start run broke first, over all attacked images); PGD on F: "
                            f"{adc.get('steps', 50)} steps, one start.")
+        if r.get("outcome_flags"):
+            rep.add_table(f"Attack-outcome flags: {r['name']}", r["outcome_flags"], ["eps", "name", "message", "meaning"],
+                          note="PGD on F (blind to the detector) against the white-box adaptive attacks, compared on "
+                               "the attacker's success (accepted as a wrong class). A flag means the adaptive number "
+                               "may be an artefact of the attack failing.")
+        elif "outcome_flags" in r:
+            rep.add_text(f"Attack-outcome check ({r['name']}: PGD on F against the adaptive attacks, on the "
+                         "attacker's success): no flag.")
         ad = [q for q in r["adaptive"] if q["attack"] == "adaptive (hinge)"]
         nv = [q for q in r["adaptive"] if q["threat model"] == "semi-white-box"]
         if len(ad) > 1:
