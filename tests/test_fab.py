@@ -295,6 +295,26 @@ def test_seeded_restarts_reproducible():
         assert not torch.equal(s1, atk._start(xm))
 
 
+def test_random_start_moves_the_first_run():
+    """random_start=True (an escalation round's FAB-T): the first run starts at a seeded random
+    point too, so two seeds give different adversarials where one run from x gives one."""
+    model = tiny_model()
+    x = images(16)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every image correct: each one is attacked
+
+    def run(**kw):
+        return FAB(model, eps=0.5, norm="inf", steps=10, early_stop=False, **kw)(x, y)
+    plain = run()
+    assert torch.equal(plain, run(seed=7))  # from x: the seed plays no part
+    r1, r2 = run(random_start=True, seed=1), run(random_start=True, seed=2)
+    assert not torch.equal(r1, r2) and not torch.equal(r1, plain)
+    assert torch.equal(r1, run(random_start=True, seed=1))
+    with torch.no_grad():
+        assert bool((model(r1).argmax(1) != y).all())
+    assert float((r1 - x).abs().max()) <= 0.5 + 1e-6
+
+
 # --------------------------------------------------------------------------- (5) strength on LeNet-5 / digits
 
 def test_breaks_lenet_on_digits(lenet_digits, digits_data):
@@ -331,6 +351,8 @@ def test_bad_calls():
     x, y = images(2), labels(2)
     with pytest.raises(AdvlabError, match=r"^restarts > 1 needs eps"):
         FAB(tiny_model(), restarts=2)
+    with pytest.raises(AdvlabError, match=r"^random_start needs eps"):
+        FAB(tiny_model(), random_start=True)
     with pytest.raises(AdvlabError, match="at least 2 classes"):
         FAB(tiny_model(classes=1))(x, torch.zeros(2, dtype=torch.long))
     with pytest.raises(AdvlabError, match=r"^y must have shape \(2,\), got shape \(3,\)"):

@@ -632,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "sound controls) beside a naive PGD and each one's true robustness")
     s.add_argument("--quick", action="store_true", help="the embedded digits, a subset of the gallery, 64 images "
                    "(minutes; what CI runs)")
-    s.add_argument("--dataset", default=None, help="digits or mnist (default: digits with --quick, else mnist)")
+    s.add_argument("--dataset", default=None,
+                   help="digits or mnist (default: the embedded digits; mnist needs --root and hours on a CPU)")
     s.add_argument("--root", default=None, help="folder of the dataset's files (mnist)")
     s.add_argument("--entries", default=None, help="gallery entries and controls, comma-separated (default: all)")
     s.add_argument("--n", type=int, default=None, help="test images (default 200, 64 with --quick)")

@@ -44,8 +44,14 @@ Deviations from the reference code (``fab_base.py``/``fab_pt.py`` of AutoAttack)
 
 - one forward per step: the adversarial check of ``x_k`` reuses the forward that computes the
   gradient at ``x_k`` (the reference runs a second forward after each step). When ``x_k`` is
-  adversarial, the step from ``x + beta (x_k - x)`` uses the linearisation at ``x_k`` (the
-  hyperplane of the reference's next step would be linearised at the backtracked point);
+  adversarial it moves back to ``x + beta (x_k - x)`` and takes no step in that iteration: the
+  next forward linearises at the point moved back to, as the reference does (so a backtrack
+  costs one of the ``steps``);
+- the projection is exact: the reference's L2 projection (``projection_l2`` of AutoAttack and
+  torchattacks) can declare the hyperplane out of the box's reach when it is not, and then
+  returns a step that does not reach it (measured on an L-inf-trained LeNet-5: a residual of 8.4
+  where ours is 0, with a longer step); FAB-T alone at L2 eps 2 then leaves 9.0% (torchattacks)
+  and 10.0% (ours) of 200 MNIST images robust, each breaking images the other does not;
 - ``early_stop`` (default): with ``eps``, a sample leaves the batch once an adversarial within
   ``eps`` is found, so its adversarial is not minimised further (whether it is broken is
   unaffected); ``early_stop=False`` runs every step as the reference does;
@@ -156,6 +162,10 @@ class FABStep:
         s.best_norm = torch.where(better, size, s.best_norm)
         s.found = s.found | ok
         s.v_lin, s.f_lin = v, obj.to(v.dtype)
+        # an adversarial iterate moves back towards x and takes no step from the linearisation at
+        # the adversarial point: the next forward linearises at the point moved back to (as the
+        # reference, which re-linearises after every backtrack)
+        s.back = ok
         s.v = torch.where(per_sample(ok, v), torch.lerp(s.x, v, self.beta), v)
         return None if self.done_within is None else s.best_norm <= self.done_within
 
@@ -171,7 +181,8 @@ class FABStep:
         a1, a0 = size[:n], size[n:]
         alpha = (a1 / (a1 + a0)).clamp(0.0, self.alpha_max)
         d1, d0 = delta[:n].view_as(v), delta[n:].view_as(x)
-        s.v = torch.lerp(v + self.eta * d1, x + self.eta * d0, per_sample(alpha, v)).clamp_(0.0, 1.0)
+        stepped = torch.lerp(v + self.eta * d1, x + self.eta * d0, per_sample(alpha, v)).clamp_(0.0, 1.0)
+        s.v = torch.where(per_sample(s.back, v), v, stepped)
 
 
 # ---------------------------------------------------------------------------- the attack
@@ -199,7 +210,9 @@ class FAB(Attack):
     - ``seed``: seed of the random starts; ``scores``: optional ``scores(logits, y) -> (N, C)``
       used instead of the raw output for the linearised difference and the success check (e.g.
       :func:`~advlab.attacks.logits.merge_reject` against a defense with a rejection column);
-    - ``early_stop``: with ``eps``, a sample stops at its first adversarial within ``eps``.
+    - ``early_stop``: with ``eps``, a sample stops at its first adversarial within ``eps``;
+      ``random_start``: every restart starts at a random point at distance ``eps / 2`` (the
+      first one too: a second run of FAB from the clean image repeats the first exactly).
 
     An explicit ``target`` (one class per sample) makes success reaching that class. A sample
     already misclassified (or classified as its target) is returned unchanged.
@@ -210,7 +223,7 @@ class FAB(Attack):
     def __init__(self, model: nn.Module, eps: Optional[float] = None, norm: str = "inf", steps: int = 100,
                  restarts: int = 1, targeted_classes: int = 9, alpha_max: float = 0.1, eta: float = 1.05,
                  beta: float = 0.9, seed: Optional[int] = 0, scores: Optional[Callable] = None,
-                 early_stop: bool = True):
+                 early_stop: bool = True, random_start: bool = False):
         self.norm = check_norm(norm)
         super().__init__(model, eps=eps, seed=seed)
         self.steps = check_positive_int(steps, "steps")
@@ -218,6 +231,9 @@ class FAB(Attack):
         if self.restarts > 1 and self.eps is None:
             raise AdvlabError(f"restarts > 1 needs eps: the random starts after the first run are drawn at distance "
                               f"eps / 2, got restarts={restarts} and eps=None")
+        self.random_start = bool(random_start)
+        if self.random_start and self.eps is None:
+            raise AdvlabError("random_start needs eps: the random starts are drawn at distance eps / 2")
         self.targeted_classes = check_positive_int(targeted_classes, "targeted_classes")
         self.alpha_max = _check_in(alpha_max, "alpha_max", 0.0, 1.0, "a number in [0, 1]", low_open=False)
         self.eta = _check_in(eta, "eta", 1.0, float("inf"), "a finite number >= 1", low_open=False)
@@ -285,7 +301,7 @@ class FAB(Attack):
                 if todo.numel() == 0:
                     return self._checked(result, x, y, target)
                 cand, ok = self._run(x[todo], y[todo], lt[todo], None if target is None else target[todo],
-                                     random_start=r > 0)
+                                     random_start=self.random_start or r > 0)
                 sel = todo[ok]
                 result[sel] = cand[ok]
                 fooled[sel] = True

@@ -39,9 +39,10 @@ the battery adapts:
   predictions and the rejected share is reported as ``detected``; the number checks compare the
   attacker's success (accepted as a wrong class), and ``"rejections-absorbed"`` says when most
   of what the attacks moved ended rejected;
-- any masking flag escalates the battery: the survivors are attacked again, from new random
-  starts, with the DLR loss beside CE and twice Square's queries, round after round until one
-  breaks nothing new (``escalate`` rounds at most; ``res.rounds``).
+- any masking flag, or Square breaking an image every gradient stage left (a sign below the
+  flag's tolerance), escalates the battery: the survivors are attacked again, from new random
+  starts (FAB-T's too), with the DLR loss beside CE and twice Square's queries, round after round
+  until one breaks nothing new (``escalate`` rounds at most; ``res.rounds``).
 
 Each warning sign becomes a :class:`~advlab.eval.checks.Flag` in ``res.flags`` with what it means.
 """
@@ -277,7 +278,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
     checks find zero gradients, and through those of a detector's score) or "off";
     ``eot_samples``: the draws EoT averages at first (doubled, up to 4 times, while two estimates
     of the gradient disagree); ``escalate``: at most this many extra rounds when a masking flag is
-    raised (0: none).
+    raised or Square broke what the gradient stages left (0: none).
 
     ``x`` and ``y`` may be numpy arrays (float32/float64 NCHW images in [0, 1], integer labels):
     ``res.x_adv`` is then a numpy array of ``x``'s dtype. Images whose dtype differs from the
@@ -361,7 +362,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
         at = attacks.index("APGD-T") + 1
         attacks = attacks[:at] + ("APGD-T-CE",) + attacks[at:]
 
-    def build(name: str, budget: float, seed: int = seed, queries: int = square_queries):
+    def build(name: str, budget: float, seed: int = seed, queries: int = square_queries, again: bool = False):
         if name == "APGD-CE":
             return APGD(grad_model, eps=budget, norm=norm, steps=steps, loss="ce", seed=seed, scores=scores)
         if name == "APGD-T":
@@ -374,59 +375,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
         if name == "FAB-T":
             from ..attacks import FAB
 
+            # the first run from the clean image; an escalation round's from a random start (seeded)
             return FAB(grad_model, eps=budget, norm=norm, steps=steps, targeted_classes=min(targets, classes - 1),
-                       seed=seed, scores=scores)
+                       seed=seed, scores=scores, random_start=again)
         return Square(query_model, eps=budget, norm=norm, queries=queries, seed=seed, scores=scores)
 
     links = [AttackRun(name, build(name, eps)) for name in attacks] if eps > 0 else []
     chain = first = survivor_chain(links, x, y, judge, clean=clean, batch_size=batch_size, progress=progress)
     seconds.update(chain.seconds)
     per_attack = dict(chain.stages) if links else {name: float((clean == y).double().mean()) for name in attacks}
-    rounds: List[Dict[str, Any]] = []
-    masking = [f for f in flags if f.name in ESCALATING]
-    if links and escalate and masking:
-        # a warning sign: attack the survivors again, harder, until a round breaks nothing new
-        for r in range(1, escalate + 1):
-            t0 = time.perf_counter()
-            # a new random start of every stage (the other loss, DLR, beside CE) and twice Square's queries
-            names = [a for a in attacks if a != "FAB-T"]
-            if "APGD-CE" in names:
-                names.insert(names.index("APGD-CE") + 1, "APGD-DLR")
-            more = [AttackRun(f"{a} (round {r})", build(a, eps, seed=seed + 1000 * r,
-                                                        queries=square_queries * 2)) for a in names]
-            before = chain.robust.clone()
-            chain = survivor_chain(more, x, y, judge, start=chain.worst, clean=clean, batch_size=batch_size,
-                                   progress=progress)
-            newly = int((before & ~chain.robust).sum())
-            per_attack[f"round {r}"] = chain.robust_accuracy
-            rounds.append({"round": r, "attacks": [m.name for m in more], "seed": seed + 1000 * r,
-                           "square_queries": square_queries * 2, "newly_broken_or_rejected": newly,
-                           "robust_accuracy": chain.robust_accuracy, "seconds": time.perf_counter() - t0})
-            seconds[f"round {r}"] = time.perf_counter() - t0
-            if newly == 0:
-                break
-        notes.append(f"masking flags ({', '.join(f.name for f in masking)}) escalated the battery: "
-                     + "; ".join(f"round {d['round']} (new random starts, APGD-DLR, Square {d['square_queries']} "
-                                 f"queries) moved {d['newly_broken_or_rejected']} more image(s)" for d in rounds))
     standalone: Dict[str, float] = {}
     if "APGD-CE" in first.results and len(first.ran_on["APGD-CE"]) == n:
         standalone["APGD-CE"] = first.results["APGD-CE"].robust_accuracy
-    broken, detected, x_adv = ~chain.robust & ~chain.detected, chain.detected, chain.x_adv
-    code = torch.where(clean != y, 3, torch.where(broken, 1, torch.where(detected, 2, 0)))
-    status = [("robust", "broken", "detected", "misclassified")[c] for c in code.tolist()]
-    if checks and links and (rejecting or reject_column):
-        moved = int(((clean == y) & ~chain.robust).sum())
-        absorbed = int(((clean == y) & detected).sum())
-        if absorbed and absorbed >= 0.5 * moved:
-            flags.append(Flag(
-                "rejections-absorbed",
-                f"{absorbed} of the {moved} correctly classified images the attacks moved end rejected, not "
-                "accepted as a wrong class",
-                "the defense's number rests on its rejections: the attacks found adversarials but the decision "
-                "rejected them; an attacker who knows the detector may get them accepted (attack the detector's "
-                "score, or its decision without gradients), so read 'detected' as an upper bound on what it "
-                "catches"))
-
     if checks and eps > 0:
         t0 = time.perf_counter()
         fgsm = FGSM(grad_model, eps=eps) if norm == "inf" else None
@@ -444,6 +404,56 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
                                black_box=("Square",), tol=0.02)
         standalone.update({k: v for k, v in robust.items() if k in ("FGSM",)})
         seconds["attack checks"] = time.perf_counter() - t0
+    rounds: List[Dict[str, Any]] = []
+    masking = [f for f in flags if f.name in ESCALATING]
+    # Square breaking what every gradient stage left (even within the flag's tolerance) says the
+    # gradients mislead there: escalate without a flag (AutoAttack's own check warns from 0.2%)
+    square_extra = int(round(n * (robust.get("white-box battery", 0.0) - robust.get("Square", 0.0)))) \
+        if checks and eps > 0 else 0
+    if links and escalate and (masking or square_extra > 0):
+        # a warning sign: attack the survivors again, harder, until a round breaks nothing new
+        for r in range(1, escalate + 1):
+            t0 = time.perf_counter()
+            # a new random start of every stage (FAB-T's too; the other loss, DLR, beside CE) and twice
+            # Square's queries
+            names = list(attacks)
+            if "APGD-CE" in names:
+                names.insert(names.index("APGD-CE") + 1, "APGD-DLR")
+            more = [AttackRun(f"{a} (round {r})", build(a, eps, seed=seed + 1000 * r, queries=square_queries * 2,
+                                                        again=True)) for a in names]
+            before = chain.robust.clone()
+            chain = survivor_chain(more, x, y, judge, start=chain.worst, clean=clean, batch_size=batch_size,
+                                   progress=progress)
+            newly = int((before & ~chain.robust).sum())
+            per_attack[f"round {r}"] = chain.robust_accuracy
+            rounds.append({"round": r, "attacks": [m.name for m in more], "seed": seed + 1000 * r,
+                           "square_queries": square_queries * 2, "newly_broken_or_rejected": newly,
+                           "robust_accuracy": chain.robust_accuracy, "seconds": time.perf_counter() - t0})
+            seconds[f"round {r}"] = time.perf_counter() - t0
+            if newly == 0:
+                break
+        why = (f"masking flags ({', '.join(f.name for f in masking)})" if masking else
+               f"Square breaking {square_extra} image(s) every gradient stage left")
+        notes.append(f"{why} escalated the battery: "
+                     + "; ".join(f"round {d['round']} (new random starts, FAB-T from a random point, APGD-DLR, Square "
+                                 f"{d['square_queries']} "
+                                 f"queries) moved {d['newly_broken_or_rejected']} more image(s)" for d in rounds))
+    broken, detected, x_adv = ~chain.robust & ~chain.detected, chain.detected, chain.x_adv
+    code = torch.where(clean != y, 3, torch.where(broken, 1, torch.where(detected, 2, 0)))
+    status = [("robust", "broken", "detected", "misclassified")[c] for c in code.tolist()]
+    if checks and links and (rejecting or reject_column):
+        moved = int(((clean == y) & ~chain.robust).sum())
+        absorbed = int(((clean == y) & detected).sum())
+        if absorbed and absorbed >= 0.5 * moved:
+            flags.append(Flag(
+                "rejections-absorbed",
+                f"{absorbed} of the {moved} correctly classified images the attacks moved end rejected, not "
+                "accepted as a wrong class",
+                "the defense's number rests on its rejections: the attacks found adversarials but the decision "
+                "rejected them; an attacker who knows the detector may get them accepted (attack the detector's "
+                "score, or its decision without gradients), so read 'detected' as an upper bound on what it "
+                "catches"))
+
     sweep_out = None
     if sweep:
         t0 = time.perf_counter()
@@ -465,7 +475,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
     if as_numpy:
         x_adv = x_adv.numpy()
     seconds["total"] = time.perf_counter() - t_all
-    robust_acc = per_attack[attacks[-1]] if per_attack else float("nan")
+    # the worst case after the last stage, or after the last escalation round
+    robust_acc = list(per_attack.values())[-1] if per_attack else float("nan")
     return EvaluationResult(norm=norm, eps=eps, n=n, clean_accuracy=float((clean == y).double().mean()),
                             robust_accuracy=robust_acc, per_attack=per_attack,
                             detected=float(detected.double().mean()), flags=flags, x_adv=x_adv, status=status,
