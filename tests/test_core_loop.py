@@ -282,7 +282,7 @@ def quadratic_loop(log, observe=None, steps=3, **kw):
     s = ActiveSet(3, "cpu", outputs=("v",), v=x.clone(), target=torch.full((3, 1), 3.0))
     loop = AttackLoop(forward=lambda s_, v: v * 1.0, objective=lambda out, s_, v: ((out - s_.target) ** 2).sum(1),
                       step=Recorder(log, 0.25), project=Recorder(log), observe=observe,
-                      after_step=lambda s_, t: log.append(("after", t)), **kw)
+                      after_step=lambda s_, t: log.append(("after", t, s_.idx.tolist())), **kw)
     return loop.run(s, steps), loop
 
 
@@ -296,9 +296,9 @@ def test_loop_runs_hooks_in_order_and_writes_back():
 
     s, loop = quadratic_loop(log, observe)
     assert log == [("init", "Recorder"), ("init", "Recorder"),
-                   ("step", 1, [0, 1, 2]), ("project", [0, 1, 2]), ("after", 1),
-                   ("step", 2, [0, 1, 2]), ("project", [0, 1, 2]), ("after", 2),
-                   ("step", 3, [0, 1, 2]), ("project", [0, 1, 2]), ("after", 3)]
+                   ("step", 1, [0, 1, 2]), ("project", [0, 1, 2]), ("after", 1, [0, 1, 2]),
+                   ("step", 2, [0, 1, 2]), ("project", [0, 1, 2]), ("after", 2, [0, 1, 2]),
+                   ("step", 3, [0, 1, 2]), ("project", [0, 1, 2]), ("after", 3, [0, 1, 2])]
     assert [t for t, _, _ in seen] == [1, 2, 3]
     assert seen[0][1] == [0.0, 1.0, 2.0] and seen[0][2] == [9.0, 4.0, 1.0]
     assert seen[1][1] == [1.5, 2.0, 2.5]
