@@ -153,3 +153,17 @@ def test_evaluate_aims_at_accepted_as_wrong(name):
     names = [f.name for f in res.flags]
     assert "rejects-inputs" in names
     assert "APGD-T-CE" in res.per_attack
+
+
+def test_below_truth_text_names_the_entries_and_why():
+    from advlab.exam import below_truth_text
+
+    def row(entry, family, ev, truth):
+        return {"entry": entry, "family": family, "evaluate": ev, "true robustness": truth}
+    assert "within the tolerance" in below_truth_text([row("quantize", "shattered", 0.64, 0.65)])
+    text = below_truth_text([row("quantize", "shattered", 0.64, 0.65), row("sap", "stochastic", 0.12, 0.23),
+                             row("gaussian-noise", "stochastic", 0.08, 0.27), row("jpeg-like", "shattered", 0.07, 0.14)])
+    assert text.startswith("`evaluate` is more than 3 points below the true-robustness attack on sap, gaussian-noise "
+                           "and jpeg-like:")
+    assert "randomized entries (sap and gaussian-noise)" in text and "On jpeg-like the battery" in text
+    assert "quantize" not in text
