@@ -561,6 +561,17 @@ def test_is_randomized_nan_pattern_alone_counts():
     assert is_randomized(Scripted(first, more), batch(1), rtol=1.0)
 
 
+def test_is_randomized_infinity_pattern_alone_counts():
+    inf = float("inf")
+    first = torch.tensor([[5.0, 1.0, 0.0]])
+    for later in ([5.0, inf, 0.0], [5.0, 1.0, -inf]):          # same argmax, one entry turns infinite
+        assert is_randomized(Scripted(first, torch.tensor([later])), batch(1), rtol=1e6), later
+    flipped = torch.tensor([[inf, 1.0, 0.0]])
+    assert is_randomized(Scripted(flipped, torch.tensor([[inf, 1.0, -inf]])), batch(1), rtol=1e6)
+    # the same infinities in both passes (their difference is NaN, counted as no change)
+    assert not is_randomized(Scripted(flipped, flipped.clone()), batch(1), rtol=0.0)
+
+
 def test_is_randomized_tolerance_is_strict():
     base = torch.tensor([[3.0, 4.0, 0.0], [1.0, 0.0, 0.0]])
     moved = base.clone()

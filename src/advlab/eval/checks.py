@@ -231,6 +231,11 @@ def is_randomized(model: nn.Module, x: torch.Tensor, repeats: int = 3, *, rtol: 
                     return True
                 if not torch.equal(torch.isnan(out), torch.isnan(first)):
                     return True
+                # an output that turns infinite (or changes the sign of its infinity) between two calls
+                if not (torch.equal(torch.isposinf(out), torch.isposinf(first))
+                        and torch.equal(torch.isneginf(out), torch.isneginf(first))):
+                    return True
+                # infinities now sit in the same places in both: their difference is NaN, counted as 0
                 diff = (out.double() - first.double()).nan_to_num(0.0, posinf=0.0, neginf=0.0).norm(dim=1)
                 if bool((diff > rtol * scale).any()):
                     return True
