@@ -13,8 +13,10 @@ from advlab import REJECT
 from advlab._util import AdvlabError
 from advlab.attacks.base import Attack
 from advlab.attacks.result import AttackResult
-from advlab.eval.runner import (THREATS, AttackRun, Evaluation, adversarial_result, pick_images, random_targets,
-                                rejudge, result_row, run_attacks, similarity_scores, survivor_chain, worst_case)
+from advlab.attacks import FGSM, PGD
+from advlab.eval.runner import (THREATS, AttackRun, Evaluation, adversarial_result, not_fooled, outcome_checks,
+                                pick_images, random_targets, rejudge, result_row, run_attacks, similarity_scores,
+                                survivor_chain, worst_case)
 
 T = torch.tensor
 Y = T([0, 1, 2, 0, 1, 2])
@@ -509,3 +511,44 @@ def test_chain_keeps_an_explicit_detection_of_a_wrong_class():
     assert ch.worst.detected.tolist() == [True, False, False, False, False, False]
     assert ch.worst.adv_pred.tolist() == [1, 1, 2, 0, 1, 2]
     assert ch.worst.success.tolist() == [False] * 6 and not bool(ch.worst.failed[0])
+
+
+# ---------------------------------------------------------------------------- attacker success and the outcome checks
+
+def _rejecting_result(adv_pred):
+    n = len(adv_pred)
+    z = torch.zeros(n)
+    return AttackResult(labels=torch.zeros(n, dtype=torch.long), clean_pred=torch.zeros(n, dtype=torch.long),
+                        adv_pred=torch.tensor(adv_pred), success=torch.tensor(adv_pred) != 0, l0=z, l2=z, linf=z,
+                        seconds=0.0)
+
+
+def test_not_fooled_counts_a_rejection_for_the_defender():
+    white = _rejecting_result([REJECT, REJECT, REJECT, 0])  # every move rejected
+    transfer = _rejecting_result([1, 1, 1, 0])  # every move accepted as a wrong class
+    assert white.robust_accuracy == transfer.robust_accuracy == 0.25
+    assert not_fooled(white) == 1.0 and not_fooled(transfer) == 0.25
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    runs = [AttackRun("PGD", PGD(m, eps=0.1)), AttackRun("PGD (transfer)", PGD(m, eps=0.1), "transfer")]
+    flags = outcome_checks(runs, {"PGD": white, "PGD (transfer)": transfer})
+    assert [f.name for f in flags] == ["black-box-beats-white-box"]
+    # on robust accuracy alone the two look equal: no flag, the blind spot the attacker success removes
+    assert outcome_checks(runs, {"PGD": white, "PGD (transfer)": white}) == []
+    # single-step beating iterative, on the same measure
+    runs = [AttackRun("FGSM", FGSM(m, eps=0.1)), AttackRun("PGD", PGD(m, eps=0.1))]
+    assert [f.name for f in outcome_checks(runs, {"FGSM": transfer, "PGD": white})] == ["single-step-beats-iterative"]
+    # targeted runs and a lone run are not compared; a run without a result is left out
+    assert outcome_checks(runs[:1], {"FGSM": transfer}) == []
+    targeted = [AttackRun("FGSM", FGSM(m, eps=0.1)), AttackRun("PGD", PGD(m, eps=0.1), targets=torch.zeros(4))]
+    assert outcome_checks(targeted, {"FGSM": transfer, "PGD": white}) == []
+    assert outcome_checks(runs, {"FGSM": transfer}) == []
+    # a black-box run beating every white-box one (a one-step PGD counts as white-box, not iterative)
+    bb = [AttackRun("Square", PGD(m, eps=0.1), "black-box"), AttackRun("PGD", PGD(m, eps=0.1)),
+          AttackRun("PGD-1", PGD(m, eps=0.1, steps=1))]
+    flags = outcome_checks(bb, {"Square": transfer, "PGD": white, "PGD-1": white})
+    assert [f.name for f in flags] == ["black-box-beats-white-box"]
+    # the tolerance: a gap of exactly tol is no flag
+    assert outcome_checks(bb, {"Square": _rejecting_result([1, 1, 0, 0]), "PGD": _rejecting_result([1, 0, 0, 0]),
+                               "PGD-1": white}, tol=0.25) == []
+    empty = _rejecting_result([])
+    assert math.isnan(not_fooled(empty))

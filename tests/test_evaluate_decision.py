@@ -7,11 +7,8 @@ from torch import nn
 
 from advlab import REJECT
 from advlab.adaptive import can_reject
-from advlab.attacks import FGSM, PGD
-from advlab.attacks.result import AttackResult
 from advlab.defenses import Defense
 from advlab.eval import evaluate
-from advlab.eval.runner import AttackRun, not_fooled, outcome_checks
 from advlab.exam.gallery import GaussianNoise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,32 +69,6 @@ def test_can_reject_probes_a_decision_that_accepts_every_clean_image():
             return self.model(x)
 
     assert not can_reject(Plain(), x)
-
-
-def _result(adv_pred):
-    n = len(adv_pred)
-    z = torch.zeros(n)
-    return AttackResult(labels=torch.zeros(n, dtype=torch.long), clean_pred=torch.zeros(n, dtype=torch.long),
-                        adv_pred=torch.tensor(adv_pred), success=torch.tensor(adv_pred) != 0, l0=z, l2=z, linf=z,
-                        seconds=0.0)
-
-
-def test_not_fooled_counts_a_rejection_for_the_defender():
-    white = _result([REJECT, REJECT, REJECT, 0])  # every move rejected
-    transfer = _result([1, 1, 1, 0])  # every move accepted as a wrong class
-    assert white.robust_accuracy == transfer.robust_accuracy == 0.25
-    assert not_fooled(white) == 1.0 and not_fooled(transfer) == 0.25
-    m = _tiny()
-    runs = [AttackRun("PGD", PGD(m, eps=0.1)), AttackRun("PGD (transfer)", PGD(m, eps=0.1), "transfer")]
-    flags = outcome_checks(runs, {"PGD": white, "PGD (transfer)": transfer})
-    assert [f.name for f in flags] == ["black-box-beats-white-box"]
-    # on robust accuracy alone the two look equal: no flag, the blind spot the attacker success removes
-    assert outcome_checks(runs, {"PGD": white, "PGD (transfer)": white}) == []
-    # single-step beating iterative, on the same measure
-    runs = [AttackRun("FGSM", FGSM(m, eps=0.1)), AttackRun("PGD", PGD(m, eps=0.1))]
-    assert [f.name for f in outcome_checks(runs, {"FGSM": transfer, "PGD": white})] == ["single-step-beats-iterative"]
-    # targeted runs and a lone run are not compared
-    assert outcome_checks(runs[:1], {"FGSM": transfer}) == []
 
 
 def test_rejections_absorbed_is_flagged_and_escalation_stops_when_nothing_moves():
