@@ -552,3 +552,18 @@ def test_not_fooled_counts_a_rejection_for_the_defender():
                                "PGD-1": white}, tol=0.25) == []
     empty = _rejecting_result([])
     assert math.isnan(not_fooled(empty))
+
+
+def test_outcome_checks_groups_by_attack_kind():
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    fooled, held = _rejecting_result([1, 1, 1, 0]), _rejecting_result([REJECT, REJECT, REJECT, 0])
+    # a targeted run first is skipped, the runs after it still compared
+    runs = [AttackRun("T", PGD(m, eps=0.1), targets=torch.zeros(4)), AttackRun("FGSM", FGSM(m, eps=0.1)),
+            AttackRun("PGD-2", PGD(m, eps=0.1, steps=2))]
+    got = outcome_checks(runs, {"T": held, "FGSM": fooled, "PGD-2": held})
+    assert [f.name for f in got] == ["single-step-beats-iterative"]       # 2 steps is iterative
+    # a function (a chain, a battery) and a one-step PGD are white-box but not iterative
+    battery = AttackRun("battery", lambda x, y: x)
+    assert outcome_checks([AttackRun("FGSM", FGSM(m, eps=0.1)), battery], {"FGSM": fooled, "battery": held}) == []
+    one = AttackRun("PGD-1", PGD(m, eps=0.1, steps=1))
+    assert outcome_checks([AttackRun("FGSM", FGSM(m, eps=0.1)), one], {"FGSM": fooled, "PGD-1": held}) == []
