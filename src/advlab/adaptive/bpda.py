@@ -453,7 +453,6 @@ def _same_shape(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> list
     if not names:
         return []
     shapes: dict[str, bool] = {}
-    handles = []
 
     def make_hook(name: str):
         def hook(module, args, kwargs, output):
@@ -462,6 +461,14 @@ def _same_shape(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> list
             shapes[name] = shapes.get(name, True) and ok
         return hook
 
+    _forward_with_hooks(model, x, names, make_hook)
+    return [n for n in names if shapes.get(n, False)]
+
+
+def _forward_with_hooks(model: nn.Module, x: torch.Tensor, names: Sequence[str], make_hook) -> None:
+    """One forward of ``x`` through ``model`` (eval mode, no gradient) with ``make_hook(name)``
+    registered as a forward hook (``with_kwargs``) on each named layer, removed afterwards."""
+    handles = []
     with frozen_eval(model), torch.no_grad():
         try:
             for n in names:
@@ -470,7 +477,6 @@ def _same_shape(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> list
         finally:
             for h in handles:
                 h.remove()
-    return [n for n in names if shapes.get(n, False)]
 
 
 def _lookups(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, Optional[Approx]]:
@@ -481,7 +487,6 @@ def _lookups(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[st
     if not names:
         return {}
     inputs: dict[str, torch.Tensor] = {}
-    handles = []
 
     def make_hook(name: str):
         def hook(module, args, kwargs, output):
@@ -490,14 +495,8 @@ def _lookups(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[st
                 inputs[name] = inp.detach()
         return hook
 
+    _forward_with_hooks(model, x, names, make_hook)
     with frozen_eval(model), torch.no_grad():
-        try:
-            for n in names:
-                handles.append(find_module(model, n).register_forward_hook(make_hook(n), with_kwargs=True))
-            model(x.detach().to(model_device(model)))
-        finally:
-            for h in handles:
-                h.remove()
         return {n: (lookup_approx(find_module(model, n), inputs[n]) if n in inputs else None) for n in names}
 
 

@@ -142,27 +142,37 @@ def _not_fooled_after(chain, stage: str, clean: torch.Tensor, y: torch.Tensor) -
     return float((~fooled).double().mean())
 
 
+def targeted_ce_until_accepted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, judge,
+                               eps: float, norm: str, steps: int, seed: int, restarts: int = 1) -> torch.Tensor:
+    """APGD with the targeted cross-entropy (the target's confidence pushed up until the defense's
+    decision ``judge`` accepts it as that wrong class) against each column of ``targets`` (N, T) in
+    turn (seed ``seed + j`` for column j), each on the images no earlier column broke: the
+    confidence-maximising stage for defenses that reject. Returns the adversarials (the clean image
+    where none was accepted as a wrong class)."""
+    out, todo = x.clone(), torch.arange(x.shape[0])
+    for j in range(targets.shape[1]):
+        if todo.numel() == 0:
+            break
+        atk = APGD(model, eps=eps, norm=norm, steps=steps, loss="ce", seed=seed + j, restarts=restarts,
+                   scores=merge_reject)
+        adv = atk.perturb(x[todo], y[todo], target=targets[todo, j])
+        pred = judge(adv)
+        hit = (pred != y[todo]) & (pred != REJECT)
+        out[todo[hit]] = adv[hit]
+        todo = todo[~hit]
+    return out
+
+
 def _targeted_ce(model: nn.Module, eps: float, norm: str, steps: int, targets: int, seed: int,
                  judge) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """APGD with the targeted cross-entropy (the target's confidence pushed up until the defense's
-    decision accepts it) against each of the ``targets`` wrong classes highest by clean score, on
-    the images no earlier target broke: the confidence-maximising stage for defenses that reject."""
+    """:func:`targeted_ce_until_accepted` against the ``targets`` wrong classes highest by clean
+    score (the battery's APGD-T-CE stage)."""
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         dev = model_device(model)
         with torch.no_grad():
             z = merge_reject(model(x.to(dev)), y.to(dev)).cpu()
         order = z.scatter(1, y[:, None], float("-inf")).argsort(dim=1, descending=True)
-        out, todo = x.clone(), torch.arange(x.shape[0])
-        for j in range(targets):
-            if todo.numel() == 0:
-                break
-            atk = APGD(model, eps=eps, norm=norm, steps=steps, loss="ce", seed=seed + j, scores=merge_reject)
-            adv = atk.perturb(x[todo], y[todo], target=order[todo, j])
-            pred = judge(adv)
-            hit = (pred != y[todo]) & (pred != REJECT)
-            out[todo[hit]] = adv[hit]
-            todo = todo[~hit]
-        return out
+        return targeted_ce_until_accepted(model, x, y, order[:, :targets], judge, eps, norm, steps, seed)
     return run
 
 

@@ -26,11 +26,11 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .. import REJECT
 from ..adaptive.bpda import BPDA, EoT
 from ..adaptive.decision import AcceptedScores
 from ..attacks import APGD, PGD
 from ..attacks.logits import checked_predict, merge_reject
+from ..eval.evaluate import targeted_ce_until_accepted
 from ..eval.runner import AttackRun, survivor_chain
 
 __all__ = ["true_robustness", "KINDS"]
@@ -52,19 +52,10 @@ def _stand_in(defense: nn.Module, kind: str, info: Dict[str, object], eot_sample
 
 
 def _targeted_ce_all(model, eps, norm, steps, restarts, classes, seed, judge):
+    """The targeted CE stage against every wrong class, y + 1, y + 2, ... (seeds seed + 1, ...)."""
     def run(x, y):
-        out, todo = x.clone(), torch.arange(x.shape[0])
-        for k in range(1, classes):
-            if todo.numel() == 0:
-                break
-            target = (y[todo] + k) % classes
-            adv = APGD(model, eps=eps, norm=norm, steps=steps, loss="ce", seed=seed + k, restarts=restarts,
-                       scores=merge_reject).perturb(x[todo], y[todo], target=target)
-            pred = judge(adv)
-            hit = (pred != y[todo]) & (pred != REJECT)
-            out[todo[hit]] = adv[hit]
-            todo = todo[~hit]
-        return out
+        targets = torch.stack([(y + k) % classes for k in range(1, classes)], dim=1)
+        return targeted_ce_until_accepted(model, x, y, targets, judge, eps, norm, steps, seed + 1, restarts=restarts)
     return run
 
 
