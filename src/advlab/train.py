@@ -32,6 +32,7 @@ class History:
         return [e[key] for e in self.epochs if key in e]
 
     def last(self) -> Dict[str, float]:
+        """The metrics of the last epoch (an empty dict before the first)."""
         return self.epochs[-1] if self.epochs else {}
 
 
@@ -119,6 +120,8 @@ def accuracy(model: nn.Module, dataset, batch_size: int = 1024) -> float:
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9):
+    """An optimizer over ``params``: ``"adam"`` (Adam) or ``"sgd"`` (SGD with Nesterov momentum
+    ``momentum``), at learning rate ``lr`` with ``weight_decay``. Raises ``AdvlabError`` on another name."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":

@@ -106,10 +106,12 @@ class AcceptedScores(nn.Module):
 
     @property
     def randomized(self) -> bool:
+        """True when the wrapped defense draws random numbers at test time (the evaluation then uses EoT)."""
         return bool(getattr(self.model, "randomized", False))
 
     @property
     def has_detector(self) -> bool:
+        """True when the wrapped defense's detector score shapes the "adversarial" column's gradient."""
         return self.uses_detect
 
     def _column(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -136,9 +138,11 @@ class AcceptedScores(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped defense's own decision (class indices or ``advlab.REJECT``): the judge of success."""
         return self.model.predict(x)
 
     def detect(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped defense's per-sample detection score (larger: more likely adversarial)."""
         return self.model.detect(x)
 
 

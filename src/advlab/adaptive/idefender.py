@@ -79,6 +79,7 @@ class IDefenderAdaptive(Attack):
         self.stats: dict = {}
 
     def reset_stats(self) -> None:
+        """Forget the per-run statistics in ``stats`` (kept across calls otherwise)."""
         self.stats = {}
 
     def _perturb(self, x, y, target):

@@ -53,6 +53,7 @@ class AttackResult:
 
     @property
     def failed(self) -> torch.Tensor:
+        """Boolean (N,) mask of the samples neither broken nor rejected (``~success & ~detected``)."""
         return ~self.success & ~self.detected
 
     @property
@@ -62,10 +63,13 @@ class AttackResult:
 
     @property
     def clean_accuracy(self) -> float:
+        """Fraction of the samples the judge classified correctly when clean (NaN for an empty result)."""
         return float(self.counted.float().mean()) if len(self) else float("nan")
 
     @property
     def robust_accuracy(self) -> float:
+        """Fraction of all samples still classified correctly on their adversarial (a rejection is not
+        correct); NaN for an empty result."""
         return float((self.adv_pred == self.labels).float().mean()) if len(self) else float("nan")
 
     def _rate(self, mask: torch.Tensor) -> float:
@@ -74,17 +78,25 @@ class AttackResult:
 
     @property
     def success_rate(self) -> float:
+        """Attack success rate: the fraction of the clean-correct samples broken (a rejection is never a
+        success); NaN when no sample was clean-correct."""
         return self._rate(self.success)
 
     @property
     def detected_rate(self) -> float:
+        """Fraction of the clean-correct samples whose adversarial the defended model rejected (``advlab.REJECT``)."""
         return self._rate(self.detected)
 
     @property
     def failed_rate(self) -> float:
+        """Fraction of the clean-correct samples neither broken nor rejected."""
         return self._rate(self.failed)
 
     def summary(self) -> Dict[str, float]:
+        """The headline numbers as a dict of floats: ``n``, ``clean_acc``, ``robust_acc``, ``asr``, ``failed``,
+        ``detected`` (fractions in [0, 1], rates over the clean-correct samples), ``mean_l2``, ``median_l2``,
+        ``mean_linf`` and ``mean_l0`` (pixel units in [0, 1] space, over the true successes only; NaN when
+        there are none) and ``seconds`` (wall time of the run)."""
         ok = self.success & self.counted
         def med(t):
             return float(t[ok].median()) if bool(ok.any()) else float("nan")

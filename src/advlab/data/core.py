@@ -151,6 +151,11 @@ DATASETS: Dict[str, tuple] = {
 
 
 def register_dataset(name: str, loader: Callable, description: str) -> None:
+    """Register a dataset for :func:`load_dataset` (and the CLI's ``--dataset``) under ``name``.
+
+    ``loader(root=..., split=..., download=..., **options)`` must return a :class:`TensorImageDataset`
+    (float32 NCHW in [0, 1], int64 labels); ``description`` is the line ``advlab datasets`` shows. A
+    registered name is replaced."""
     DATASETS[name] = (loader, description)
 
 

@@ -44,6 +44,7 @@ class TensorImageDataset(Dataset):
 
     @property
     def in_shape(self):
+        """The images' (C, H, W)."""
         return tuple(self.images.shape[1:])
 
     def subset(self, n: int | None = None, seed: int = 0, indices=None) -> "TensorImageDataset":

@@ -82,10 +82,14 @@ class AdversarialBatches:
         self.eps_drawn: list = []
 
     def draw_eps(self) -> float:
+        """The eps of the next batch: uniform in the configured ``eps`` range (pixel units, [0, 1] scale), drawn
+        from this transform's own seeded generator; the fixed value when the range is one number."""
         lo, hi = self.eps
         return lo if hi == lo else float(lo + (hi - lo) * torch.rand((), generator=self._g))
 
     def make_attack(self, eps: float):
+        """The attack that crafts this batch's adversarial copy at ``eps`` on ``source``: FGSM, or PGD with
+        ``steps`` steps of ``alpha`` (default eps / steps), seeded per batch so training is repeatable."""
         from ..attacks import build_attack
 
         seed = self.seed * 1_000_003 + self.batches

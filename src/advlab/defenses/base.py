@@ -53,6 +53,9 @@ class Defense(nn.Module):
     # shadow nn.Module's submodule lookup; read it with ``getattr(defense, "surrogate", None)``
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The differentiable scores an attacker should use by default: (N, C) logits, or (N, C + 1) with a
+        last "adversarial" column, for images (N, C, H, W) in [0, 1]. Subclasses must implement it with
+        real gradients (never a clamped or gradient-free quantity)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -67,6 +70,7 @@ class Defense(nn.Module):
 
     @property
     def has_detector(self) -> bool:
+        """True when the subclass overrides :meth:`detect` (it has a per-sample detection score)."""
         return type(self).detect is not Defense.detect
 
     def _batched(self, fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -88,6 +92,8 @@ class Defense(nn.Module):
 
     @classmethod
     def from_config(cls, model: nn.Module, config: Dict[str, Any]) -> "Defense":
+        """Rebuild the defense around ``model`` from the settings :meth:`config` returned; the weights are
+        loaded afterwards (:meth:`load`). Subclasses whose constructor differs from their config override it."""
         return cls(model, **config)
 
     def to_state(self) -> Dict[str, Any]:
@@ -163,6 +169,9 @@ def register_defense(name: str, description: str):
 
 
 def defense_class(name: str) -> type:
+    """The :class:`Defense` subclass registered as ``name`` in :data:`DEFENSES`.
+
+    Raises ``AdvlabError`` naming the valid names when ``name`` is not registered."""
     if name not in DEFENSES:
         raise unknown_name("defense", name, DEFENSES)
     return DEFENSES[name].cls

@@ -186,6 +186,7 @@ class IDefender(Defense):
     format = "advlab-idefender-1"
     title = "I-defender"
     reject_column = True
+    claimed_threat = "black-box"
     #: gradient-free offset of the adversarial column (exact argmax at the threshold)
     delta = 1e-3
 
@@ -254,6 +255,7 @@ class IDefender(Defense):
 
     @property
     def keep(self) -> float:
+        """The share of each class's training data the active thresholds keep (0.95: ID-95, 0.99: ID-99)."""
         return self._keep
 
     def set_keep(self, keep: float) -> "IDefender":
@@ -268,6 +270,9 @@ class IDefender(Defense):
         return self
 
     def set_rule(self, rule: str) -> "IDefender":
+        """Set the rejection rule and return the defense: ``"predicted"`` rejects when the predicted
+        class's mixture gives the hidden state a likelihood below its threshold, ``"any"`` only when every
+        class's does. Raises ``AdvlabError`` on another value."""
         if rule not in RULES:
             raise AdvlabError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
         self.rule = rule
@@ -495,6 +500,7 @@ class IDefender(Defense):
 
     @classmethod
     def from_config(cls, model: nn.Module, config: Dict[str, Any]) -> "IDefender":
+        """Rebuild from :meth:`config` around ``model`` (the mixtures and thresholds come with the saved weights)."""
         return cls(model, layers=config["layers"], num_classes=int(config["num_classes"]),
                    feature_dim=int(config["feature_dim"]), dim=int(config["dim"]),
                    components=int(config["components"]), covariance=str(config["covariance"]),

@@ -117,6 +117,7 @@ class MSVDDDefense(Defense):
     format = "advlab-msvdd-1"
     title = "M-SVDD-D"
     reject_column = True
+    claimed_threat = "transfer"
 
     def __init__(self, model: nn.Module, head: Optional[str] = None, projections: int = 128,
                  gamma: Optional[float] = None, v_a: float = 1e-3, v_p: float = 1e-2, beta: float = 1.0):
@@ -153,6 +154,8 @@ class MSVDDDefense(Defense):
 
     @property
     def beta(self) -> torch.Tensor:
+        """The SVDD radii' trimming parameter beta (eq. 10), one value per class (a detached copy); set it
+        with :meth:`set_beta` or :meth:`tune_beta`."""
         return self.svdd.beta.detach().clone()
 
     def set_beta(self, beta) -> "MSVDDDefense":
@@ -377,5 +380,6 @@ class MSVDDDefense(Defense):
     @classmethod
     def from_config(cls, model: nn.Module, config: Dict[str, Any]) -> "MSVDDDefense":
         # gamma and beta are buffers: the saved values replace these placeholders
+        """Rebuild from :meth:`config` (gamma and beta are buffers: the saved weights replace the placeholders)."""
         return cls(model, head=config["head"], projections=int(config["projections"]), gamma=1.0,
                    v_a=float(config["v_a"]), v_p=float(config["v_p"]))

@@ -531,6 +531,7 @@ class PCLDefense(Defense):
 
     @classmethod
     def from_config(cls, model: nn.Module, config: Dict[str, Any]) -> "PCLDefense":
+        """Rebuild from :meth:`config` around ``model`` (the prototypes come with the saved weights)."""
         return cls(model, **config)
 
 

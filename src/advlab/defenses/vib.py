@@ -96,6 +96,7 @@ class VIBDefense(Defense):
     format = "advlab-vib-1"
     title = "VIB"
     randomized = False
+    claimed_threat = "transfer"  # the paper crafts on f_theta1
 
     def __init__(self, model: nn.Module, k: float = 2.0, samples: int = 10, clip: bool = True):
         super().__init__()
@@ -120,6 +121,7 @@ class VIBDefense(Defense):
 
     @property
     def teacher(self) -> nn.Module:
+        """The undefended model the student was distilled from (the same module as ``surrogate``)."""
         return self.surrogate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,8 @@ class EvaluationResult:
     rounds: List[Dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
+        """Every field as plain JSON-ready data (what ``results.json`` stores): the threat model, accuracies
+        (fractions of all ``n`` images), stages, flags, notes, sweep, escalation rounds and seconds."""
         return {"norm": self.norm, "eps": self.eps, "n": self.n, "seed": self.seed,
                 "clean_accuracy": self.clean_accuracy, "robust_accuracy": self.robust_accuracy,
                 "per_attack": self.per_attack, "detected": self.detected, "standalone": self.standalone,

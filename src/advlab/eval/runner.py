@@ -136,6 +136,7 @@ class Evaluation:
     extras: Dict[str, object] = field(default_factory=dict)
 
     def worst_row(self, name: str = "worst case", threat: str = "all of the above") -> Dict[str, float]:
+        """The table row (:func:`result_row`) of the per-sample worst case over every attack run."""
         return result_row(name, self.worst, threat=threat)
 
     def to_state(self) -> Dict[str, object]:
@@ -146,6 +147,7 @@ class Evaluation:
 
     @classmethod
     def from_state(cls, state: Dict[str, object]) -> "Evaluation":
+        """Rebuild an evaluation from :meth:`to_state`'s plain data (the worst case is recomputed)."""
         results = {n: AttackResult(**r) for n, r in state["results"].items()}
         return cls(list(state["rows"]), results, float(state["seconds"]),
                    worst_case(results.values()) if results else None, dict(state.get("extras") or {}))
@@ -262,6 +264,7 @@ class Chain:
 
     @property
     def robust_accuracy(self) -> float:
+        """Fraction of the chain's images left robust after every link (NaN for an empty chain)."""
         return float(self.robust.double().mean()) if len(self.robust) else float("nan")
 
 

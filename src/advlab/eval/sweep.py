@@ -78,6 +78,7 @@ class SweepResult:
 
     @property
     def label(self) -> str:
+        """A display name for the curve, e.g. ``"pgd (L-inf)"`` or ``"deepfool (L2, thresholded)"``."""
         how = ", thresholded" if self.method == "threshold" else ""
         return f"{self.attack} ({_NORM_NAMES.get(self.norm, self.norm)}{how})"
 
@@ -92,6 +93,7 @@ class SweepResult:
         return sweeps_figure([self], title=title)
 
     def to_dict(self) -> Dict[str, Any]:
+        """Every field as plain JSON-ready data (eps values in pixel units, accuracies and rates as fractions)."""
         return {"attack": self.attack, "norm": self.norm, "method": self.method, "epsilons": list(self.epsilons),
                 "robust_accuracy": list(self.robust_accuracy), "success_rate": list(self.success_rate),
                 "detected": list(self.detected), "clean_accuracy": self.clean_accuracy, "n": self.n,

@@ -126,6 +126,9 @@ class SteerablePyramid:
         self._dev_cache = {}
 
     def scales_for(self, h: int, w: int) -> int:
+        """Number of pyramid scales used on H x W images: ``scales`` if set, else the most that fit
+        (floor(log2(min(H, W))) - 2). Raises ``AdvlabError`` when the images are smaller than 8 x 8 or
+        ``scales`` does not fit them."""
         top = max_pyramid_scales(h, w)
         if top < 1:
             raise AdvlabError(f"images of size {h}x{w} are too small for a steerable pyramid (need >= 8x8)")

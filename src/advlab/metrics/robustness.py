@@ -87,10 +87,13 @@ def l0_norm(delta: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
 
 
 def l2_norm(delta: torch.Tensor) -> torch.Tensor:
+    """Per-sample L2 norm (N,) of a perturbation batch ``delta`` (N, ...), in pixel units ([0, 1] scale)."""
     return delta.flatten(1).norm(dim=1)
 
 
 def linf_norm(delta: torch.Tensor) -> torch.Tensor:
+    """Per-sample L-inf norm (N,) of a perturbation batch ``delta`` (N, ...), in pixel units ([0, 1] scale);
+    zeros for a batch with no pixels."""
     return delta.flatten(1).abs().amax(dim=1) if delta.numel() else delta.new_zeros(delta.shape[0])
 
 

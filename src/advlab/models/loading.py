@@ -356,10 +356,13 @@ class LoadedModel:
     fitted: bool = False
 
     def describe(self) -> str:
+        """One line for logs and reports: the format, the source and the weights file if any."""
         w = f" with weights {self.weights}" if self.weights else ""
         return f"{self.format} {self.source}{w}"
 
     def to_dict(self) -> Dict[str, Any]:
+        """The loading record as plain JSON-ready data (source, format, weights, notes, input shape,
+        number of classes, checkpoint metadata without the training history)."""
         return {"source": self.source, "format": self.format, "weights": self.weights, "notes": list(self.notes),
                 "input_shape": list(self.input_shape) if self.input_shape else None,
                 "num_classes": self.num_classes,

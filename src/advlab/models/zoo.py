@@ -276,6 +276,7 @@ def model_info(name: str) -> Tuple[Tuple[int, int, int], str]:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (trainable or not) of ``model``."""
     return sum(p.numel() for p in model.parameters())
 
 
