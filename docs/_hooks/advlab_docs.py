@@ -22,11 +22,11 @@ def cli_reference() -> str:
     from advlab.cli import build_parser
 
     parser = build_parser()
-    parts = ["## advlab", "", "```text", parser.format_help().rstrip(), "```", ""]
+    parts = ["### advlab", "", "```text", parser.format_help().rstrip(), "```", ""]
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     for action in subs:
         for name, sub in action.choices.items():
-            parts += [f"## advlab {name}", "", "```text", sub.format_help().rstrip(), "```", ""]
+            parts += [f"### advlab {name}", "", "```text", sub.format_help().rstrip(), "```", ""]
     return "\n".join(parts)
 
 
