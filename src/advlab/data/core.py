@@ -160,7 +160,7 @@ def register_dataset(name: str, loader: Callable, description: str) -> None:
 
 
 def list_datasets():
-    """Names of the registered datasets."""
+    """Names of the registered datasets (:data:`DATASETS`), sorted."""
     return sorted(DATASETS)
 
 

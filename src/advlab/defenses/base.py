@@ -156,7 +156,10 @@ DEFENSES: Dict[str, DefenseEntry] = {}
 
 
 def register_defense(name: str, description: str):
-    """Class decorator adding a :class:`Defense` subclass to :data:`DEFENSES` under ``name``."""
+    """Class decorator adding a :class:`Defense` subclass to :data:`DEFENSES` under ``name``, with the
+    one-line ``description`` the CLI shows; sets ``cls.name``. A class with a ``format`` tag also
+    becomes loadable by :func:`advlab.models.load_model` (its :meth:`Defense.load`). Raises
+    ``TypeError`` for a class that is not a :class:`Defense`; a registered name is replaced."""
     def deco(cls):
         if not issubclass(cls, Defense):
             raise TypeError(f"{cls.__name__} must subclass advlab.defenses.Defense")
@@ -178,5 +181,7 @@ def defense_class(name: str) -> type:
 
 
 def build_defense(name: str, model: nn.Module, dataset, **params) -> Defense:
-    """Fit the defense ``name`` on a trained ``model`` and its training ``dataset``."""
+    """Fit the defense ``name`` on a trained ``model`` and its training ``dataset`` (images in [0, 1]):
+    ``DEFENSES[name].cls.fit(model, dataset, **params)``. Returns the fitted :class:`Defense`; raises
+    ``AdvlabError`` naming the valid names for an unknown ``name``."""
     return defense_class(name).fit(model, dataset, **params)

@@ -47,7 +47,9 @@ def outcome(adv_pred: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tens
 
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of ``pred == y`` (a rejection counts as wrong)."""
+    """Fraction of ``pred == y``, in [0, 1] (a rejection, ``advlab.REJECT``, counts as wrong); NaN for
+    no samples. ``pred`` and ``y`` are integer class indices of shape (N,); raises ``AdvlabError``
+    when they are not, or their lengths differ."""
     _check_predictions(pred, y)
     if pred.numel() == 0:
         return float("nan")
@@ -55,7 +57,8 @@ def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def robust_accuracy(adv_pred: torch.Tensor, y: torch.Tensor) -> float:
-    """Accuracy on adversarial inputs."""
+    """Accuracy on adversarial inputs: :func:`accuracy` of the predictions ``adv_pred`` (N,) on the
+    adversarials against the true labels ``y`` (N,); a rejection is not a correct prediction."""
     return accuracy(adv_pred, y)
 
 

@@ -42,7 +42,9 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, finite: bool = True) -> None:
 
 
 def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per sample, shape (N,)."""
+    """Mean squared error per sample, shape (N,), of two floating (N, C, H, W) batches (pixel units:
+    for images in [0, 1] the MSE is in [0, 1]). Raises ``AdvlabError`` on other shapes, a shape
+    mismatch, or NaN / infinite values."""
     _check_pair(x, y)
     return (x - y).pow(2).flatten(1).mean(dim=1)
 

@@ -263,12 +263,13 @@ MODELS: Dict[str, Tuple[Callable[..., nn.Module], Tuple[int, int, int], str]] = 
 
 
 def list_models():
-    """Names of the registered models."""
+    """Names of the registered models (:data:`MODELS`), sorted."""
     return sorted(MODELS)
 
 
 def model_info(name: str) -> Tuple[Tuple[int, int, int], str]:
-    """(natural input shape, description) of a registered model."""
+    """(natural input shape (C, H, W), description) of the registered model ``name``; raises
+    ``AdvlabError`` naming the valid names for an unknown one."""
     if name not in MODELS:
         raise unknown_name("model", name, MODELS)
     _, shape, desc = MODELS[name]
