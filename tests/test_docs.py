@@ -123,3 +123,51 @@ def test_the_readme_run_times_are_the_reports():
         seconds = json.loads((ROOT / "reports" / name / "results.json").read_text())["seconds_total"]
         assert abs(seconds / 60 - float(shown)) <= 0.5, f"README says {name} takes {shown} min, its report {seconds:.0f} s"
         assert re.search(rf"\| {re.escape(name)} \| [0-9,]+ s \| {re.escape(shown)} min \|", figures), name
+
+
+def test_the_readme_exam_table_is_the_committed_exam():
+    """The README's exam table is reports/exam/the-exam.csv, cell for cell (the numbers as the CSV rounds them)."""
+    import csv
+
+    rows = {r["entry"]: r for r in csv.DictReader((ROOT / "reports" / "exam" / "the-exam.csv").open())}
+    readme = (ROOT / "README.md").read_text()
+    table = [line for line in readme.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in rows]
+    assert len(table) == len(rows), "the README's exam table does not list every entry of the committed exam"
+    for line in table:
+        entry, what, naive, ours, truth, flags, verdict = [c.strip() for c in line.strip().strip("|").split("|")]
+        row = rows[entry]
+        assert (naive, ours, truth) == (row["naive PGD-CE"], row["evaluate"], row["true robustness"]), entry
+        assert (what, flags, verdict) == (row["what masks"], row["flags"], row["verdict"]), entry
+
+
+def test_the_readme_vib_table_is_the_committed_report():
+    """The README's VIB rows (transfer: the paper's protocol, at k = 2 with 10 noise samples, the paper's
+    columns k = 1, 2, 2.5, 3 per sample count; the adaptive battery rows) are reports/vib/results.json's,
+    rounded as shown."""
+    import json
+
+    vib = json.loads((ROOT / "reports" / "vib" / "results.json").read_text())
+    cells = vib["results"]["table4_cells"]["10/2.0"]
+    original = vib["results"]["original"]
+    paper = vib["spec"]["paper"]["table4"]
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### VIB"):].replace("*", "")
+
+    def row(label):
+        line = next(x for x in section.splitlines() if x.startswith(f"| {label} "))
+        return [c.strip() for c in line.strip().strip("|").split("|")][1:]
+
+    def close(shown, value):
+        decimals = len(shown.split(".")[1]) if "." in shown else 0
+        return abs(float(shown) - value) <= 0.5 * 10 ** -decimals + 1e-9
+
+    for label, key, paper_key in [("clean", "clean", "Original"), ("DeepFool", "DeepFool", "DeepFool"),
+                                  ("C&W L2", "C&W (l2)", "C&W (l2)"), ("FGSM eps 0.3", "FGSM (eps=0.3)", "FGSM (eps=0.3)")]:
+        (u_ours, u_paper), (d_ours, d_paper) = [c.split(" / ") for c in row(label)]
+        assert close(u_ours, original[key]) and close(d_ours, cells[key]), label
+        assert close(u_paper, paper[paper_key]["original"]) and close(d_paper, paper[paper_key]["10"][1]), label
+    battery = vib["results"]["battery"]
+    for eps in ("0.1", "0.3"):
+        undefended, defended = row(f"battery L-inf {eps}")
+        assert close(undefended, 100 * battery[f"battery L-inf {eps} / f_theta1 (undefended)"]["robust_accuracy"])
+        assert close(defended, 100 * battery[f"battery L-inf {eps} / VIB k=3 n=20"]["robust_accuracy"])
