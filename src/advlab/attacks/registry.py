@@ -51,7 +51,9 @@ ATTACKS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 
 
 def attack_class(name: str) -> Tuple[type, Dict[str, Any]]:
-    """(class, fixed keyword arguments) of a registered attack name; an unknown name is an error."""
+    """(class, fixed keyword arguments) of the registered attack ``name`` (:data:`ATTACKS`), e.g.
+    ``("PGD", {"norm": "2"})`` resolved to the class for ``"pgd-l2"``. Raises ``AdvlabError`` naming
+    the valid names for an unknown one."""
     if name not in ATTACKS:
         raise unknown_name("attack", name, ATTACKS)
     cls_name, fixed = ATTACKS[name]

@@ -159,7 +159,8 @@ def _compare(what: str, got: Dict[str, str], sha256: Optional[str], md5: Optiona
 
 
 def verify_file(path: str | os.PathLike, sha256: Optional[str] = None, md5: Optional[str] = None) -> Path:
-    """Check a file's SHA-256 and/or MD5 (those given); raise AdvlabError naming it on a mismatch."""
+    """Check a file's SHA-256 and/or MD5 (those given, hex strings) and return its path; raise
+    ``AdvlabError`` naming the file when it is missing or a digest does not match."""
     path = Path(path)
     if not path.is_file():
         raise AdvlabError(f"file not found: {path}")

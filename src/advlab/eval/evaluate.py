@@ -81,7 +81,15 @@ STAGES = BATTERY + ("APGD-T-CE",)
 
 @dataclass
 class EvaluationResult:
-    """What :func:`evaluate` measured. Accuracies are fractions of all ``n`` images."""
+    """What :func:`evaluate` measured. Accuracies are fractions of all ``n`` images, in [0, 1].
+
+    ``norm`` / ``eps`` (pixel units), ``n``, ``seed``: the threat model and the run; ``clean_accuracy``,
+    ``robust_accuracy`` (the per-sample worst case over every stage); ``per_attack``: the robust
+    accuracy after each stage, in order; ``detected``: the share whose worst-case adversarial the
+    model rejects; ``flags``: the masking :class:`~advlab.eval.checks.Flag` s; ``x_adv``: per image
+    the adversarial that broke it, else the one rejected, else the image; ``status``: per image
+    "robust", "broken", "detected" or "misclassified"; ``notes`` (what the battery did),
+    ``standalone``, ``sweep``, ``rounds`` (escalation), ``seconds`` (per stage)."""
 
     norm: str
     eps: float

@@ -54,7 +54,10 @@ _NORM_NAMES = {"0": "L0", "2": "L2", "inf": "L-inf"}
 
 @dataclass
 class SweepResult:
-    """What :func:`eps_sweep` measured, one entry per eps (ascending)."""
+    """What :func:`eps_sweep` measured, one entry per eps (ascending, pixel units): ``robust_accuracy``
+    (fraction of all images), ``success_rate`` and ``detected`` (fractions of the clean-correct
+    images), with the ``attack``, its ``norm``, the ``method`` ("per-eps" or "threshold"), and the
+    runs' :class:`~advlab.attacks.AttackResult` s in ``results``."""
 
     attack: str
     #: the norm eps is measured in: the attack's ("inf", "2"), or the thresholded one ("0", "2", "inf")

@@ -30,7 +30,9 @@ def label_rank(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def rank_pmf(ranks: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``pmf[j - 1] = P(rank = j)`` for j = 1..num_classes over a set of 1-based ranks (float64)."""
+    """``pmf[j - 1] = P(rank = j)`` for j = 1..num_classes over a set of 1-based ranks (e.g. from
+    :func:`label_rank`): a float64 tensor of shape (num_classes,) summing to 1. Raises ``AdvlabError``
+    for ranks outside 1..num_classes or an empty set."""
     num_classes = check_positive_int(num_classes, "num_classes")
     try:
         ranks = torch.as_tensor(ranks).reshape(-1).cpu()

@@ -284,7 +284,10 @@ def _check_k(k: float) -> float:
 
 
 def sigma_bound(distance: torch.Tensor, k: float) -> torch.Tensor:
-    """sigma_i = d_ij / 2k (eq. 3, taken with equality as the paper does in its tables)."""
+    """sigma_i = d_ij / 2k (eq. 3, taken with equality as the paper does in its tables): the bound of
+    each image from its ``distance`` d_ij to the nearest other-class image (mean absolute pixel
+    difference, [0, 1] scale; :func:`nearest_other_class`), same shape. Raises ``AdvlabError`` for
+    k <= 0."""
     return distance / (2.0 * _check_k(k))
 
 
@@ -349,7 +352,9 @@ def visual_bound(data, y: Optional[torch.Tensor] = None, ks: Sequence[float] = P
 # --------------------------------------------------------------------------- the score
 
 def perturbation_magnitude(x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean absolute pixel difference between ``x_adv`` and ``x`` (the bound's distance)."""
+    """Per-sample mean absolute pixel difference between ``x_adv`` and ``x`` (the bound's distance),
+    a float32 CPU tensor of shape (N,) in pixel units of the [0, 1] scale. Raises ``AdvlabError`` for
+    non-tensors, different shapes, or a non-batch ``x``."""
     if not isinstance(x, torch.Tensor) or not isinstance(x_adv, torch.Tensor):
         raise AdvlabError("x and x_adv must be tensors")
     if x.shape != x_adv.shape:

@@ -40,7 +40,10 @@ def is_success(pred: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tenso
 
 
 def outcome(adv_pred: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-    """Per-sample ``success`` / ``failed`` / ``detected`` masks (exactly one is true per sample)."""
+    """Per-sample ``success`` / ``failed`` / ``detected`` boolean masks (N,) of the predictions
+    ``adv_pred`` on the adversarials, against the labels ``y`` (or the ``target`` classes): exactly one
+    is true per sample, and ``advlab.REJECT`` is always ``detected``. Raises ``AdvlabError`` on
+    non-integer or mismatched inputs."""
     success = is_success(adv_pred, y, target)
     detected = adv_pred == REJECT
     return {"success": success, "failed": ~success & ~detected, "detected": detected}
@@ -85,7 +88,8 @@ def attack_success_rate(adv_pred: torch.Tensor, y: torch.Tensor, target: Optiona
 
 
 def l0_norm(delta: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
-    """Number of changed pixel positions per sample (a pixel counts once over its channels)."""
+    """Number of changed pixel positions per sample, shape (N,): entries of ``delta`` with ``|delta| >
+    tol``; for an (N, C, H, W) batch a pixel counts once over its channels."""
     return (delta.abs() > tol).any(dim=1).flatten(1).sum(1) if delta.dim() == 4 else (delta.abs() > tol).flatten(1).sum(1)
 
 
@@ -101,7 +105,9 @@ def linf_norm(delta: torch.Tensor) -> torch.Tensor:
 
 
 def perturbation_norms(delta: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Per-sample L0 (changed pixels), L2 and L-inf of a perturbation batch (N, ...)."""
+    """Per-sample L0 (changed pixels), L2 and L-inf norms of a perturbation batch ``delta`` (N, ...), as
+    ``{"l0", "l2", "linf"}`` tensors of shape (N,), in pixel units of the [0, 1] scale. Raises
+    ``AdvlabError`` for a non-tensor, fewer than 2 dimensions, or NaN / infinite values."""
     if not isinstance(delta, torch.Tensor):
         raise AdvlabError(f"delta must be a torch.Tensor of shape (N, ...), got {type(delta).__name__}")
     if delta.dim() < 2:

@@ -339,7 +339,9 @@ class Logits(nn.Module):
 
 @dataclass
 class LoadedModel:
-    """What :func:`load_model_info` loaded: the model and how."""
+    """What :func:`load_model_info` loaded: the ``model`` (in eval mode) and how: its ``format``, the
+    ``source`` and ``weights`` paths, the advlab file's ``metadata``, the loader's ``notes``
+    (unwrapping, normalisation), the ``input_shape`` (C, H, W) and ``num_classes`` when known."""
 
     model: nn.Module
     #: "advlab checkpoint", "advlab <tag>", "torch.export", "TorchScript" or "factory"
