@@ -13,8 +13,9 @@ synchronises with the device unless samples can finish early (``observe`` return
 then only every ``check_every`` steps.
 
 >>> s = ActiveSet(x.shape[0], x.device, v=x.clone(), x=x, y=y)
->>> loop = AttackLoop(forward=lambda s: model(s.v), objective=lambda out, s: -F.cross_entropy(out, s.y, reduction="none"),
-...                   step=SignStep(alpha=0.01), project=LinfProjection(x, eps=0.3))
+>>> loop = AttackLoop(forward=lambda s, v: model(v),
+...                   objective=lambda out, s, v: -F.cross_entropy(out, s.y, reduction="none"),
+...                   step=SignStep(alpha=0.01), project=LinfProjection(eps=0.3))
 >>> loop.run(s, steps=40)
 >>> x_adv = s.v                     # or s.outputs[...] for the rows written back on the way
 """
