@@ -2,6 +2,8 @@
 embedded digits; the PCL paper's 1:1 batches with eps ~ U[lo, hi]; Madry PGD-AT; adversarial
 PCL training on the joint loss; bad inputs."""
 
+import copy
+
 import pytest
 import torch
 
@@ -58,6 +60,42 @@ def test_batches_are_clean_and_adversarial_one_to_one(lenet_digits, digits_data)
     assert xo.shape == x.shape and torch.equal(yo, y)
     assert float((xo - x).abs().max()) <= 0.2 + 1e-6
     assert lenet_digits.training is False and all(p.requires_grad for p in lenet_digits.parameters())
+
+
+def test_eps_ramp_rises_linearly_then_holds(lenet_digits, digits_data):
+    _, test = digits_data
+    x, y = test.images[:8], test.labels[:8]
+    adv = AdversarialBatches(lenet_digits, attack="pgd", eps=0.2, steps=2, alpha=0.1, mix="adversarial", seed=0,
+                             ramp_batches=4)
+    for _ in range(6):
+        xa, _ = adv(x, y)
+    assert adv.eps_drawn == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
+    assert float((xa - x).abs().max()) <= 0.2 + 1e-6
+    first = AdversarialBatches(lenet_digits, attack="pgd", eps=0.2, steps=2, alpha=0.1, seed=0, ramp_batches=4)
+    assert first.make_attack(first.draw_eps()).alpha == pytest.approx(0.025)  # alpha scaled with eps
+    assert AdversarialBatches(lenet_digits, eps=0.2).ramp_factor() == 1.0
+    with pytest.raises(AdvlabError, match="ramp_batches"):
+        AdversarialBatches(lenet_digits, ramp_batches=-1)
+
+
+def test_madry_defense_is_the_trained_model(lenet_digits, digits_data):
+    from advlab.defenses import DEFENSES, build_defense
+
+    train, test = digits_data
+    before = [p.detach().clone() for p in lenet_digits.parameters()]
+    d = build_defense("madry", lenet_digits, train.subset(256, seed=0), eps=0.1, steps=2, epochs=1, seed=0)
+    assert DEFENSES["madry"].cls is type(d) and d.claimed_threat == "white-box" and d.eps == 0.1
+    assert all(torch.equal(a, b) for a, b in zip(before, lenet_digits.parameters()))  # left unchanged
+    x = test.images[:16]
+    assert torch.equal(d(x), d.model(x)) and torch.equal(d.predict(x), d.model(x).argmax(1))
+    assert not all(torch.equal(a, b) for a, b in zip(before, d.model.parameters()))  # it was trained
+    assert d.history["epochs_run"] == 1
+    rebuilt = type(d).from_state(copy.deepcopy(lenet_digits), d.to_state())
+    assert torch.equal(rebuilt(x), d(x)) and rebuilt.eps == 0.1
+    none = build_defense("none", lenet_digits, None)
+    assert torch.equal(none(x), lenet_digits(x)) and none.model is not lenet_digits
+    with pytest.raises(AdvlabError, match="takes no parameters"):
+        build_defense("none", lenet_digits, None, epochs=3)
 
 
 def _pcl_pgd_acc(d, test, eps=0.1):

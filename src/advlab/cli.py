@@ -335,21 +335,21 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, before)
 
 
-def _torchrun_evaluate(args) -> int:
+def _torchrun(args, command: str = "evaluate", positional: tuple = ()) -> int:
     """``--launcher torchrun``: run this same command again under ``torchrun --standalone
-    --nproc_per_node N -m advlab.cli evaluate ...`` (one machine; for several, call torchrun
+    --nproc_per_node N -m advlab.cli COMMAND ...`` (one machine; for several, call torchrun
     yourself with --nnodes and a rendezvous endpoint). torchrun's own agent runs in this process;
     the command's arguments are handed over after parsing (torchrun's parser would take ``--n``
-    for an abbreviation of its own options)."""
+    for an abbreviation of its own options); ``positional``: the argument names passed without a flag."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    skip = {"func", "command", "launcher", "nproc"}
-    argv = ["evaluate"]
+    skip = {"func", "command", "launcher", "nproc", *positional}
+    argv = [command] + [str(getattr(args, k)) for k in positional if getattr(args, k, None) is not None]
     for k, v in vars(args).items():
         if k in skip or v is None or v is False:
             continue
-        for item in (v if isinstance(v, list) else [v]):  # --dataset-option repeats
+        for item in (v if isinstance(v, list) else [v]):  # --dataset-option, --defense, --param repeat
             argv += [f"--{k.replace('_', '-')}"] + ([] if item is True else [repr(item) if isinstance(item, float)
                                                                              else str(item)])
     if args.nproc < 1:
@@ -402,7 +402,7 @@ def cmd_evaluate(args) -> int:
 
     sweep = _evaluate_sweep(args)  # every number is checked before a process is launched or a file read
     if getattr(args, "launcher", "none") == "torchrun" and "LOCAL_RANK" not in os.environ:
-        return _torchrun_evaluate(args)
+        return _torchrun(args, "evaluate")
     distributed.init()  # under torchrun: join the process group (the battery's attacks shard); alone: nothing
 
     inputs = _inputs(args)
@@ -422,6 +422,96 @@ def cmd_evaluate(args) -> int:
                        reported=args.reported, spec={k: v for k, v in vars(args).items() if k != "func"}, model=info)
     print(Path(out, "report.md").read_text())
     print(f"report: {out}")
+    return 0
+
+
+def _compare_options(args) -> dict:
+    """``advlab compare``'s flags (over a ``--spec`` YAML's keys) as :func:`advlab.eval.compare.compare`'s
+    keyword arguments; every value is checked before any data is read."""
+    import yaml
+
+    from ._util import check_positive_int, parse_eps
+
+    opts: dict = {}
+    if args.spec:
+        try:
+            spec = yaml.safe_load(Path(args.spec).read_text())
+        except yaml.YAMLError as e:
+            raise _err(f"--spec {args.spec} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(spec, dict):
+            raise _err(f"--spec {args.spec} must hold a mapping of compare's options")
+        known = {"defenses", "dataset", "root", "model", "weights", "train", "eps", "headline", "n", "budget",
+                 "params", "seed"}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise _err(f"--spec key {unknown[0]!r} is not one of compare's: {', '.join(sorted(known))}")
+        opts.update(spec)
+        if isinstance(opts.get("headline"), dict):
+            opts["headline"] = (opts["headline"].get("norm", "inf"), opts["headline"].get("eps"))
+    if args.defense:
+        opts["defenses"] = list(args.defense)
+    for key in ("dataset", "root", "model", "weights"):
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
+    eps = dict(opts.get("eps") or {})
+    for norm, flag in (("inf", "eps_inf"), ("2", "eps_l2")):
+        text = getattr(args, flag)
+        if text is not None:
+            eps[norm] = [parse_eps(v.strip(), "--" + flag.replace("_", "-")) for v in text.split(",") if v.strip()]
+    if eps:
+        opts["eps"] = eps
+    if args.headline:
+        norm, _, value = args.headline.partition(":")
+        if not value:
+            raise _err(f"--headline must be NORM:EPS such as inf:0.3 or 2:1.5, got {args.headline!r}")
+        opts["headline"] = (norm, parse_eps(value, "--headline eps"))
+    if args.n is not None:
+        opts["n"] = check_positive_int(args.n, "--n")
+    budget = dict(opts.get("budget") or {})
+    for key in ("steps", "targets", "square_queries", "escalate"):
+        if getattr(args, key) is not None:
+            budget[key] = check_positive_int(getattr(args, key), "--" + key.replace("_", "-"),
+                                             0 if key == "escalate" else 1)
+    if budget:
+        opts["budget"] = budget
+    params = {k: dict(v or {}) for k, v in (opts.get("params") or {}).items()}
+    for item in args.param or []:
+        key, eq, value = item.partition("=")
+        label, dot, name = key.rpartition(".")
+        if not eq or not dot or not label or not name:
+            raise _err(f"--param must be DEFENSE.NAME=VALUE such as msvdd.projections=64, got {item!r}")
+        params.setdefault(label, {})[name] = yaml.safe_load(value)
+    if params:
+        opts["params"] = params
+    if args.seed is not None:
+        opts["seed"] = args.seed
+    return opts
+
+
+def cmd_compare(args) -> int:
+    from . import distributed
+    from ._util import check_positive_int
+    from .eval.compare import compare
+    from .eval.report import markdown_table
+
+    opts = _compare_options(args)  # every flag checked before a process is launched or a file read
+    if args.launcher == "torchrun" and "LOCAL_RANK" not in os.environ:
+        check_positive_int(args.nproc, "--nproc")
+        return _torchrun(args, "compare")
+    distributed.init()
+    with _sigterm_as_interrupt():
+        try:
+            out = compare(quick=args.quick, out_dir=args.out, fresh=args.fresh, device=args.device,
+                          progress=_progress(args), log=lambda m: print(m, flush=True), **opts)
+        except KeyboardInterrupt:
+            print(f"advlab: interrupted; the finished stages are kept in {Path(args.out) / '.stages'}: run the same "
+                  "command again to resume (--fresh starts over)", file=sys.stderr)
+            return 130
+    if not distributed.is_main():
+        return 0
+    cols = ["rank", "defense", "clean accuracy", "claimed robust", "adaptive robust", "adaptive detected", "flags"]
+    print(markdown_table(out.leaderboard, cols))
+    print(f"report: {out.out_dir}")
     return 0
 
 
@@ -591,6 +681,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nproc", type=int, default=2, help="processes for --launcher torchrun")
     _add_common(s)
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("compare", help="fit several defenses from one base model and attack them under the same "
+                       "conditions (claimed threat model and adaptive attacker): a leaderboard report")
+    s.add_argument("--defense", action="append", metavar="NAME", help="a defense: a registry name (none, madry, "
+                   "msvdd, pcl, vib, idefender) or package.module:Class implementing the Defense contract "
+                   "(repeatable; default: the six registry rows)")
+    s.add_argument("--spec", default=None, help="a YAML file with compare's options (defenses, dataset, model, eps, "
+                   "headline, n, budget, params, seed); flags override it")
+    s.add_argument("--dataset", default=None, help="digits (embedded, default), mnist or fashion-mnist")
+    s.add_argument("--root", default=None, help="folder of the dataset's files (default: the shared data folder)")
+    s.add_argument("--model", default=None, help="the base model: a zoo name trained here (default lenet5), or your "
+                   "model file / module:factory (with --weights)")
+    s.add_argument("--weights", default=None, help="weights for a module:factory --model")
+    s.add_argument("--eps-inf", default=None, help="L-inf eps grid, comma-separated (pixel units; 8/255 allowed)")
+    s.add_argument("--eps-l2", default=None, help="L2 eps grid, comma-separated ('' for none)")
+    s.add_argument("--headline", default=None, help="NORM:EPS the leaderboard ranks by, e.g. inf:0.3")
+    s.add_argument("--n", type=int, default=None, help="test images attacked (default 100; 32 with --quick)")
+    s.add_argument("--steps", type=int, default=None, help="iterations of APGD, FAB and the defense-aware attacks")
+    s.add_argument("--targets", type=int, default=None, help="target classes of APGD-T and FAB-T")
+    s.add_argument("--square-queries", type=int, default=None, help="Square's queries per image")
+    s.add_argument("--escalate", type=int, default=None, help="evaluate's escalation rounds at most")
+    s.add_argument("--param", action="append", metavar="DEFENSE.NAME=VALUE", help="a fit parameter over a "
+                   "defense's default, e.g. msvdd.projections=64 (repeatable; VALUE read as YAML)")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--quick", action="store_true", help="the embedded digits, tiny budgets (a smoke run, minutes)")
+    s.add_argument("--fresh", action="store_true", help="start over instead of resuming from --out's finished stages")
+    s.add_argument("--out", default="results/compare")
+    s.add_argument("--launcher", choices=("none", "torchrun"), default="none", help="torchrun: shard the attacks "
+                   "over --nproc processes on this machine")
+    s.add_argument("--nproc", type=int, default=2, help="processes for --launcher torchrun")
+    _add_common(s)
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("bound", help="the visual imperceptible bound of a dataset (VIB paper, eq. 2-3): table and "
                        "histogram")

@@ -10,8 +10,9 @@ from .idefender import IDefenderAdaptive, IDefenderGrayBox
 from .msvdd import MSVDDFullKnowledge
 from .pcl import joint_loss_attack, prototype_attack
 from .substitute import jacobian_substitute
+from .aware import defense_aware_attacks
 
 __all__ = ["BPDA", "EoT", "StraightThrough", "straight_through", "auto_bpda", "find_gradient_killers",
            "AcceptedScores", "can_reject", "lookup_approx",
            "MSVDDFullKnowledge", "joint_loss_attack", "prototype_attack", "IDefenderAdaptive", "IDefenderGrayBox",
-           "jacobian_substitute"]
+           "jacobian_substitute", "defense_aware_attacks"]

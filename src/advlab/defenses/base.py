@@ -12,6 +12,8 @@ A defense is an ``nn.Module`` (so attacks, ``fit`` and devices work on it unchan
   would craft on (transfer threat model);
 - ``randomized``: True when ``forward``/``predict`` draw random numbers at test time (the
   evaluation then averages gradients over draws, EoT);
+- ``claimed_threat``: the threat model its paper measured it under ("white-box", "transfer",
+  "black-box"), which ``advlab compare`` reports beside the adaptive attacker;
 - ``fit(model, dataset, ...)`` (classmethod): build the defense from a trained model;
 - ``save(path)`` / ``load(path)``: through the one weights-only checkpoint path of
   :mod:`advlab.train` (``weights_only=True``; loading never executes code from the file).
@@ -45,6 +47,11 @@ class Defense(nn.Module):
     title: str = ""
     #: True when the defense draws random numbers at test time
     randomized: bool = False
+    #: the threat model the defense's own paper measured it under (``advlab compare``'s "claimed"
+    #: column, beside the adaptive attacker): "white-box" (attacks on ``forward``), "transfer"
+    #: (crafted on ``surrogate``) or "black-box" (crafted on a substitute trained on the
+    #: surrogate's labels, Papernot et al. 2017)
+    claimed_threat: str = "white-box"
     #: True when ``forward``'s last column is the "adversarial" class (``predict`` then returns
     #: ``advlab.REJECT`` for it); attacks then aim at "accepted as a wrong class"
     reject_column: bool = False

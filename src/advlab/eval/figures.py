@@ -162,3 +162,42 @@ def rank_pmf_figure(pmfs: Dict[str, Sequence[float]], max_rank: int = 10, title:
 
 
 # --------------------------------------------------------------------------- one attack
+
+
+def robustness_curves(curves: Dict[str, Dict[str, tuple]], title: str = "", xlabel: str = "eps",
+                      ylabel: str = "robust accuracy (%)"):
+    """Robust accuracy against eps, one colour per system: ``curves[system] = {"claimed": (xs, ys),
+    "adaptive": (xs, ys)}`` (either may be missing); the claimed threat model's line is dashed,
+    the adaptive attacker's solid. Returns the Figure."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, lines) in enumerate(curves.items()):
+        c = colors[i % len(colors)]
+        for kind, style in (("claimed", "--"), ("adaptive", "-")):
+            if kind in lines:
+                xs, ys = lines[kind]
+                ax.plot(list(xs), list(ys), ls=style, marker="o" if kind == "adaptive" else "x", color=c,
+                        label=f"{name} ({kind})")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def scatter_labelled(points: Dict[str, tuple], title: str = "", xlabel: str = "", ylabel: str = ""):
+    """One labelled point per key: ``points[name] = (x, y)``. Returns the Figure."""
+    fig, ax = plt.subplots(figsize=(4.6, 3.8))
+    for name, (px, py) in points.items():
+        ax.scatter([px], [py], s=30)
+        ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
