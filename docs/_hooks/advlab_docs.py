@@ -36,8 +36,8 @@ def on_page_markdown(markdown, page, config, files):
     return markdown
 
 
-_ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|obj|exc|py:\w+):(?=<code>)")
+_ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|obj|exc|py:\w+):<code>~?")
 
 
 def on_page_content(html, page, config, files):
-    return _ROLE.sub("", html)
+    return _ROLE.sub("<code>", html)
