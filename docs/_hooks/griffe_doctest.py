@@ -1,5 +1,9 @@
 """A griffe extension for advlab's API reference (mkdocs.yml, mkdocstrings ``extensions``).
 
+advlab documents class attributes and dataclass fields with Sphinx's ``#:`` comments on the lines
+above them, which griffe does not read: an attribute without a docstring gets those comment lines
+as its docstring here.
+
 advlab's docstrings show examples as doctest lines (``>>> ...`` and ``... ...``) and as
 reStructuredText ``.. code-block:: LANG`` directives, neither of which Markdown renders as code:
 a ``[0]["key"]`` in an example would even be read as a link. This extension turns each run of
@@ -51,8 +55,27 @@ def fence(text: str) -> str:
     return "\n".join(out)
 
 
+def attribute_comment(lines, lineno: int):
+    """The ``#:`` comment lines right above line ``lineno`` (1-based) of ``lines``, joined, or None."""
+    found, i = [], lineno - 2
+    while i >= 0 and lines[i].lstrip().startswith("#:"):
+        found.append(lines[i].lstrip()[2:].strip())
+        i -= 1
+    return " ".join(reversed(found)) or None
+
+
 class DoctestFences(griffe.Extension):
-    """Fence the doctest examples and code-block directives of every docstring."""
+    """Fence the doctest examples and code-block directives of every docstring; give attributes
+    their ``#:`` comments as docstrings."""
+
+    def on_attribute_instance(self, *, attr: griffe.Attribute, **kwargs) -> None:
+        if attr.docstring is None and attr.lineno:
+            try:
+                text = attribute_comment(attr.lines_collection[attr.filepath], attr.lineno)
+            except (KeyError, TypeError, IndexError, AttributeError):
+                text = None
+            if text:
+                attr.docstring = griffe.Docstring(text, lineno=attr.lineno, parent=attr)
 
     def on_object(self, *, obj: griffe.Object, **kwargs) -> None:
         if obj.docstring is not None:
