@@ -111,7 +111,11 @@ def init(backend: Optional[str] = None, device_kind: Optional[str] = None,
 
     ``backend``: "gloo" on the CPU, "nccl" on GPUs (the default follows the device). With
     ``WORLD_SIZE`` unset or 1 nothing is initialised (a single process costs nothing). Calling it
-    again is a no-op; the group is destroyed at exit if :func:`shutdown` was not called."""
+    again is a no-op; the group is destroyed at exit if :func:`shutdown` was not called.
+
+    ``device_kind``: "cuda", "cpu", ... (default: CUDA when available); ``timeout_s``: the process
+    group's timeout. Raises ``AdvlabError`` when ``WORLD_SIZE`` > 1 but torchrun's other variables
+    are missing, or for an unknown backend."""
     dev = device(device_kind)
     if is_initialized() or _env_int("WORLD_SIZE", 1) <= 1:
         return dev
@@ -159,7 +163,9 @@ def shard_indices(n: int, rank_: Optional[int] = None, world: Optional[int] = No
     """The indices of ``range(n)`` that rank ``rank_`` (default: this one) of ``world`` processes
     handles, as a long tensor. ``"contiguous"``: consecutive blocks, sizes differing by at most
     one (rank r gets ``[r*q + min(r, m), ...)`` with ``q, m = divmod(n, world)``); ``"strided"``:
-    ``r, r + world, ...``. Every index belongs to exactly one rank; deterministic, no communication."""
+    ``r, r + world, ...``. Every index belongs to exactly one rank; deterministic, no communication.
+
+    ``mode``: "contiguous" or "strided"."""
     world = world_size() if world is None else int(world)
     r = rank() if rank_ is None else int(rank_)
     if n < 0:
@@ -213,7 +219,9 @@ def gather_indexed(items: Dict[int, T], total: Optional[int] = None) -> List[T]:
     """Gather ``{position: item}`` from every rank into one list ordered by position, each
     position exactly once (an :class:`AdvlabError` names a position that is missing or sent by
     two ranks). ``total``: the expected number of positions (default: as many as arrive, which
-    must then be ``0..k-1``). Every rank receives the whole list."""
+    must then be ``0..k-1``). Every rank receives the whole list.
+
+    ``items``: this rank's ``{position: item}`` (positions are ints)."""
     merged: Dict[int, T] = {}
     for part in all_gather_object(compact(items)):
         for k, v in part.items():
@@ -259,7 +267,9 @@ def gather(values: Dict[str, torch.Tensor], indices: torch.Tensor, n: Optional[i
 
 def all_reduce_sum(values: Sequence[float]) -> List[float]:
     """Sum numbers over all ranks (float64 on the CPU with gloo, on this rank's GPU with nccl);
-    the same list in a single process."""
+    the same list in a single process.
+
+    ``values``: this rank's numbers; returns the sums, one per value, on every rank."""
     if not is_distributed():
         return [float(v) for v in values]
     dev = torch.device("cuda", torch.cuda.current_device()) \
@@ -311,7 +321,9 @@ def on_main(fn: Callable[..., T], *args, wait: bool = True, **kwargs) -> Optiona
 
 
 def log(msg: str, file=None) -> None:
-    """Print ``msg`` on rank 0 only (stderr by default)."""
+    """Print ``msg`` on rank 0 only (stderr by default).
+
+    ``file``: where to print (default ``sys.stderr``)."""
     if is_main():
         print(msg, file=file or sys.stderr, flush=True)
 

@@ -22,7 +22,12 @@ def jacobian_substitute(oracle, seeds: torch.Tensor, num_classes: int, rounds: i
     """Papernot et al. (2017) substitute training: label the ``seeds`` by the ``oracle``'s
     predictions, train a fresh substitute ``model`` on them, and between rounds add
     ``x + lam * sign(d z_label / dx)`` for every point (the set doubles each round). Returns the
-    substitute and the number of oracle queries."""
+    substitute and the number of oracle queries.
+
+    ``oracle``: the model whose labels are copied (its ``predict`` or argmax); ``seeds``: images in
+    [0, 1]; ``num_classes``: the substitute's output size; ``rounds``, ``lam``: the augmentation;
+    ``epochs``, ``lr``: the substitute's training per round; ``seed``: its initial weights and batch
+    order; ``model``: a zoo name; ``log``: a callable for one progress line."""
     x = seeds.clone()
     sub = None
     queries = 0

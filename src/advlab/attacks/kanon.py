@@ -41,7 +41,9 @@ _SIMILARITIES = ("cw-ssim", "ssim", None)
 
 def ka3_targets(logits: torch.Tensor, y: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Boolean (N, C) mask of each sample's targets: the ``k - 1`` highest-scoring labels other
-    than ``y`` (ranks 2..k when the clean image is classified correctly)."""
+    than ``y`` (ranks 2..k when the clean image is classified correctly).
+
+    ``logits`` (N, C) clean scores, ``y`` (N,) labels, ``k`` (N,) each sample's level (k = g + 1 for group g)."""
     z = logits.detach().clone()
     z.scatter_(1, y.view(-1, 1), float("-inf"))
     order = z.argsort(1, descending=True)

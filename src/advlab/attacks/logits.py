@@ -15,13 +15,17 @@ from ..metrics.robustness import is_success
 
 def runner_up(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The highest-scoring class other than ``y`` per sample: the default target of the targeted
-    minimum-norm attacks (L-BFGS, JSMA), the class ranked second on a correctly classified image."""
+    minimum-norm attacks (L-BFGS, JSMA), the class ranked second on a correctly classified image.
+
+    ``logits`` (N, C) scores, ``y`` (N,) labels; returns (N,) class indices."""
     return logits.detach().scatter(1, y[:, None], float("-inf")).argmax(1)
 
 
 def best_other(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     """``max_{k != cls} z_k`` per sample (the "best other logit" of margin losses): ``cls`` is
-    masked with -inf, so the gradient reaches only the logit that attains the max."""
+    masked with -inf, so the gradient reaches only the logit that attains the max.
+
+    ``logits`` (N, C) scores, ``cls`` (N,) the class left out; returns (N,) values."""
     mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, cls[:, None], True)
     return logits.masked_fill(mask, float("-inf")).amax(dim=1)
 
@@ -30,7 +34,10 @@ def keep_if_adversarial(model, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Te
                         target: Optional[torch.Tensor]) -> torch.Tensor:
     """One last forward on the returned batch: samples that are not adversarial there (a point on
     the boundary can flip with float rounding) get the clean image back, so a failure is always
-    returned unchanged."""
+    returned unchanged.
+
+    ``model`` judges; ``x_adv``, ``x`` (N, C, H, W) in [0, 1]; ``y`` (N,) labels; ``target`` (N,)
+    targets or None (untargeted). Returns ``x_adv`` with the failures replaced by ``x``."""
     with torch.no_grad():
         ok = is_success(model(x_adv.clamp(0.0, 1.0)).argmax(1), y, target)
     return torch.where(ok.view(-1, *([1] * (x.dim() - 1))), x_adv, x)

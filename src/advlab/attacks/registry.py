@@ -68,7 +68,11 @@ def attack_parameters(name: str) -> set:
 def build_attack(name: str, model: nn.Module, **params):
     """Build a registered attack with ``params`` (an explicit None is passed on: e.g. K-A3's
     ``similarity=None``); a parameter the attack does not take is an error naming the ones it
-    does."""
+    does.
+
+    ``name``: a key of :data:`ATTACKS` (an unknown one is an error naming the valid ones);
+    ``model``: the ``nn.Module`` to attack; ``eps`` and the other budgets in pixel units of the [0, 1]
+    scale. Returns the attack instance."""
     cls, kwargs = attack_class(name)
     accepted = attack_parameters(name)
     for k, v in params.items():

@@ -32,7 +32,9 @@ def dataset_tensors(dataset) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def split_validation(dataset, fraction: float = 0.15, seed: int = 0):
     """Seeded (fit, validation) split of a dataset, e.g. to tune a defense's threshold on data
-    it was not fitted on. Returns two datasets of the same kind (``.subset``) or two tuples."""
+    it was not fitted on. Returns two datasets of the same kind (``.subset``) or two tuples.
+
+    ``fraction``: the validation share, in (0, 1); ``seed``: the permutation's seed."""
     x, y = dataset_tensors(dataset)
     if not (0.0 < fraction < 1.0):
         raise AdvlabError(f"fraction must be in (0, 1), got {fraction}")
@@ -71,7 +73,11 @@ def shared_folder(root, dataset: str, folder: str | None = None) -> Path | None:
 def load_train_test(dataset: str, data_root=None, folder: str | None = None, train_subset: int | None = None,
                     test_subset: int | None = None, seed: int = 0):
     """(train, test) of ``dataset`` from its folder in the shared data root (the embedded digits
-    need none), each optionally cut to a seeded subset: what an experiment spec names."""
+    need none), each optionally cut to a seeded subset: what an experiment spec names.
+
+    ``data_root``: the shared data folder (default :func:`shared_data_root`); ``folder``: the dataset's
+    folder inside it (default: its usual name); ``train_subset``, ``test_subset``: sizes of the seeded
+    subsets (``seed``), None for the whole split."""
     root = shared_folder(data_root, dataset, folder) if dataset != "digits" else None
     train, test = load_dataset(dataset, root, "train"), load_dataset(dataset, root, "test")
     if train_subset:
@@ -173,7 +179,10 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = 
     ``~/.cache/advlab/<name>``; not used by ``digits``; required by ``folder``). Files found
     there are read as they are. ``download=True`` fetches missing official files and verifies
     their SHA-256/MD5; ``mirrors=[...]`` (or ``$ADVLAB_MIRROR``) replaces the official mirrors.
-    ``folder`` also takes ``size``, ``grayscale``, ``test_fraction`` and ``seed``."""
+    ``folder`` also takes ``size``, ``grayscale``, ``test_fraction`` and ``seed``.
+
+    ``split``: "train" or "test". Raises ``AdvlabError`` for an unknown name (naming the valid ones),
+    missing or corrupt files, or a checksum mismatch."""
     if name not in DATASETS:
         raise unknown_name("dataset", name, DATASETS)
     loader, _ = DATASETS[name]
@@ -182,7 +191,9 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = 
 
 def dataset_info(name: str) -> dict:
     """What the CLI shows for a dataset: description, splits, official files with checksums and
-    mirrors, and the default folder (for the datasets that have official files)."""
+    mirrors, and the default folder (for the datasets that have official files).
+
+    ``name``: a registered dataset (an unknown one is an error naming the valid ones)."""
     from .download import SOURCES, default_root, mirrors_for
 
     if name not in DATASETS:

@@ -160,7 +160,9 @@ def _compare(what: str, got: Dict[str, str], sha256: Optional[str], md5: Optiona
 
 def verify_file(path: str | os.PathLike, sha256: Optional[str] = None, md5: Optional[str] = None) -> Path:
     """Check a file's SHA-256 and/or MD5 (those given, hex strings) and return its path; raise
-    ``AdvlabError`` naming the file when it is missing or a digest does not match."""
+    ``AdvlabError`` naming the file when it is missing or a digest does not match.
+
+    ``path``: the file; ``sha256``, ``md5``: expected hex digests (None: not checked)."""
     path = Path(path)
     if not path.is_file():
         raise AdvlabError(f"file not found: {path}")
@@ -185,6 +187,8 @@ def download_file(url: str, dest: str | os.PathLike, sha256: Optional[str] = Non
     raised, otherwise it is renamed onto ``dest``. Works for ``http(s)://`` and ``file://``.
     Unreachable hosts, HTTP errors and timeouts raise AdvlabError naming the URL.
     ``progress`` shows a tqdm bar (default: when stderr is a terminal and ADVLAB_QUIET is unset).
+
+    ``sha256``, ``md5``: the expected hex digests (None: not checked); ``timeout``: seconds per request.
     """
     dest = Path(dest)
     if timeout is None or not (float(timeout) > 0):

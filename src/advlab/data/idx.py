@@ -17,7 +17,9 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (gzip-compressed or raw, told apart by content) into a numpy array,
-    checking the magic number and that the size matches the header."""
+    checking the magic number and that the size matches the header.
+
+    ``path``: the file. Raises ``AdvlabError`` naming it when it is truncated or its header is wrong."""
     path = Path(path)
     if not path.is_file():
         raise AdvlabError(f"IDX file not found: {path}")

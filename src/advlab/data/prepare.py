@@ -16,7 +16,11 @@ def download_dataset(name: str, root: str | os.PathLike | None = None, splits: S
                      mirrors=None, timeout: float = 60.0, progress: Optional[bool] = None) -> List[Path]:
     """Download every official file of ``name`` (or of the given ``splits``) into ``root``
     (default :func:`default_root`), skipping files already there. Returns the paths.
-    CIFAR-10's tarball is also extracted (after its checksum is verified)."""
+    CIFAR-10's tarball is also extracted (after its checksum is verified).
+
+    ``mirrors``: base URLs or folders that replace the official mirrors (also ``$ADVLAB_MIRROR``);
+    ``timeout``: seconds per request; ``progress``: tqdm bars (default: on a terminal). Raises
+    ``AdvlabError`` when a file cannot be fetched or fails its checksum."""
     root = Path(root) if root is not None else default_root(name)
     if name not in SOURCES:
         raise unknown_name("downloadable dataset", name, SOURCES)

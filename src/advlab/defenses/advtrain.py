@@ -126,7 +126,14 @@ def adversarial_fit(model: nn.Module, dataset, attack: str = "pgd", eps: EpsSpec
                     **fit_kwargs):
     """Adversarially train ``model`` in place with :func:`advlab.train.fit` (``fit_kwargs``:
     epochs, lr, batch_size, optimizer, schedule, loss, ...); see :class:`AdversarialBatches`.
-    Returns fit's History, with ``history.eps_drawn`` the eps of every batch."""
+    Returns fit's History, with ``history.eps_drawn`` the eps of every batch.
+
+    ``dataset``: the training set (images in [0, 1]); ``attack``: "fgsm" or "pgd", crafted on ``source``
+    (default ``model``) with ``steps`` steps of ``alpha`` (default eps / steps) from a random start
+    (``random_start``), ascending ``objective`` ("ce", "margin" or a callable); ``eps``: a number or a
+    (low, high) range drawn per batch, pixel units; ``mix``: "both" (clean and adversarial 1:1) or
+    "adversarial"; ``seed``: the attacks', the eps draws' and the batch order's seed; ``ramp_batches``: eps ramps up linearly
+    over the first batches. Raises ``AdvlabError`` on a bad value."""
     from ..train import fit
 
     if "batch_transform" in fit_kwargs:
@@ -144,7 +151,11 @@ def madry_fit(model: nn.Module, dataset, eps: float = 0.3, steps: int = 40, alph
               seed: int = 0, ramp_batches: int = 0, **fit_kwargs):
     """Madry et al. (2018) PGD adversarial training: every batch replaced by its PGD adversarial
     (L-inf ``eps``, ``steps`` steps of ``alpha`` from a uniform random start, cross-entropy), eps
-    and alpha ramped up linearly over the first ``ramp_batches`` batches when given."""
+    and alpha ramped up linearly over the first ``ramp_batches`` batches when given.
+
+    Trains ``model`` in place on ``dataset`` (images in [0, 1]; ``eps`` and ``alpha`` in pixel units)
+    with ``seed`` for the attacks and the batch order; ``fit_kwargs`` go to :func:`advlab.train.fit`.
+    Returns fit's History."""
     fit_kwargs.setdefault("desc", "madry pgd-at")
     return adversarial_fit(model, dataset, attack="pgd", eps=float(eps), steps=steps, alpha=alpha,
                            random_start=True, objective="ce", mix="adversarial", seed=seed, ramp_batches=ramp_batches,

@@ -303,7 +303,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "in
     ``x`` and ``y`` may be numpy arrays (float32/float64 NCHW images in [0, 1], integer labels):
     ``res.x_adv`` is then a numpy array of ``x``'s dtype. Images whose dtype differs from the
     model's are attacked in the model's dtype; ``x_adv`` is brought back to theirs and projected
-    onto the ball around them. The model's first output is checked (2-D, finite)."""
+    onto the ball around them. The model's first output is checked (2-D, finite).
+
+    ``seed``: every random start and draw (the same seed gives the same numbers on the same
+    machine); ``batch_size``: images per attack batch; ``progress``: tqdm bars (default: on a
+    terminal). Returns an :class:`EvaluationResult`; raises ``AdvlabError`` on bad input (shapes,
+    values outside [0, 1], a negative eps, an unknown stage)."""
     as_numpy = isinstance(x, np.ndarray)
     x = as_tensor(x, "x")
     y = as_tensor(y, "y", "class indices of shape (N,)")

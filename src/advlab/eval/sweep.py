@@ -184,7 +184,10 @@ def eps_sweep(attack: Union[str, Callable[..., Attack], Attack], model: nn.Modul
     result. ``seed``: every eps's attack gets the same seed, so one eps equals a direct
     ``build_attack(name, model, eps=eps, seed=seed).run((x, y))``. ``predict_fn(x) -> labels``
     judges the adversarials (default: the model's ``predict`` or argmax). ``threshold_norm``
-    ("2", "inf", "0"; minimum-norm attacks only) overrides the norm that is thresholded."""
+    ("2", "inf", "0"; minimum-norm attacks only) overrides the norm that is thresholded.
+
+    ``batch_size``: images per attack batch; ``progress``: tqdm bars (default: on a terminal).
+    Returns a :class:`SweepResult`; raises ``AdvlabError`` on bad input."""
     eps_list = check_epsilons(epsilons)
     if "eps" in attack_params:
         raise AdvlabError("give the budgets as epsilons=[...], not eps=")

@@ -158,6 +158,9 @@ def nearest_other_class(x: torch.Tensor, y: torch.Tensor, ref_x: Optional[torch.
     ``method`` is ``"brute"``, ``"pruned"`` or ``"auto"`` (pruned for images of 16 x 16 or more);
     ``pools`` the block sizes of the pruning cascade (default: about side/7, then 2); ``probe``
     the number of best-ranked candidates whose full distance sets the first upper bound.
+
+    ``progress``: a tqdm bar over the chunks (default: on a terminal). Images in [0, 1], any
+    (N, C, H, W) shape; raises ``AdvlabError`` on mismatched shapes or labels.
     """
     if ref_x is None and ref_y is not None or ref_x is not None and ref_y is None:
         raise AdvlabError("pass ref_x and ref_y together (or neither: the set is its own reference)")
@@ -293,7 +296,10 @@ def sigma_bound(distance: torch.Tensor, k: float) -> torch.Tensor:
 
 def bound_statistics(distance: torch.Tensor, ks: Sequence[float] = PAPER_KS) -> List[Dict[str, float]]:
     """Table II rows: per k the minimum (best), mean (average) and maximum (worst) sigma over the
-    set, with the median and standard deviation beside them."""
+    set, with the median and standard deviation beside them.
+
+    ``distance`` (N,): each image's d_ij (:func:`nearest_other_class`); ``ks``: the k values of
+    sigma = d / 2k. Returns one dict per k: ``k``, ``min``, ``mean``, ``max``, ``median``, ``std``."""
     if not isinstance(distance, torch.Tensor) or distance.dim() != 1 or distance.numel() == 0:
         raise AdvlabError("distance must be a non-empty 1-D tensor of d_ij")
     d = distance.double()
@@ -375,6 +381,8 @@ def effectiveness_score(result, x: torch.Tensor, sigma) -> Dict[str, Any]:
     even for a targeted attack, as the paper defines effectiveness. Returns ``score`` (% of the attacked images the model got
     right when clean), ``within_bound_of_successes`` (% of the successes inside the bound),
     ``asr``, the counts and the magnitude statistics of the successes.
+
+    ``result``: the :class:`~advlab.attacks.AttackResult` of the attack on ``x``.
     """
     for attr in ("adversarials", "labels", "success"):
         if not hasattr(result, attr):

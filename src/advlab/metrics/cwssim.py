@@ -273,7 +273,13 @@ def cw_ssim(x: torch.Tensor, y: torch.Tensor, scales: Optional[int] = None, orie
     """Per-sample CW-SSIM (N,) of two (N, C, H, W) batches with pixels in [0, 1].
 
     Differentiable in both arguments. ``scales=None`` uses the deepest pyramid that fits the
-    image (2 for 28x28, 1 for 8x8); channels are scored separately and averaged."""
+    image (2 for 28x28, 1 for 8x8); channels are scored separately and averaged.
+
+    ``x``, ``y``: the two batches; ``scales``, ``orientations``: the steerable pyramid's; ``window``:
+    the side of the local window of the complex correlations (local means; it shrinks to the band
+    size for small bands); ``K``: the small stabilising constant of the index. Values in [0, 1],
+    1 for identical images. Raises ``AdvlabError`` on other shapes, too small images or non-finite
+    values."""
     try:
         key = (scales, orientations, window, float(K))
         metric = _DEFAULT.get(key)

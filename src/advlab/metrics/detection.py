@@ -90,7 +90,10 @@ def balanced_accuracy(natural_flagged, adversarial_flagged) -> float:
     """Balanced accuracy of a thresholded decision: the mean of the true-negative rate on the
     natural samples (not flagged) and the true-positive rate on the adversarial ones (flagged).
     Inputs are booleans (or 0/1), True meaning "flagged as adversarial"; equal to the accuracy on
-    a balanced set whatever the two counts are."""
+    a balanced set whatever the two counts are.
+
+    ``natural_flagged``, ``adversarial_flagged``: the decisions on the natural and on the
+    adversarial samples (1-D). Returns a float in [0, 1]."""
     n = _scores(natural_flagged, "natural_flagged")
     a = _scores(adversarial_flagged, "adversarial_flagged")
     if not (np.isin(n, (0.0, 1.0)).all() and np.isin(a, (0.0, 1.0)).all()):
@@ -100,7 +103,10 @@ def balanced_accuracy(natural_flagged, adversarial_flagged) -> float:
 
 def tpr_at_fpr(natural, adversarial, fpr: float) -> float:
     """The largest true-positive rate on the ROC curve whose false-positive rate is at most
-    ``fpr`` (in [0, 1])."""
+    ``fpr`` (in [0, 1]).
+
+    ``natural``, ``adversarial``: the detector's scores (larger: more likely adversarial) on the
+    natural (negative) and the adversarial (positive) samples."""
     if not (0.0 <= float(fpr) <= 1.0):
         raise AdvlabError(f"fpr must be in [0, 1], got {fpr}")
     f, t, _ = roc(natural, adversarial)

@@ -33,7 +33,10 @@ def is_success(pred: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tenso
     """The one success rule of advlab, per sample: the prediction is the target (targeted) or any
     class other than ``y`` (untargeted), and never ``advlab.REJECT``. A rejected adversarial is
     a *detection*, not a success, everywhere: attacks' early stopping, ``AttackResult``, metrics
-    and reports all call this function."""
+    and reports all call this function.
+
+    ``pred`` (N,): predicted class indices (or ``advlab.REJECT``); ``y`` (N,) labels; ``target`` (N,)
+    or None. Returns a boolean (N,) mask."""
     _check_predictions(pred, y, target)
     ok = pred == target if target is not None else pred != y
     return ok & (pred != REJECT)
@@ -74,6 +77,10 @@ def attack_success_rate(adv_pred: torch.Tensor, y: torch.Tensor, target: Optiona
     - ``failed``: neither (the true class, or for targeted attacks a non-target class).
     With ``clean_pred``, only samples the model classified correctly when clean are counted.
     The three rates sum to 1.
+
+    ``adv_pred`` (N,): the predictions on the adversarials (class indices or ``advlab.REJECT``);
+    ``y`` (N,): the true labels; ``target`` (N,): the targets of a targeted attack. Returns
+    ``{"success", "failed", "detected", "n"}`` (fractions, and the number of samples counted).
     """
     _check_predictions(adv_pred, y, target, "adv_pred")
     if clean_pred is not None:

@@ -44,7 +44,9 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, finite: bool = True) -> None:
 def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean squared error per sample, shape (N,), of two floating (N, C, H, W) batches (pixel units:
     for images in [0, 1] the MSE is in [0, 1]). Raises ``AdvlabError`` on other shapes, a shape
-    mismatch, or NaN / infinite values."""
+    mismatch, or NaN / infinite values.
+
+    ``x``, ``y``: the two batches."""
     _check_pair(x, y)
     return (x - y).pow(2).flatten(1).mean(dim=1)
 
@@ -106,7 +108,11 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = 11, sigma: Optiona
     11 / 1.5 of Wang et al.), or a uniform window with ``sigma=None`` (scikit-image's default is
     uniform 7). On images smaller than the window, the window shrinks to the largest odd size
     that fits (7 on 8x8 digits) and keeps its sigma. Local statistics use population variances
-    (scikit-image's ``use_sample_covariance=False``). Differentiable in both arguments."""
+    (scikit-image's ``use_sample_covariance=False``). Differentiable in both arguments.
+
+    ``x``, ``y``: two floating (N, C, H, W) batches; ``data_range``: the span of the pixel values
+    (1 for [0, 1] images); ``k1``, ``k2``: the stabilising constants of Wang et al. Raises
+    ``AdvlabError`` on other shapes, a shape mismatch or non-finite values."""
     _check_pair(x, y)
     _check_params(window_size, sigma, data_range)
     return _ssim_terms(x, y, window_size, sigma, data_range, k1, k2)[0]
@@ -133,6 +139,10 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = 11, sigma: Opti
     standard five); the weights are the first ``scales`` standard ones renormalised to sum to 1.
     Negative terms are clipped to a tiny positive value before the power, so the result stays
     real and its gradient finite. With one scale it equals :func:`ssim` (where that is positive).
+
+    ``x``, ``y``: two floating (N, C, H, W) batches; ``window_size``, ``sigma``, ``data_range``, ``k1``,
+    ``k2``: as in :func:`ssim`; ``scales``, ``weights``: the number of scales and their exponents
+    (defaults above). Raises ``AdvlabError`` on bad shapes, values or scales.
     """
     _check_pair(x, y)
     _check_params(window_size, sigma, data_range)

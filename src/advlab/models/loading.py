@@ -122,7 +122,9 @@ def sniff_format(path) -> str:
     """What a file holds, told from its bytes: ``"torch.export"``, ``"torchscript"``,
     ``"torch.save"`` (a zip pickle: state dict, advlab checkpoint or plain pickle),
     ``"pickle"`` (a legacy, non-zip pickle), ``"safetensors"``, ``"zip"`` (another zip archive)
-    or ``"unknown"``."""
+    or ``"unknown"``.
+
+    ``path``: the file (read, never loaded)."""
     with open(path, "rb") as fh:
         head = fh.read(16)
     if head[:4] == b"PK\x03\x04":
@@ -155,7 +157,9 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 def read_safetensors(path) -> Dict[str, torch.Tensor]:
     """A ``.safetensors`` file as a dict of CPU tensors (the format: an 8-byte little-endian
     header length, a JSON header ``{name: {dtype, shape, data_offsets}}``, raw little-endian
-    buffers). Pure data: nothing in it can run."""
+    buffers). Pure data: nothing in it can run.
+
+    ``path``: the file. Raises ``AdvlabError`` on a corrupt header or buffer."""
     data = Path(path).read_bytes()
     try:
         n = int.from_bytes(data[:8], "little")
@@ -207,7 +211,10 @@ def _tensor_dict(obj) -> Optional[Dict[str, torch.Tensor]]:
 
 def read_weights(path, what: str = "weights file") -> Dict[str, torch.Tensor]:
     """The state dict in ``path``: a ``.safetensors`` file, or a ``torch.save``'d state dict (also
-    an advlab checkpoint, or one nested under ``state_dict``/``model``) read weights-only."""
+    an advlab checkpoint, or one nested under ``state_dict``/``model``) read weights-only.
+
+    ``what``: how the file is named in errors. Raises ``AdvlabError`` for a missing file, a model
+    archive (torch.export, TorchScript) or a file that does not load weights-only."""
     path = Path(path)
     if not path.is_file():
         raise AdvlabError(f"{what} not found: {path}")
@@ -388,7 +395,11 @@ def _channels(values, name: str) -> List[float]:
 def load_model(source, weights=None, mean=None, std=None, num_classes: Optional[int] = None,
                input_shape=None, device=None) -> nn.Module:
     """Load a classifier from ``source`` (see the module docstring) and fit it for attacks: the
-    model, in eval mode. :func:`load_model_info` gives the same with how it was loaded."""
+    model, in eval mode. :func:`load_model_info` gives the same with how it was loaded.
+
+    The parameters are :func:`load_model_info`'s (``weights``, ``mean``/``std``, ``num_classes``,
+    ``input_shape``; ``device``: where the model goes, default the CPU). Never
+    unpickles code: a plain ``torch.save(model)`` is refused with ``AdvlabError``."""
     return load_model_info(source, weights, mean=mean, std=std, num_classes=num_classes, input_shape=input_shape,
                            device=device).model
 
@@ -402,7 +413,10 @@ def load_model_info(source, weights=None, mean=None, std=None, num_classes: Opti
     or ``.safetensors``); ``mean``/``std``: per-channel values of the normalisation the model
     expects (it is wrapped in :class:`advlab.nn.Normalize`); ``num_classes``: checked against the
     output; ``input_shape``: (C, H, W) to check the model on now (else it is checked as soon as
-    the file says its input shape, or by :func:`fit_model` on the data)."""
+    the file says its input shape, or by :func:`fit_model` on the data).
+
+    ``device``: where the model goes (default: the CPU). Raises ``AdvlabError`` on a missing,
+    corrupt or refused file, or a model that does not fit the checks."""
     if num_classes is not None:
         num_classes = check_positive_int(num_classes, "num_classes", 2)
     dev = check_device(device, "device") if device is not None else None
@@ -619,7 +633,9 @@ def _load_factory(spec: str, weights) -> LoadedModel:
 def fit_model(loaded: LoadedModel, x: torch.Tensor, where: str = "") -> LoadedModel:
     """Check ``loaded.model`` on the sample images ``x`` (N, C, H, W) before any attack: it must
     take them and give (N, num_classes) logits (``num_classes`` as asked); a tuple or ``.logits``
-    output is unwrapped (:class:`Logits`, said in ``notes``). Returns ``loaded``, updated."""
+    output is unwrapped (:class:`Logits`, said in ``notes``). Returns ``loaded``, updated.
+
+    ``where``: text appended to the error message to say where the images came from."""
     model = loaded.model
     dev = next((t.device for t in list(model.parameters()) + list(model.buffers())), torch.device("cpu"))
     what = f"images of shape {tuple(x.shape[1:])}{where}"

@@ -286,7 +286,11 @@ def build_model(name: str, num_classes: int = 10, in_shape: Sequence[int] | None
     """Build a registered model. ``in_shape`` is (C, H, W), the model's natural shape by default;
     ``mean``/``std`` set its inner ``Normalize``; ``seed`` makes the initial weights repeatable
     (without touching the global random state); extra keyword arguments go to the builder
-    (``depth`` for resnet, ``width`` for mobilenetv2)."""
+    (``depth`` for resnet, ``width`` for mobilenetv2).
+
+    ``name``: a key of :data:`MODELS` (``advlab models`` lists them; an unknown one is an error naming
+    the valid ones); ``num_classes``: the output size. Returns the untrained ``nn.Module`` (images in
+    [0, 1] in, logits out)."""
     if name not in MODELS:
         raise unknown_name("model", name, MODELS)
     builder, natural, _ = MODELS[name]

@@ -43,6 +43,9 @@ def taps(model: nn.Module, names: Sequence[str], inputs: bool = False, detach: b
 
     The dict holds the activations of the most recent forward pass. Gradients flow through them
     unless ``detach=True``.
+
+    ``names``: layer names as in ``model.named_modules()`` (an unknown one is an error naming
+    the valid ones).
     """
     if isinstance(names, str):
         names = [names]
