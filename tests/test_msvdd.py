@@ -156,6 +156,48 @@ def test_tune_beta(defense, split, digits_data, lenet_digits):
         d.set_beta(-1.0)
 
 
+def test_health_check_fires_on_the_user_style_setup_only(digits_data):
+    """tune_beta(goal="defense") reports how many DeepFool adversarials transferred from W~-LC the
+    defense rejects, and warns below HEALTHY_DETECTION. MNIST-FC1 on the digits (seed 1), measured:
+    trained as a user would (5 epochs of Adam at 1e-3, fit(projections=512) with its defaults)
+    0.41 detected / 0.20 accepted; trained as the reproduction is (15 one-cycle epochs, then 10 / 12
+    / 10 SVDD / fine-tune epochs) 0.93 / 0.07."""
+    import warnings
+
+    from advlab._util import DefenseHealthWarning
+    from advlab.defenses.msvdd import HEALTHY_DETECTION
+    from advlab.models import build_model
+    from advlab.train import fit
+
+    train, _ = digits_data
+    fit_set, val_set = split_validation(train, 0.15, 0)
+    mean, std = train.channel_stats()
+    out = {}
+    for name, train_kw, defense_kw in [
+            ("user", dict(epochs=5, lr=1e-3, batch_size=128), dict(projections=512)),
+            ("reproduction", dict(epochs=15, lr=3e-3, batch_size=64, schedule="onecycle"),
+             dict(projections=512, positive_epochs=10, svdd_epochs=12, finetune_epochs=10))]:
+        model = build_model("mnist-fc1", 10, train.in_shape, mean=mean, std=std, seed=1)
+        fit(model, fit_set, seed=1, progress=False, **train_kw)
+        d = MSVDDDefense.fit(model, fit_set, seed=1, progress=False, **defense_kw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = d.tune_beta(val_set, goal="defense")
+        out[name] = (res["health"], [w for w in caught if issubclass(w.category, DefenseHealthWarning)])
+    user, user_warned = out["user"]
+    repro, repro_warned = out["reproduction"]
+    assert user["detection_rate"] < HEALTHY_DETECTION - 0.1 and not user["healthy"]
+    assert len(user_warned) == 1 and "max_accuracy_drop" in str(user_warned[0].message)
+    assert repro["detection_rate"] > HEALTHY_DETECTION + 0.1 and repro["healthy"] and not repro_warned
+    assert repro["transfer_success"] < user["transfer_success"]
+    assert user["fooled_surrogate"] > 100 and user["images"] == 200
+    # the check is in the result of tune_beta and off for the classification goal unless asked
+    d = MSVDDDefense.fit(build_model("mnist-fc1", 10, train.in_shape, seed=0), fit_set, projections=16,
+                         svdd_epochs=1, finetune_epochs=0, seed=0, progress=False)
+    assert "health" not in d.tune_beta(val_set, goal="classification")
+    assert "health" in d.tune_beta(val_set, goal="classification", health=True, health_images=20)
+
+
 def test_save_load_round_trip_and_corrupt_file(defense, digits_data, tmp_path):
     test = digits_data[1]
     d = copy.deepcopy(defense).set_beta(0.93)

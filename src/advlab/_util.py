@@ -288,6 +288,11 @@ class EpsUnitWarning(UserWarning):
     """A budget that is almost certainly in the wrong units (8 meant as 8/255)."""
 
 
+class DefenseHealthWarning(UserWarning):
+    """A fitted defense in a regime where it is known to fail (e.g. M-SVDD-D detecting too few
+    transferred adversarials at its chosen threshold); the message names the knob that helps."""
+
+
 def parse_eps(value, name: str = "eps", check: bool = True) -> float:
     """A perturbation budget in pixel units from what people write: a number, or text such as
     ``"8/255"``, ``"0.3"``, ``"2e-2"``. The one parser of every command and spec; the result is a

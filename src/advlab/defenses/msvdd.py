@@ -55,6 +55,11 @@ from ..nn import SVDDLayer, find_module, last_linear_name, taps
 from .base import Defense, register_defense
 
 
+#: the detection rate of transferred DeepFool (:meth:`MSVDDDefense.health_check`) below which
+#: ``tune_beta`` warns that the fitted defense is in the fragile regime
+HEALTHY_DETECTION = 0.6
+
+
 def resolve_head(model: nn.Module, head: Optional[str] = None) -> str:
     """The head layer's name: ``head``, else ``model.head_name``, else the last ``nn.Linear``."""
     name = head or getattr(model, "head_name", None) or last_linear_name(model)
@@ -335,14 +340,19 @@ class MSVDDDefense(Defense):
         return acc
 
     def tune_beta(self, val_dataset, goal: str = "classification", max_accuracy_drop: float = 0.03,
-                  grid: Optional[Sequence[float]] = None) -> Dict[str, Any]:
+                  grid: Optional[Sequence[float]] = None, health: Optional[bool] = None,
+                  health_images: int = 200) -> Dict[str, Any]:
         """Choose one beta for all classes on ``val_dataset`` and set it.
 
         ``goal="classification"`` (the paper's beta = O_c): the beta with the best accuracy of the
         defended model (a rejection counts as an error; ties go to the beta nearest 1).
         ``goal="defense"`` (beta = O_d): the smallest beta, i.e. the tightest hyperspheres, whose
         accuracy is at least O_c's accuracy minus ``max_accuracy_drop``.
-        Returns ``{"beta", "accuracy", "reference_accuracy", "goal", "grid", "curve"}``.
+        ``health`` (default: with ``goal="defense"``): run :meth:`health_check` on up to
+        ``health_images`` of the validation images at the chosen beta, add it to the result as
+        ``"health"`` and warn (:class:`advlab._util.DefenseHealthWarning`) when the detection rate
+        is below :data:`HEALTHY_DETECTION`.
+        Returns ``{"beta", "accuracy", "reference_accuracy", "goal", "grid", "curve"}`` (and ``"health"``).
         """
         if goal not in ("classification", "defense"):
             raise AdvlabError(f"goal must be 'classification' or 'defense', got {goal!r}")
@@ -370,8 +380,52 @@ class MSVDDDefense(Defense):
         beta = float(g[i])
         self.set_beta(beta)
         self.tuning[goal] = {"beta": beta, "accuracy": float(curve[i]), "reference_accuracy": best}
-        return {"beta": beta, "accuracy": float(curve[i]), "reference_accuracy": best, "goal": goal,
-                "grid": g.tolist(), "curve": curve.tolist()}
+        out = {"beta": beta, "accuracy": float(curve[i]), "reference_accuracy": best, "goal": goal,
+               "grid": g.tolist(), "curve": curve.tolist()}
+        if health if health is not None else goal == "defense":
+            out["health"] = self.health_check(x, y, n=health_images)
+            self.tuning[goal]["health"] = out["health"]
+        return out
+
+    def health_check(self, x: torch.Tensor, y: torch.Tensor, n: int = 200, warn: bool = True) -> Dict[str, Any]:
+        """How the defense fares, at its current beta, against DeepFool crafted on the surrogate
+        (W~-LC) and transferred, on up to ``n`` held-out images ``x`` (N, C, H, W in [0, 1]) with
+        labels ``y``: the share of the adversarials that fool the surrogate which the defense
+        rejects (``detection_rate``) or accepts as a wrong class (``transfer_success``). Below
+        :data:`HEALTHY_DETECTION` the defense is in the fragile regime (the K-A3 paper's 4.4%
+        DeepFool success assumes most transferred adversarials are rejected) and, with ``warn``, a
+        :class:`~advlab._util.DefenseHealthWarning` says which knobs help. Returns ``{"detection_rate",
+        "transfer_success", "fooled_surrogate", "images", "healthy", "threshold", "advice"}``."""
+        import warnings
+
+        from .._util import DefenseHealthWarning
+        from ..attacks import DeepFool
+        from ..train import predict
+
+        n = check_positive_int(n, "n")
+        check_images(x, "x")
+        x, y = x[:n], torch.as_tensor(y)[:n].to(torch.long).cpu()
+        sur = self.surrogate
+        adv = DeepFool(sur).perturb(x.to(model_device(sur)), y.to(model_device(sur))).cpu()
+        fooled = (predict(sur, x).cpu() == y) & (predict(sur, adv).cpu() != y)
+        pred = self.predict(adv).cpu()
+        k = int(fooled.sum())
+        detection = float(((pred == REJECT) & fooled).sum()) / k if k else float("nan")
+        success = float(((pred != REJECT) & (pred != y) & fooled).sum()) / k if k else float("nan")
+        healthy = not (detection < HEALTHY_DETECTION)  # NaN (nothing fooled the surrogate) is no alarm
+        b = torch.as_tensor(self.beta).flatten()
+        beta_text = f"{float(b[0]):.2f}" if bool((b == b[0]).all()) else "per class"
+        advice = ("" if healthy else
+                  f"M-SVDD-D detects only {100 * detection:.0f}% of the DeepFool adversarials transferred from its "
+                  f"surrogate at beta={beta_text} ({100 * success:.0f}% are accepted as a wrong class; "
+                  f"healthy: >= {100 * HEALTHY_DETECTION:.0f}%). What helps: a tighter beta (tune_beta(goal='defense') "
+                  "with a larger max_accuracy_drop), more SVDD training (fit(svdd_epochs=..., positive_epochs=...)), "
+                  "a better-trained backbone before fit, or more projections (fit(projections=...)); the K-A3 "
+                  "reproduction's setup (reports/msvdd) is in the healthy regime.")
+        if advice and warn:
+            warnings.warn(advice, DefenseHealthWarning, stacklevel=2)
+        return {"detection_rate": detection, "transfer_success": success, "fooled_surrogate": k,
+                "images": int(x.shape[0]), "healthy": healthy, "threshold": HEALTHY_DETECTION, "advice": advice}
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> Dict[str, Any]:

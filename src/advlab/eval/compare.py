@@ -455,6 +455,11 @@ def _fitted(e: _Entry, base, fit_set, val_set, seed, device, progress):
         if hasattr(defense, "tune_beta") and tune:
             info = defense.tune_beta(val_set, goal=tune)
             notes.append(f"beta tuned on the validation split (goal {tune}): {info.get('beta', float('nan')):.3g}")
+            h = info.get("health")
+            if h:
+                notes.append(f"health check: DeepFool transferred from the surrogate, {100 * h['detection_rate']:.0f}% "
+                             f"detected, {100 * h['transfer_success']:.0f}% accepted as a wrong class "
+                             f"({'healthy' if h['healthy'] else 'FRAGILE: ' + h['advice']})")
         secs = time.perf_counter() - t0
         if not cacheable:
             return {"seconds": secs, "notes": notes, "live": defense}
