@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from advlab._util import AdvlabError
 from advlab.metrics import (CWSSIM, SteerablePyramid, cw_ssim, k_anonymity_violation, label_rank, rank_pmf,
                             satisfies_k_anonymity, ssim)
-from advlab.metrics.cwssim import max_pyramid_scales
+from advlab.metrics.cwssim import max_pyramid_scales, select_reference
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,56 @@ def test_reference_score_equals_call():
     metric = CWSSIM()
     x, y = _smooth_rgb(3, 28, 2), _smooth_rgb(3, 28, 3)
     assert torch.allclose(metric.score(metric.reference(x), y), metric(x, y), atol=1e-6)
+
+
+@pytest.mark.parametrize("size,real_path", [((28, 28), True), ((16, 16), True), ((8, 8), True), ((20, 26), True),
+                                             ((40, 40), False)])
+def test_cached_reference_gives_the_uncached_loss_and_gradient(size, real_path):
+    """score(reference(x), y), the hand-written forward and backward K-A3 runs per step, equals the
+    uncached autograd path (both pyramids transformed, autograd through them) in value and
+    gradient; on most sizes through the planar real-FFT path, on the few where that would not be
+    exact (40x40 at 3 scales) through the complex one."""
+    metric = CWSSIM()
+    g = torch.Generator().manual_seed(0)
+    x = _smooth_rgb(3, 16, 4) if size == (16, 16) else torch.rand(3, 1, *size, generator=g, dtype=torch.float64)
+    x = x.to(torch.float64)
+    y = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    assert metric._plan(x).real is real_path
+    weights = torch.arange(1.0, 4.0, dtype=torch.float64)
+    ya = y.clone().requires_grad_(True)
+    fast = metric.score(metric.reference(x), ya)
+    (fast * weights).sum().backward()
+    yb = y.clone().requires_grad_(True)
+    slow = metric.compare(metric.pyramid(x), metric.pyramid(yb))
+    (slow * weights).sum().backward()
+    assert torch.allclose(fast, slow, atol=1e-12, rtol=0)
+    assert torch.allclose(ya.grad, yb.grad, atol=1e-12, rtol=0)
+    # float32 (what the attack runs): the same up to float rounding
+    x32, y32 = x.float(), y.float().requires_grad_(True)
+    s32 = metric.score(metric.reference(x32), y32)
+    s32.sum().backward()
+    assert s32.dtype == torch.float32 and y32.grad.dtype == torch.float32
+    assert torch.allclose(s32.double(), slow.detach(), atol=1e-6)
+    assert torch.allclose(y32.grad.double(), yb.grad / weights.view(-1, 1, 1, 1), atol=1e-6)
+
+
+def test_reference_rows_and_gradcheck():
+    metric = CWSSIM()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 1, 16, 16, generator=g, dtype=torch.float64)
+    y = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    ref = metric.reference(x)
+    rows = torch.tensor([3, 1])
+    sub = select_reference(ref, rows)
+    assert len(sub) == 2 and sub.shape == (2, 1, 16, 16)
+    assert torch.allclose(metric.score(sub, y[rows]), metric.score(ref, y)[rows], atol=1e-14)
+    yg = y[:1].clone().requires_grad_(True)
+    ref1 = select_reference(ref, torch.tensor([0]))
+    assert torch.autograd.gradcheck(lambda t: metric.score(ref1, t), (yg,), eps=1e-6, atol=1e-7)
+    with pytest.raises(AdvlabError, match="reference's shape"):
+        metric.score(ref, y[:2])
+    with pytest.raises(AdvlabError, match="ref must come from"):
+        metric.score([(x, x)], y)
 
 
 # --------------------------------------------------------------------------- gradient

@@ -26,7 +26,7 @@ import torch
 
 from .._util import AdvlabError, check_positive_int
 
-__all__ = ["cw_ssim", "CWSSIM", "SteerablePyramid", "max_pyramid_scales", "select_reference"]
+__all__ = ["cw_ssim", "CWSSIM", "CWSSIMReference", "SteerablePyramid", "max_pyramid_scales", "select_reference"]
 
 
 def max_pyramid_scales(height: int, width: int) -> int:
@@ -205,33 +205,63 @@ class CWSSIM:
             raise AdvlabError(f"K must be > 0 and finite (it keeps flat regions at 1 instead of 0/0), got {K!r}")
         self.window = int(window)
         self.K = float(K)
+        self._plans: dict = {}
 
     def pyramid(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Subbands of an (N, C, H, W) batch: list of (N, C, O, H_i, W_i) complex tensors."""
         return self.pyramid_(x)
 
-    def reference(self, x: torch.Tensor) -> List[tuple]:
-        """Precompute what :meth:`score` needs of a fixed image batch ``x`` (no gradient kept):
-        per band the conjugate coefficients and the local mean energy."""
-        with torch.no_grad():
-            out = []
-            for c in self.pyramid(x):
-                win = min(self.window, *c.shape[-2:])
-                out.append((c.conj().resolve_conj(), _box_mean(c.real ** 2 + c.imag ** 2, win)))
-            return out
+    def reference(self, x: torch.Tensor) -> "CWSSIMReference":
+        """Precompute what :meth:`score` needs of a fixed image batch ``x`` (N, C, H, W), pixels in
+        [0, 1]: its pyramid and local mean energies, once (no gradient kept). An attack against a
+        fixed clean batch calls this once per batch and :meth:`score` once per step.
 
-    def score(self, ref: Sequence[tuple], y: torch.Tensor) -> torch.Tensor:
-        """Per-sample CW-SSIM (N,) of ``y`` against a :meth:`reference`; differentiable in ``y``.
-        Rows of ``ref`` may be picked with :func:`select_reference`."""
-        scores = []
-        for (c1_conj, e1), c2 in zip(ref, self.pyramid(y)):
-            win = min(self.window, *c2.shape[-2:])
-            corr = _box_mean(c2 * c1_conj, win)
-            e2 = _box_mean(c2.real ** 2 + c2.imag ** 2, win)
-            mag = torch.sqrt(corr.real ** 2 + corr.imag ** 2 + 1e-30)
-            smap = (2.0 * mag + self.K) / (e1 + e2 + self.K)
-            scores.append(smap.mean(dim=(-2, -1)).flatten(1))  # (N, C * O)
-        return torch.cat(scores, 1).mean(1)
+        Returns a :class:`CWSSIMReference` (rows selectable with :func:`select_reference`).
+        Raises :class:`~advlab.AdvlabError` where ``x`` is not a floating (N, C, H, W) tensor or
+        is smaller than 8x8."""
+        _check_single(x, "x")
+        plan = self._plan(x)
+        with torch.no_grad():
+            levels = []
+            for lv, c in zip(plan.levels, self.pyramid(x.detach())):
+                if plan.real:
+                    re, im = c.real.contiguous(), c.imag.contiguous()
+                    e1 = _box_sums(re * re + im * im, lv.bhT, lv.bw).mul_(lv.scale)
+                    levels.append((re, im, e1.add_(self.K)))
+                else:
+                    sq = torch.view_as_real(c).square().flatten(-2)  # (N, C, O, h, 2w): re^2, im^2
+                    levels.append((c, c.conj().resolve_conj(), torch.matmul(lv.bhT, sq) @ lv.ks))
+            return CWSSIMReference(tuple(x.shape), levels)
+
+    def score(self, ref: "CWSSIMReference", y: torch.Tensor) -> torch.Tensor:
+        """Per-sample CW-SSIM (N,) of ``y`` against a :meth:`reference` of the same shape;
+        differentiable in ``y`` through a hand-written backward (no autograd graph through the
+        pyramid, no host-device synchronisation).
+
+        ``ref``: from :meth:`reference` (rows may be picked with :func:`select_reference`);
+        ``y``: (N, C, H, W) floating tensor of ``ref``'s shape, dtype and device, pixels in [0, 1].
+        Equals ``metric(x, y)`` for ``ref = metric.reference(x)`` up to float rounding (the
+        window sums are added in another order). Raises :class:`~advlab.AdvlabError` where
+        ``ref`` is not a reference or the shapes differ."""
+        if not isinstance(ref, CWSSIMReference):
+            raise AdvlabError(f"ref must come from CWSSIM.reference(x), got {type(ref).__name__}")
+        _check_single(y, "y")
+        if tuple(y.shape) != ref.shape:
+            raise AdvlabError(f"y must have the reference's shape {ref.shape}, got {tuple(y.shape)}")
+        plan = self._plan(y)
+        fn = _ScoreReal if plan.real else _ScoreComplex
+        return fn.apply(y, plan, ref.levels, self.K)
+
+    def _plan(self, x: torch.Tensor) -> "_Plan":
+        """Filters, crops and window constants for x's size, device and dtype (built once, cached)."""
+        h, w = x.shape[-2:]
+        key = (h, w, str(x.device), x.dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            levels = self.pyramid_._filters_on(h, w, x.device, x.dtype)
+            plan = _Plan(levels, h, w, self.window, x.device, x.dtype)
+            self._plans[key] = plan
+        return plan
 
     def compare(self, px: Sequence[torch.Tensor], py: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-sample CW-SSIM (N,) from two pyramids of :meth:`pyramid` (differentiable in both)."""
@@ -254,9 +284,273 @@ class CWSSIM:
                 f"window={self.window}, K={self.K})")
 
 
-def select_reference(ref: Sequence[tuple], index: torch.Tensor) -> List[tuple]:
-    """The rows ``index`` of a :meth:`CWSSIM.reference` (for attacks that drop finished samples)."""
-    return [(c.index_select(0, index), e.index_select(0, index)) for c, e in ref]
+def select_reference(ref: "CWSSIMReference", index: torch.Tensor) -> "CWSSIMReference":
+    """The rows ``index`` (1-D integer tensor on ref's device) of a :meth:`CWSSIM.reference`, for
+    attacks that drop finished samples. Raises :class:`~advlab.AdvlabError` for anything but a
+    reference."""
+    if not isinstance(ref, CWSSIMReference):
+        raise AdvlabError(f"ref must come from CWSSIM.reference(x), got {type(ref).__name__}")
+    return ref.index_select(index)
+
+
+class CWSSIMReference:
+    """The pyramid of a fixed batch as :meth:`CWSSIM.score` uses it: per level the coefficients
+    ``c1`` and their conjugates (N, C, O, h, w) and the local mean energy ``e1`` (N, C, O, h', w').
+    Built by :meth:`CWSSIM.reference`; ``len(ref)`` is N; :meth:`index_select` picks rows."""
+
+    __slots__ = ("shape", "levels")
+
+    def __init__(self, shape: Tuple[int, ...], levels: List[tuple]):
+        self.shape = tuple(shape)
+        self.levels = levels
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def index_select(self, index: torch.Tensor) -> "CWSSIMReference":
+        """A reference of the rows ``index`` (1-D integer tensor) of this one."""
+        levels = [tuple(t.index_select(0, index) for t in lv) for lv in self.levels]
+        return CWSSIMReference((int(index.shape[0]),) + self.shape[1:], levels)
+
+
+def _box_sums(t: torch.Tensor, bhT: torch.Tensor, bw: torch.Tensor) -> torch.Tensor:
+    """Sums over every valid window of images (..., h, w): ``bhT @ t @ bw`` with the 0/1 band
+    matrices ``bhT`` (h', h) and ``bw`` (w, w'), as one flat matrix product over all rows and one
+    batched one; (..., h', w'). With the transposed matrices it is the adjoint (scatters window
+    values back onto the pixels)."""
+    lead, (h, w) = t.shape[:-2], t.shape[-2:]
+    u = t.reshape(-1, w).mm(bw).view(-1, h, bw.shape[1])
+    return torch.matmul(bhT, u).view(*lead, bhT.shape[0], bw.shape[1])
+
+
+def _band_ones(n: int, win: int, device, dtype) -> torch.Tensor:
+    """(n, n - win + 1) matrix of 0/1 whose column j picks rows j..j + win - 1."""
+    i = torch.arange(n).view(-1, 1)
+    j = torch.arange(n - win + 1).view(1, -1)
+    return ((i >= j) & (i < j + win)).to(dtype=dtype, device=device)
+
+
+def _neg_index(n: int) -> torch.Tensor:
+    """Index of -k (mod n) for k = 0..n-1 (the mirrored frequency)."""
+    return (-torch.arange(n)) % n
+
+
+class _Level:
+    """Constants of one pyramid level for :meth:`CWSSIM.score`.
+
+    Real path (``real``): the band filters split as ``g = gh + i ga`` with ``gh``, ``ga``
+    Hermitian, so that for a real image the real and imaginary parts of the band are two real
+    images, ``irfft2(rfft2(y) * gh)`` and ``irfft2(rfft2(y) * ga)``, computed in planar layout
+    (half spectra ``f`` (2, O, h, w // 2 + 1) and their conjugates ``fc``; ``idx`` the flat crop
+    into the image's half spectrum, None at the finest level). Complex path otherwise (see
+    :class:`_ScoreComplex`): ``g`` (O, h, w), the flat crop ``idx`` into the full spectrum, and
+    window means as matrices on the interleaved (re, im) layout ``(..., h, 2w)``."""
+
+    def __init__(self, g, rows, cols, h_full, w_full, window, device, dtype, real):
+        o, h, w = g.shape
+        self.o, self.h, self.w = o, h, w
+        self.win = win = min(window, h, w)
+        self.valid = (h - win + 1) * (w - win + 1)
+        self.scale = 1.0 / (win * win)
+        full = (h, w) == (h_full, w_full)
+        if real:
+            wh = w // 2 + 1
+            gm = g[:, _neg_index(h)][:, :, _neg_index(w)].conj()          # conj(g(-k))
+            gh, ga = (g + gm) / 2, (g - gm) / 2j
+            f = torch.stack([gh, ga])[..., :wh]                              # (2, O, h, wh)
+            self.f, self.fc = f.contiguous(), f.conj().resolve_conj()
+            # 0/1 band matrices: window sums (the 1 / win^2 is applied to the sums)
+            self.bw, self.bh = _band_ones(w, win, device, dtype), _band_ones(h, win, device, dtype)
+            self.bwT, self.bhT = self.bw.t().contiguous(), self.bh.t().contiguous()
+            whf = w_full // 2 + 1
+            self.idx = None if full else (rows.view(-1, 1) * whf + cols[:wh].clamp(max=whf - 1).view(1, -1)).flatten()
+            return
+        self.g = g
+        self.idx = None if full else (rows.view(-1, 1) * w_full + cols.view(1, -1)).flatten()
+        bh = _box_matrix(h, win, device, dtype)              # (h, h')
+        bw = _box_matrix(w, win, device, dtype)              # (w, w')
+        self.bhT, self.bh = bh.t().contiguous(), bh.contiguous()
+        self.k2 = torch.kron(bw, torch.eye(2, device=device, dtype=dtype)).contiguous()    # (2w, 2w')
+        self.k2T = self.k2.t().contiguous()
+        self.ks = torch.kron(bw, torch.ones(2, 1, device=device, dtype=dtype)).contiguous()  # (2w, w')
+        self.ks2T = (2.0 * self.ks.t()).contiguous()  # backward of |c|^2 = re^2 + im^2: the 2 folded in
+
+
+def _real_path_exact(levels, h_full: int, w_full: int) -> bool:
+    """Whether every level's crop of a real image's spectrum is Hermitian where its filters are
+    non-zero (the crop maps -k to -k) and its non-negative columns there come straight from the
+    half spectrum: then the real path is exact. False for a few sizes (e.g. 40 at 3 scales)."""
+    for g, rows, cols in levels:
+        o, h, w = g.shape
+        nr, nc = _neg_index(h), _neg_index(w)
+        supp = (g != 0).any(0)
+        supp = supp | supp[nr][:, nc]
+        ok_r = rows[nr] == (-rows) % h_full
+        ok_c = cols[nc] == (-cols) % w_full
+        if not bool((ok_r.view(-1, 1) & ok_c.view(1, -1) | ~supp).all()):
+            return False
+        if (h, w) != (h_full, w_full):
+            half = torch.arange(w // 2 + 1)
+            moved = cols[: w // 2 + 1].cpu() != half
+            if bool((supp[:, : w // 2 + 1].cpu().any(0) & moved).any()):
+                return False
+    return True
+
+
+class _Plan:
+    """The per-size constants of :meth:`CWSSIM.score` (see :class:`_Level`)."""
+
+    def __init__(self, levels, h, w, window, device, dtype):
+        self.real = _real_path_exact(levels, h, w)
+        self.levels = [_Level(g, rows, cols, h, w, window, device, dtype, self.real) for g, rows, cols in levels]
+        self.h, self.w = h, w
+
+
+class _ScoreReal(torch.autograd.Function):
+    """CW-SSIM of a real ``y`` against a fixed reference, planar and with a hand-written backward.
+
+    Forward, per level: the band's real and imaginary parts ``(re, im) = irfft2(crop(rfft2(y)) *
+    (gh, ga))``; window sums of ``re ar + im ai``, ``im ar - re ai`` (the product with the
+    reference's conjugate, ``c1 = ar + i ai``) and ``re^2 + im^2``; then ``s = (2 |corr| + K) /
+    (e1 + e2 + K)``, averaged. Backward (weights folded in)::
+
+        g_corr = 2 corr / (|corr| D)          g_e2 = -s / D
+        (GR, GI, GE) = window-sum adjoint of (g_corr.re, g_corr.im, g_e2)
+        g_re = GR ar - GI ai + 2 GE re         g_im = GR ai + GI ar + 2 GE im
+        g_y = irfft2(scatter(sum conj(gh, ga) rfft2(g_re, g_im)))
+    """
+
+    @staticmethod
+    def forward(ctx, y, plan, levels, K):
+        n, ch = y.shape[0], y.shape[1]
+        spec = torch.fft.rfft2(y)                                              # (N, C, H, W // 2 + 1)
+        flat = spec.flatten(-2)
+        total = None
+        saved = []
+        nl = len(plan.levels)
+        for lv, (ar, ai, e1k) in zip(plan.levels, levels):
+            h, w, win = lv.h, lv.w, lv.win
+            s = spec if lv.idx is None else flat.index_select(-1, lv.idx).view(n, ch, h, -1)
+            planes = torch.fft.irfft2(s[:, :, None, None] * lv.f, s=(h, w))    # (N, C, 2, O, h, w)
+            re, im = planes[:, :, 0], planes[:, :, 1]
+            buf = torch.empty(n, ch, 3, lv.o, h, w, dtype=y.dtype, device=y.device)
+            torch.mul(re, ar, out=buf[:, :, 0]).addcmul_(im, ai)
+            torch.mul(im, ar, out=buf[:, :, 1]).addcmul_(re, ai, value=-1.0)
+            torch.mul(re, re, out=buf[:, :, 2]).addcmul_(im, im)
+            box = _box_sums(buf, lv.bhT, lv.bw)                                # (N, C, 3, O, h', w')
+            cre, cim = box[:, :, 0], box[:, :, 1]
+            mag = torch.mul(cre, cre).addcmul_(cim, cim).add_(1e-30 * win ** 4).sqrt_()  # |window sum|
+            den = torch.add(e1k, box[:, :, 2], alpha=lv.scale)                 # e1 + e2 + K
+            smap = torch.mul(mag, 2.0 * lv.scale).add_(K).div_(den)
+            part = smap.view(n, -1).sum(1).mul_(1.0 / (nl * ch * lv.o * lv.valid))
+            total = part if total is None else total.add_(part)
+            saved.append((re, im, cre, cim, mag, den, smap))
+        if y.requires_grad:
+            ctx.plan, ctx.levels, ctx.saved, ctx.shape = plan, levels, saved, y.shape
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        plan, (n, ch, hf, wf) = ctx.plan, ctx.shape
+        nl = len(plan.levels)
+        gspec = None
+        for lv, (ar, ai, _), (re, im, cre, cim, mag, den, smap) in zip(plan.levels, ctx.levels, ctx.saved):
+            h, w, win = lv.h, lv.w, lv.win
+            hp, wp = h - win + 1, w - win + 1
+            gnum = (grad * (1.0 / (nl * ch * lv.o * lv.valid))).view(n, 1, 1, 1, 1) / den  # d/d(2|corr| + K)
+            # d/d(window sums of re ar + im ai, im ar - re ai, re^2 + im^2), then back onto the pixels
+            inner = torch.empty(n, ch, 3, lv.o, hp, wp, dtype=grad.dtype, device=grad.device)
+            fac = torch.div(gnum, mag).mul_(2.0 * lv.scale)
+            torch.mul(fac, cre, out=inner[:, :, 0])
+            torch.mul(fac, cim, out=inner[:, :, 1])
+            torch.mul(gnum, smap, out=inner[:, :, 2]).mul_(-lv.scale)
+            gb = _box_sums(inner, lv.bh, lv.bwT)                               # (N, C, 3, O, h, w)
+            gr, gi, ge = gb[:, :, 0], gb[:, :, 1], gb[:, :, 2]
+            g = torch.empty(n, ch, 2, lv.o, h, w, dtype=grad.dtype, device=grad.device)
+            torch.mul(gr, ar, out=g[:, :, 0]).addcmul_(gi, ai, value=-1.0).addcmul_(ge, re, value=2.0)
+            torch.mul(gr, ai, out=g[:, :, 1]).addcmul_(gi, ar).addcmul_(ge, im, value=2.0)
+            gs = (torch.fft.rfft2(g, norm="forward") * lv.fc).sum((2, 3))       # (N, C, h, w // 2 + 1)
+            if lv.idx is None:
+                gspec = gs if gspec is None else gspec.add_(gs)
+            else:
+                if gspec is None:
+                    gspec = gs.new_zeros(n, ch, hf, wf // 2 + 1)
+                gspec.view(n, ch, -1).index_add_(-1, lv.idx, gs.flatten(-2))
+        return torch.fft.irfft2(gspec, s=(hf, wf), norm="forward"), None, None, None
+
+
+class _ScoreComplex(torch.autograd.Function):
+    """The general path of :meth:`CWSSIM.score` (image sizes where :class:`_ScoreReal` would not
+    be exact), complex and interleaved, with a hand-written backward. Forward, per level:
+    ``c = ifft2(crop(fft2(y)) * g)``; ``corr`` = window mean of ``c * conj(c1)``, ``e2`` = window
+    mean of ``|c|^2``; ``s = (2 |corr| + K) / (e1 + e2 + K)``, averaged. Backward (gradients as
+    ``dL/dre + i dL/dim``)::
+
+        g_corr = (2 / D) corr / |corr|        g_e2 = -s / D              (times the weight)
+        g_c = mean^T(g_corr) * c1 + 2 mean^T(g_e2) * c
+        g_spec = sum_o conj(g_o) * fft2(g_c) / n     (scattered back into the full spectrum)
+        g_y = Re(n ifft2(g_spec_full))
+    """
+
+    @staticmethod
+    def forward(ctx, y, plan, levels, K):
+        n, ch = y.shape[0], y.shape[1]
+        spec = torch.fft.fft2(y)
+        flat = spec.flatten(-2)
+        total = None
+        saved = []
+        nl = len(plan.levels)
+        for lv, (c1, c1_conj, e1) in zip(plan.levels, levels):
+            s = spec if lv.idx is None else flat.index_select(-1, lv.idx).view(n, ch, lv.h, lv.w)
+            c = torch.fft.ifft2(s.unsqueeze(2) * lv.g)                       # (N, C, O, h, w)
+            prod = torch.view_as_real(c * c1_conj).flatten(-2)              # (N, C, O, h, 2w)
+            corr = torch.view_as_complex(torch.matmul(lv.bhT, prod).matmul(lv.k2).unflatten(-1, (-1, 2)))
+            e2 = torch.matmul(lv.bhT, torch.view_as_real(c).square().flatten(-2)).matmul(lv.ks)
+            mag = torch.view_as_real(corr).square().sum(-1).add_(1e-30).sqrt_()
+            den = (e1 + e2).add_(K)
+            smap = (2.0 * mag).add_(K).div_(den)
+            part = smap.flatten(1).sum(1).mul_(1.0 / (nl * ch * lv.o * lv.valid))
+            total = part if total is None else total.add_(part)
+            saved.append((c, corr, mag, den, smap))
+        if y.requires_grad:
+            ctx.plan, ctx.levels, ctx.saved, ctx.shape = plan, levels, saved, y.shape
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        plan, (n, ch, hf, wf) = ctx.plan, ctx.shape
+        nl = len(plan.levels)
+        gspec = None
+        for lv, (c1, _, _), (c, corr, mag, den, smap) in zip(plan.levels, ctx.levels, ctx.saved):
+            gw = (grad * (1.0 / (nl * ch * lv.o * lv.valid))).view(n, 1, 1, 1, 1)
+            gnum = gw / den                                                    # d/d(2|corr| + K)
+            ge2 = -(gnum * smap)                                               # d/d e2
+            gcorr = torch.view_as_real(corr) * (2.0 * gnum / mag).unsqueeze(-1)
+            gp = torch.matmul(lv.bh, gcorr.flatten(-2).matmul(lv.k2T))         # (N, C, O, h, 2w)
+            ge = torch.matmul(lv.bh, ge2.matmul(lv.ks2T))                      # 2 mean^T(g_e2), twice
+            gc = torch.view_as_complex(gp.unflatten(-1, (-1, 2))) * c1
+            torch.view_as_real(gc).addcmul_(ge.unflatten(-1, (-1, 2)), torch.view_as_real(c))
+            gs = (torch.fft.fft2(gc, norm="forward") * lv.g.conj()).sum(2)     # (N, C, h, w)
+            if lv.idx is None:
+                gspec = gs if gspec is None else gspec.add_(gs)
+            else:
+                if gspec is None:
+                    gspec = gs.new_zeros(n, ch, hf, wf)
+                gspec.view(n, ch, hf * wf).index_add_(-1, lv.idx, gs.flatten(-2))
+        gy = torch.fft.ifft2(gspec, norm="forward").real
+        return gy.contiguous(), None, None, None
+
+
+def _check_single(x: torch.Tensor, name: str) -> None:
+    """A floating (N, C, H, W) tensor (shape and dtype only: no host sync)."""
+    if not isinstance(x, torch.Tensor):
+        raise AdvlabError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise AdvlabError(f"{name} must have shape (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise AdvlabError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
