@@ -111,6 +111,14 @@ def test_predict_detect_and_column(defense, lenet_digits, xy):
     assert s_nat.shape == (x.shape[0],) and torch.isfinite(s_nat).all()
     assert detection_auc(s_nat, s_adv) > 0.8
     assert (defense.predict(x_adv) == REJECT).float().mean() > (pred == REJECT).float().mean()
+    # eq. 5 per class: TH_c - log p(H | c) of the predicted class, > 0 exactly where predict rejects
+    for xs in (x, x_adv):
+        t = defense.detect(xs, score="threshold")
+        c = lenet_digits(xs).argmax(1)
+        assert torch.allclose(t, defense.detect(xs) + defense.thresholds.double()[c])
+        assert torch.equal(t > 0, defense.predict(xs) == REJECT)
+    with pytest.raises(AdvlabError, match="score"):
+        defense.detect(x, score="posterior")
     # forward has real gradients (no masking)
     xg = x[:8].clone().requires_grad_(True)
     (g,) = torch.autograd.grad(defense(xg)[:, -1].sum(), xg)  # w.r.t. the input only: the shared LeNet keeps no .grad

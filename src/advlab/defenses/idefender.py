@@ -341,14 +341,25 @@ class IDefender(Defense):
         return self._batched(fn, x, batch_size)
 
     @torch.no_grad()
-    def detect(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        """Negative log-likelihood of the hidden state under the predicted class's mixture
-        (larger = more adversarial), float64 on ``x``'s device."""
+    def detect(self, x: torch.Tensor, batch_size: int = 1024, score: str = "likelihood") -> torch.Tensor:
+        """Per-sample detection score (larger = more adversarial), float64 on ``x``'s device.
+
+        ``score="likelihood"``: the negative log-likelihood of the hidden state under the
+        predicted class's mixture, -log p(H(x) | c), pooled across classes whose likelihood scales
+        differ. ``score="threshold"``: the same minus that class's threshold, TH_c - log p(H(x) | c)
+        (eq. 5 read per class: > 0 is exactly a rejection under the "predicted" rule), which ranks
+        images of different predicted classes on one scale. Raises on another ``score``."""
         check_images(x, "x")
+        if score not in ("likelihood", "threshold"):
+            raise AdvlabError(f"score must be 'likelihood' or 'threshold', got {score!r}")
 
         def fn(xb):
             z, _, ll = self.scores(xb)
-            return -ll.gather(1, z.argmax(1, keepdim=True)).squeeze(1).double()
+            c = z.argmax(1, keepdim=True)
+            out = -ll.gather(1, c).squeeze(1).double()
+            if score == "threshold":
+                out = out + self.thresholds.to(out.dtype)[c.squeeze(1)]
+            return out
         if x.shape[0] == 0:
             return torch.empty(0, dtype=torch.float64, device=x.device)
         return self._batched(fn, x, batch_size)
