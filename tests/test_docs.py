@@ -171,3 +171,96 @@ def test_the_readme_vib_table_is_the_committed_report():
         undefended, defended = row(f"battery L-inf {eps}")
         assert close(undefended, 100 * battery[f"battery L-inf {eps} / f_theta1 (undefended)"]["robust_accuracy"])
         assert close(defended, 100 * battery[f"battery L-inf {eps} / VIB k=3 n=20"]["robust_accuracy"])
+
+
+def _readme_row(section_title: str, label: str) -> list:
+    """The cells (after the first) of the README table row starting with ``label`` in the section whose
+    heading starts with ``section_title`` (bold markers dropped)."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(section_title)
+    end = readme.find("\n### ", start + 1)
+    section = readme[start: end if end > 0 else None].replace("*", "")
+    line = next(x for x in section.splitlines() if x.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip().strip("|").split("|")][1:]
+
+
+def _close(shown: str, value: float) -> bool:
+    """``shown`` is ``value`` rounded to the decimals it shows (half a unit of the last digit)."""
+    shown = shown.strip().rstrip("%")
+    decimals = len(shown.split(".")[1]) if "." in shown else 0
+    return abs(float(shown) - float(value)) <= 0.5 * 10 ** -decimals + 1e-9
+
+
+def _csv(path: str) -> dict:
+    import csv
+
+    return {r[next(iter(r))]: r for r in csv.DictReader((ROOT / "reports" / path).open())}
+
+
+def test_the_readme_ka3_table_is_the_committed_report():
+    """K-A3 Table 2 (MNIST LeNet-5): SSIM, MSE x1e3, ASR (ours / paper) and p(2) are the report's CSV."""
+    rows = _csv("ka3-attack/mnist-lenet-undefended-ssim-mse-asr.csv")
+    for attack, r in rows.items():
+        if "no CW-SSIM" in attack:
+            continue
+        ssim, mse, asr, p2 = _readme_row("### K-A3", attack)[:4]
+        for shown, ours, paper in [(ssim, "SSIM", "SSIM (paper)"), (mse, "MSE x1e3", "MSE x1e3 (paper)"),
+                                   (asr, "ASR %", "ASR % (paper)")]:
+            a, b = shown.split(" / ")
+            assert _close(a, r[ours]) and _close(b, r[paper]), (attack, ours)
+        assert _close(p2, r["p(2)"]), attack
+
+
+def test_the_readme_msvdd_table_is_the_committed_report():
+    """M-SVDD-D Table 2 at beta = O_d: ASR and D (mean ± std over 3 seeds, ours / paper) are the report's."""
+    import csv
+
+    for column, model in ((0, "mnist-fc1"), (2, "mnist-lenet")):
+        path = ROOT / "reports" / "msvdd" / f"table-2-over-3-training-seeds-{model}.csv"
+        for r in csv.DictReader(path.open()):
+            if r["beta"] != "O_d" or r["attack"].startswith(("PGD L-inf 0.1", "PGD L2", "full-knowledge PGD L-inf 0.1",
+                                                              "full-knowledge PGD L2")):
+                continue
+            label = {"PGD L-inf 0.3": "PGD L-inf 0.3 (transfer; not in the paper)",
+                     "full-knowledge PGD L-inf 0.3": "full-knowledge PGD L-inf 0.3",
+                     "battery L-inf 0.3": "battery L-inf 0.3 (adaptive)",
+                     "worst case": "worst case L-inf 0.3 (adaptive)"}.get(r["attack"], f"{r['attack']} (transfer)")
+            cells = _readme_row("### M-SVDD-D", label)
+            for shown, ours, paper in [(cells[column], r["ASR"], r["ASR (paper)"]),
+                                       (cells[column + 1], r["D"], r["D (paper)"])]:
+                mean_std, _, paper_shown = shown.partition(" / ")
+                m, s = mean_std.split(" ± ")
+                om, os_ = ours.split(" ± ")
+                assert _close(m, om) and _close(s, os_), (model, label, shown, ours)
+                if paper_shown:
+                    assert _close(paper_shown, paper), (model, label, shown, paper)
+
+
+def test_the_readme_pcl_and_idefender_tables_are_the_committed_reports():
+    """PCL (ours: clean, paper-protocol PGD, adaptive) and I-defender (AUCs, false positives, adaptive success)."""
+    pcl = _csv("pcl/paper-number-vs-paper-protocol-vs-adaptive-mnist.csv")
+    for model, label in [("Softmax", "Softmax (equal-budget twin)"), ("PCL", "PCL"),
+                         ("PCL + AdvTrain FGSM", "PCL + AdvTrain FGSM"), ("PCL + AdvTrain PGD", "PCL + AdvTrain PGD")]:
+        clean, paper_pgd, ours_pgd, adaptive = _readme_row("### PCL", label)
+        r = pcl[model]
+        assert _close(clean.split(" / ")[1], r["clean (test set)"]), model
+        assert _close(paper_pgd, r["PGD (paper)"]) and _close(ours_pgd, r["PGD-10 (paper protocol)"]), model
+        assert _close(adaptive, r["adaptive (worst case)"]), model
+    import csv
+
+    headline = ROOT / "reports" / "idefender" / "headline-paper-s-threat-models-beside-the-adaptive-one.csv"
+    head = {(r["dataset"], r["threat model"]): r for r in csv.DictReader(headline.open())}
+    fpr = _csv("idefender/models-detector-and-clean-false-positive-rate.csv")
+    rows = {"black-box": "black-box: FGSM eps 0.3 crafted on a Jacobian-augmented substitute E",
+            "gray-box": "gray-box eq. 6, Iter-L-inf, alpha 0.1, target detector",
+            "white-box fully": "fully adaptive (misclassify and be accepted), eps 0.3",
+            "evaluate battery": "`evaluate` battery on the defense (reject-aware), eps 0.3"}
+    for (dataset, threat), r in head.items():
+        key = next(k for k in rows if threat.startswith(k))
+        cells = _readme_row("### I-defender", rows[key])
+        shown = cells[1 if dataset == "MNIST" else 2].split(" / ")[0].replace(" (CIFAR-10)", "")
+        assert _close(shown, r["ours"]), (dataset, threat, shown)
+    fp = _readme_row("### I-defender", "clean test images rejected (ID-95 / ID-99)")
+    for i, dataset in ((1, "MNIST"), (2, "F-MNIST")):
+        id95, id99 = fp[i].split(" / ")
+        assert _close(id95, fpr[dataset]["clean test FPR ID-95 %"]) and _close(id99, fpr[dataset]["clean test FPR ID-99 %"])
