@@ -264,3 +264,25 @@ def test_the_readme_pcl_and_idefender_tables_are_the_committed_reports():
     for i, dataset in ((1, "MNIST"), (2, "F-MNIST")):
         id95, id99 = fp[i].split(" / ")
         assert _close(id95, fpr[dataset]["clean test FPR ID-95 %"]) and _close(id99, fpr[dataset]["clean test FPR ID-99 %"])
+
+
+def test_the_readme_msvdd_table_1_is_the_committed_report():
+    """M-SVDD-D Table 1: mean ± sample standard deviation over the three seeds of table-1-test-accuracy.csv
+    (ours / paper), and the library-defaults row (one seed)."""
+    import csv
+    import statistics
+
+    rows = list(csv.DictReader((ROOT / "reports" / "msvdd" / "table-1-test-accuracy.csv").open()))
+    columns = ["W-LC", "W~-LC", "W~-SVDD (beta=O_c)", "W~-SVDD (beta=O_d)"]
+    for experiment, label in [("MNIST-FC1", "MNIST-FC1 (M = 512)"), ("MNIST-LeNet", "MNIST LeNet-5 (M = 256)")]:
+        seeds = [r for r in rows if r["experiment"] == experiment]
+        assert len(seeds) == 3, experiment
+        for shown, column in zip(_readme_row("### M-SVDD-D", label), columns):
+            values = [float(r[column]) for r in seeds]
+            mean_std, paper = shown.split(" / ")
+            m, s = mean_std.split(" ± ")
+            assert _close(m, statistics.mean(values)) and _close(s, statistics.stdev(values)), (label, column)
+            assert _close(paper, seeds[0][f"{column} (paper)"]), (label, column)
+    defaults = next(r for r in rows if r["experiment"] == "MNIST-FC1 (library defaults)")
+    for shown, column in zip(_readme_row("### M-SVDD-D", "MNIST-FC1, library defaults (1 seed)"), columns):
+        assert _close(shown, defaults[column]), column
