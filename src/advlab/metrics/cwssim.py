@@ -226,7 +226,7 @@ class CWSSIM:
             for lv, c in zip(plan.levels, self.pyramid(x.detach())):
                 if plan.real:
                     re, im = c.real.contiguous(), c.imag.contiguous()
-                    e1 = _box_sums(re * re + im * im, lv.bhT, lv.bw).mul_(lv.scale)
+                    e1 = _box_sums(re * re + im * im, lv).mul_(lv.scale)
                     levels.append((re, im, e1.add_(self.K)))
                 else:
                     sq = torch.view_as_real(c).square().flatten(-2)  # (N, C, O, h, 2w): re^2, im^2
@@ -313,14 +313,19 @@ class CWSSIMReference:
         return CWSSIMReference((int(index.shape[0]),) + self.shape[1:], levels)
 
 
-def _box_sums(t: torch.Tensor, bhT: torch.Tensor, bw: torch.Tensor) -> torch.Tensor:
-    """Sums over every valid window of images (..., h, w): ``bhT @ t @ bw`` with the 0/1 band
-    matrices ``bhT`` (h', h) and ``bw`` (w, w'), as one flat matrix product over all rows and one
-    batched one; (..., h', w'). With the transposed matrices it is the adjoint (scatters window
-    values back onto the pixels)."""
-    lead, (h, w) = t.shape[:-2], t.shape[-2:]
-    u = t.reshape(-1, w).mm(bw).view(-1, h, bw.shape[1])
-    return torch.matmul(bhT, u).view(*lead, bhT.shape[0], bw.shape[1])
+def _box_sums(t: torch.Tensor, lv: "_Level", adjoint: bool = False) -> torch.Tensor:
+    """Sums over every valid window of images (..., h, w) -> (..., h', w') with ``lv``'s 0/1
+    band matrices: ``bhT @ t @ bw`` as one flat matrix product over all rows and one batched one,
+    or for small images (``lv.kron``) one product with their Kronecker product (fewer, larger
+    products win there). ``adjoint``: the transpose, (..., h', w') -> (..., h, w), which puts
+    each window's value back on its pixels."""
+    lead = t.shape[:-2]
+    h, w = (lv.hp, lv.wp) if adjoint else (lv.h, lv.w)
+    ho, wo = (lv.h, lv.w) if adjoint else (lv.hp, lv.wp)
+    if lv.kron is not None:
+        return t.reshape(-1, h * w).mm(lv.kronT if adjoint else lv.kron).view(*lead, ho, wo)
+    u = t.reshape(-1, w).mm(lv.bwT if adjoint else lv.bw).view(-1, h, wo)
+    return torch.matmul(lv.bh if adjoint else lv.bhT, u).view(*lead, ho, wo)
 
 
 def _band_ones(n: int, win: int, device, dtype) -> torch.Tensor:
@@ -360,8 +365,11 @@ class _Level:
             f = torch.stack([gh, ga])[..., :wh]                              # (2, O, h, wh)
             self.f, self.fc = f.contiguous(), f.conj().resolve_conj()
             # 0/1 band matrices: window sums (the 1 / win^2 is applied to the sums)
+            self.hp, self.wp = h - win + 1, w - win + 1
             self.bw, self.bh = _band_ones(w, win, device, dtype), _band_ones(h, win, device, dtype)
             self.bwT, self.bhT = self.bw.t().contiguous(), self.bh.t().contiguous()
+            self.kron = torch.kron(self.bh, self.bw).contiguous() if h * w <= 256 else None  # (h w, h' w')
+            self.kronT = None if self.kron is None else self.kron.t().contiguous()
             whf = w_full // 2 + 1
             self.idx = None if full else (rows.view(-1, 1) * whf + cols[:wh].clamp(max=whf - 1).view(1, -1)).flatten()
             return
@@ -437,7 +445,7 @@ class _ScoreReal(torch.autograd.Function):
             torch.mul(re, ar, out=buf[:, :, 0]).addcmul_(im, ai)
             torch.mul(im, ar, out=buf[:, :, 1]).addcmul_(re, ai, value=-1.0)
             torch.mul(re, re, out=buf[:, :, 2]).addcmul_(im, im)
-            box = _box_sums(buf, lv.bhT, lv.bw)                                # (N, C, 3, O, h', w')
+            box = _box_sums(buf, lv)                                # (N, C, 3, O, h', w')
             cre, cim = box[:, :, 0], box[:, :, 1]
             mag = torch.mul(cre, cre).addcmul_(cim, cim).add_(1e-30 * win ** 4).sqrt_()  # |window sum|
             den = torch.add(e1k, box[:, :, 2], alpha=lv.scale)                 # e1 + e2 + K
@@ -465,7 +473,7 @@ class _ScoreReal(torch.autograd.Function):
             torch.mul(fac, cre, out=inner[:, :, 0])
             torch.mul(fac, cim, out=inner[:, :, 1])
             torch.mul(gnum, smap, out=inner[:, :, 2]).mul_(-lv.scale)
-            gb = _box_sums(inner, lv.bh, lv.bwT)                               # (N, C, 3, O, h, w)
+            gb = _box_sums(inner, lv, adjoint=True)                               # (N, C, 3, O, h, w)
             gr, gi, ge = gb[:, :, 0], gb[:, :, 1], gb[:, :, 2]
             g = torch.empty(n, ch, 2, lv.o, h, w, dtype=grad.dtype, device=grad.device)
             torch.mul(gr, ar, out=g[:, :, 0]).addcmul_(gi, ai, value=-1.0).addcmul_(ge, re, value=2.0)
