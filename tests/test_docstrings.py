@@ -74,9 +74,7 @@ def test_every_public_name_has_a_docstring(module_name):
 
 #: public functions whose parameters are not all named in their docstring yet, with the reason; the
 #: list may only shrink (a new public function names every parameter it takes)
-PARAMETER_GAPS = {
-    "advlab.eval.compare": {"seed", "device", "progress", "log"},  # its owner is documenting it (issue 20)
-}
+PARAMETER_GAPS: dict = {}
 
 
 def unnamed_parameters(module_name: str) -> dict:

@@ -271,10 +271,15 @@ def compare(defenses: Sequence[Any] = DEFAULT_DEFENSES, dataset: Optional[str] =
     the leaderboard ranks by (adaptive robust accuracy); ``n``: test images attacked; ``budget``:
     ``steps`` (APGD / FAB / defense-aware iterations), ``targets``, ``square_queries``, ``escalate``
     (of :func:`evaluate`), ``claimed_steps`` (the claimed threat model's PGD); ``params``: per
-    defense label, fit parameters over its defaults; ``quick``: digits and tiny budgets (smoke run).
-    Defaults per dataset: :data:`SETTINGS`. Writes ``out_dir/results.json``, ``report.md``, the
-    figures and ``out_dir/defenses/<label>.pt`` (each fitted defense, weights-only); resumable
-    (``fresh`` starts over). Returns a :class:`Comparison`."""
+    defense label, fit parameters over its defaults; ``seed``: the one seed of the base model's
+    training, every fit, the image draw and every attack; ``quick``: digits and tiny budgets (smoke
+    run); ``device``: where models train and attacks run (default: the CPU); ``progress``: progress bars (None: on a terminal); ``log``: called with each progress
+    line (per defense and per cell). Defaults per dataset: :data:`SETTINGS`. Writes
+    ``out_dir/results.json``, ``report.md``, the figures and ``out_dir/defenses/<label>.pt`` (each
+    fitted registry defense; ``none`` and ``madry`` as plain model checkpoints that ``advlab
+    evaluate`` reads); resumable (``fresh`` starts over). Raises :class:`~advlab.AdvlabError` on an
+    unknown dataset or registry name, a bad eps grid or headline, or bad budgets, before any work.
+    Returns a :class:`Comparison`."""
     t_all = time.perf_counter()
     dataset = dataset or ("digits" if quick or model is None else None)
     if dataset is None:
