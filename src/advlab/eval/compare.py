@@ -273,8 +273,9 @@ def compare(defenses: Sequence[Any] = DEFAULT_DEFENSES, dataset: Optional[str] =
     (of :func:`evaluate`), ``claimed_steps`` (the claimed threat model's PGD); ``params``: per
     defense label, fit parameters over its defaults; ``seed``: the one seed of the base model's
     training, every fit, the image draw and every attack; ``quick``: digits and tiny budgets (smoke
-    run); ``device``: where models train and attacks run (default: the CPU); ``progress``: progress bars (None: on a terminal); ``log``: called with each progress
-    line (per defense and per cell). Defaults per dataset: :data:`SETTINGS`. Writes
+    run); ``device``: where models train and attacks run (default: the CPU); ``progress``: progress
+    bars (None: on a terminal); ``log``: called with each progress line (per defense and per cell).
+    Defaults per dataset: :data:`SETTINGS`. Writes
     ``out_dir/results.json``, ``report.md``, the figures and ``out_dir/defenses/<label>.pt`` (each
     fitted registry defense; ``none`` and ``madry`` as plain model checkpoints that ``advlab
     evaluate`` reads); resumable (``fresh`` starts over). Raises :class:`~advlab.AdvlabError` on an
