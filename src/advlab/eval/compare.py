@@ -65,6 +65,7 @@ from ..attacks.logits import checked_predict
 from ..attacks.result import AttackResult
 from ..data import load_dataset, shared_data_root, shared_folder, split_validation
 from ..defenses import DEFENSES, Defense, defense_class
+from ..defenses.advtrain import MadryDefense, Undefended
 from ..models import build_model
 from ..train import fit, resolve_device
 from .evaluate import evaluate
@@ -298,6 +299,12 @@ def compare(defenses: Sequence[Any] = DEFAULT_DEFENSES, dataset: Optional[str] =
     for k, v in cfg["budget"].items():
         check_positive_int(v, f"budget {k}", 0 if k == "escalate" else 1)
     entries = _entries(list(defenses), dict(params or {}), quick)
+    for e in entries:  # adversarial training at the comparison's headline L-inf eps (its own default: 0.3 for
+        # one-channel images, 8/255 otherwise), so the row is trained for the threat it is ranked at
+        default = 0.3 if _channels(dataset) == 1 else 8 / 255
+        if e.cls is not None and issubclass(e.cls, MadryDefense) and "eps" not in e.params \
+                and headline[0] == "inf" and abs(headline[1] - default) > 1e-12:
+            e.params["eps"] = headline[1]
     device = resolve_device(device)
     out_dir = Path(out_dir)
     spec = {"defenses": [e.spec if isinstance(e.spec, str) else f"{e.spec.__module__}:{e.spec.__qualname__}"
@@ -329,6 +336,11 @@ def compare(defenses: Sequence[Any] = DEFAULT_DEFENSES, dataset: Optional[str] =
         if main:
             rep.save()
     return Comparison(rows, board, headline, out_dir, time.perf_counter() - t_all)
+
+
+def _channels(dataset: str) -> int:
+    """The image channels of a dataset compare knows."""
+    return 1 if dataset in ("digits", "mnist", "fashion-mnist") else 3
 
 
 def _eps_grid(eps) -> Dict[str, List[float]]:
@@ -485,7 +497,7 @@ def _save_defense(defense, path: Path, e: _Entry) -> None:
     inner = getattr(defense, "model", None)
     if getattr(defense, "format", ""):
         defense.save(path, compare_label=e.label)
-    elif isinstance(inner, nn.Module) and type(defense).__name__ in ("MadryDefense", "Undefended"):
+    elif isinstance(inner, nn.Module) and isinstance(defense, (MadryDefense, Undefended)):
         save_checkpoint(inner, path, role=f"advlab compare: {e.label}")  # `advlab evaluate` reads it as it is
 
 
@@ -597,32 +609,34 @@ def _leaderboard(rows, headline) -> List[Dict[str, Any]]:
 
 
 def _rank_paragraph(rows, headline) -> str:
+    """What changed between the claimed threat models' order and the adaptive attacker's, in words
+    generated from the numbers: the two orders, who lost its lead over whom, the largest falls."""
     key = f"{headline[0]}/{headline[1]:g}"
     ok = [r for r in rows if r["status"] == "ok" and key in r.get("cells", {})]
     if len(ok) < 2:
         return ""
-    def ranks(field_):
-        order = sorted(ok, key=lambda r: -r["cells"][key][field_])
-        return {r["defense"]: i for i, r in enumerate(order, 1)}
-    rc, ra = ranks("claimed_robust"), ranks("adaptive_robust")
-    drops = sorted(ok, key=lambda r: r["cells"][key]["adaptive_robust"] - r["cells"][key]["claimed_robust"])
-    moved = [r["defense"] for r in ok if rc[r["defense"]] != ra[r["defense"]]]
-    head = f"L-{headline[0]} eps {headline[1]:g}"
-    lines = [f"At {head}, ranked by the claimed threat models: "
-             + ", ".join(f"{d} ({100 * next(r for r in ok if r['defense'] == d)['cells'][key]['claimed_robust']:.1f}%)"
-                         for d in sorted(rc, key=rc.get))
-             + "; by the adaptive attacker: "
-             + ", ".join(f"{d} ({100 * next(r for r in ok if r['defense'] == d)['cells'][key]['adaptive_robust']:.1f}%)"
-                         for d in sorted(ra, key=ra.get)) + "."]
-    if moved:
-        lines.append("Changed rank between the two: " + ", ".join(f"{d} ({rc[d]} -> {ra[d]})" for d in moved) + ".")
-    else:
-        lines.append("No defense changed rank between the two.")
-    worst = drops[0]
-    gap = worst["cells"][key]["claimed_robust"] - worst["cells"][key]["adaptive_robust"]
-    if gap > 0:
-        lines.append(f"The largest fall is {worst['defense']}'s: {100 * gap:.1f} points from its claimed threat model "
-                     f"({worst['claimed_threat']}) to the adaptive attacker.")
+    claimed = {r["defense"]: r["cells"][key]["claimed_robust"] for r in ok}
+    adaptive = {r["defense"]: r["cells"][key]["adaptive_robust"] for r in ok}
+
+    def order(v):
+        return ", ".join(f"{d} ({100 * v[d]:.1f}%)" for d in sorted(v, key=lambda d: -v[d]))
+    lines = [f"At L-{headline[0]} eps {headline[1]:g}, in the order of the claimed threat models: {order(claimed)}; "
+             f"in the order of the adaptive attacker: {order(adaptive)}."]
+    lost = []
+    for d in sorted(claimed, key=lambda d: -claimed[d]):
+        over = [o for o in claimed if claimed[d] > claimed[o] and adaptive[d] <= adaptive[o]]
+        if over:
+            lost.append(f"{d} is ranked above {', '.join(over)} by its claimed threat model and is not above "
+                        f"{'it' if len(over) == 1 else 'them'} under the adaptive attacker")
+    lines.append(("; ".join(lost) + ".") if lost else
+                 "No defense loses its place: every defense above another under the claimed threat models stays "
+                 "above it under the adaptive attacker.")
+    falls = sorted(((claimed[d] - adaptive[d], d) for d in claimed), reverse=True)
+    big = [(f, d) for f, d in falls if f > 0][:3]
+    if big:
+        lines.append("Largest falls from the claimed number to the adaptive one: "
+                     + ", ".join(f"{d} {100 * f:.1f} points ({next(r for r in ok if r['defense'] == d)['claimed_threat']})"
+                                 for f, d in big) + ".")
     return " ".join(lines)
 
 
@@ -672,7 +686,11 @@ def _write(rep: Report, rows, board, headline, grid, cfg, base_info, dataset, n,
     flag_rows += [{"defense": r["defense"], "cell": k, "flag": name, "message": "raised by evaluate's checks"}
                   for r in rows if r["status"] == "ok" for k, c in r["cells"].items() for name in c["masking_flags"]]
     if flag_rows:
-        rep.add_table("Flags (masking checks and attack outcomes)", flag_rows, key="flags")
+        rep.add_table("Flags (masking checks and attack outcomes)", flag_rows, key="flags",
+                      note="What each flag means: the masking-flag table of the documentation (docs/concepts.md, "
+                           "'Masking flags'). A flag raised by evaluate's checks made it escalate on that cell; the "
+                           "attack-outcome flags compare the claimed attack with the adaptive white-box chain alone "
+                           "(the adaptive number is the worst case of both either way).")
     errors = [{"defense": r["defense"], "where": r.get("where"), "error": r["error"]} for r in rows
               if r["status"] != "ok"]
     if errors:
@@ -701,4 +719,10 @@ def _write(rep: Report, rows, board, headline, grid, cfg, base_info, dataset, n,
     notes = [{"defense": r["defense"], "parameters": ", ".join(f"{k}={v}" for k, v in r["params"].items()) or
               "defaults", "notes": "; ".join(r.get("notes") or []) or ""} for r in rows]
     rep.add_table("Each defense's fit", notes, key="fits")
-    rep.results.update(rows=rows, leaderboard=board, headline=list(headline), base_model=base_info)
+    compute = base_info.get("seconds", 0.0) + sum(r.get("fit_seconds", 0.0) + sum(
+        c["seconds"] for c in r.get("cells", {}).values()) for r in rows)
+    rep.add_text(f"Budget: the base model's training, the fits and the attacks took {compute / 60:.1f} min of compute "
+                 "as measured when each stage was computed (a resumed run reads finished stages back; the total at "
+                 "the bottom is this run's own wall time).")
+    rep.results.update(rows=rows, leaderboard=board, headline=list(headline), base_model=base_info,
+                       compute_seconds=compute)
