@@ -12,7 +12,8 @@ from torch import nn
 import advlab.attacks as attacks
 from advlab._util import AdvlabError
 from advlab.attacks import KA3
-from advlab.metrics import label_rank, rank_pmf
+from advlab.metrics import cw_ssim, label_rank, rank_pmf
+from advlab.metrics.cwssim import select_reference
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,31 @@ def test_rgb_path_with_cw_ssim():
     assert res.extras["k"].tolist() == [2 + i % 4 for i in range(12)]
     ok = res.success
     assert (res.extras["rank"][ok] >= res.extras["k"][ok]).all()
+
+
+def test_cw_ssim_term_through_the_cached_reference_equals_the_uncached_one(lenet_digits, digits_correct):
+    """K-A3 transforms the clean batch's pyramid once (CWSSIM.reference, rows dropped with the
+    finished samples) and scores each step against it with a hand-written backward. The attack
+    must be the one it would be with the plain autograd CW-SSIM of both images at every step:
+    same adversarials (up to float rounding), same successes, same cost."""
+    x, y = digits_correct[0][:16], digits_correct[1][:16]
+
+    class Uncached(KA3):
+        def _similarity(self, ref, x_ref, x_adv):
+            return self._cw(x_ref, x_adv)  # both pyramids each step, autograd through them
+
+    fast, slow = KA3(lenet_digits, K=3, steps=60), Uncached(lenet_digits, K=3, steps=60)
+    groups = torch.tensor([1, 2, 3] * 5 + [1])
+    a, b = fast(x, y, groups=groups), slow(x, y, groups=groups)
+    assert fast.last_sample_steps == slow.last_sample_steps
+    assert torch.allclose(a, b, atol=1e-4)
+    ok_a = fast.outcome(x, a, y, groups=groups)["success"]
+    ok_b = slow.outcome(x, b, y, groups=groups)["success"]
+    assert torch.equal(ok_a, ok_b) and bool(ok_a.any())
+    # the similarity term itself, on the rows an attack keeps after a shrink
+    ref = fast._cw.reference(x)
+    rows = torch.tensor([5, 0, 11])
+    assert torch.allclose(fast._cw.score(select_reference(ref, rows), a[rows]), cw_ssim(x[rows], a[rows]), atol=1e-6)
 
 
 def test_errors(lenet_digits, digits_correct):
