@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from advlab._util import AdvlabError
-from advlab.attacks.loop import (ActiveSet, AdamStep, AttackLoop, BoxProjection, L2Projection, L2Step, LinfProjection,
-                                 SignStep, autograd, ball_projection, detach, logit_grads, per_sample, step_rule)
+from advlab.attacks.loop import (ACCELERATOR_CHECK_EVERY, ActiveSet, AdamStep, AttackLoop, BoxProjection, L2Projection,
+                                 L2Step, LinfProjection, SignStep, autograd, ball_projection, check_interval, detach,
+                                 logit_grads, per_sample, step_rule)
 
 D = torch.float64
 
@@ -453,3 +454,14 @@ def test_final_observe_gets_the_set_and_the_variable_too():
     AttackLoop(forward=lambda s_, v: v * s_.w, objective=lambda out, s_, v: (out * v).sum(1), step=L2Step(0.5),
                observe=observe, final_observe=True).run(s, 1)
     assert seen == [(1, [1.0, 6.0], [1.0, 12.0]), (2, [0.5, 4.5], [0.25, 6.75])]
+
+
+def test_check_interval_every_step_on_the_cpu_every_tenth_elsewhere_unless_given():
+    assert ACCELERATOR_CHECK_EVERY == 10
+    assert check_interval(None, "cpu") == 1 and check_interval(None, torch.device("cpu")) == 1
+    for dev in ("cuda", torch.device("cuda", 1), "mps", "meta"):
+        assert check_interval(None, dev) == 10
+    assert check_interval(1, "cuda") == 1 and check_interval(7, "cpu") == 7 and check_interval(3.0, "cpu") == 3
+    for bad in (0, -2, 2.5):
+        with pytest.raises(AdvlabError, match="check_every must be an integer >= 1"):
+            check_interval(bad, "cpu")

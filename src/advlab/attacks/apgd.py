@@ -17,7 +17,8 @@ with ``eta = 2 eps`` at the start. At the checkpoints ``w_j = ceil(p_j N)`` (:fu
 
 Everything per sample (eta, best loss and point, the previous iterate, the counters) lives in the
 :class:`~advlab.attacks.loop.ActiveSet`, so it shrinks with the batch; no per-sample Python loops
-and no host synchronisation except for early stopping (one per step).
+and no host synchronisation except for early stopping: the successful samples (their first
+successful iterate recorded) leave the batch at a check every ``check_every`` steps.
 
 Losses (ascended):
 
@@ -51,7 +52,7 @@ from .base import Attack
 from .geometry import check_norm
 from .gradient import DEFAULT_EPS
 from .logits import best_other
-from .loop import ActiveSet, AttackLoop, autograd, ball_projection, per_sample
+from .loop import ActiveSet, AttackLoop, autograd, ball_projection, check_interval, per_sample
 
 __all__ = ["APGD", "APGDStep", "apgd_checkpoints", "dlr_loss", "dlr_targeted_loss", "eot_autograd"]
 
@@ -145,7 +146,8 @@ class APGDStep:
     iterate back to ``x_max`` where condition 1 or 2 holds. The step then takes the momentum step
     from ``x_k`` (with the gradient at ``x_max`` for a sample just restarted). ``project`` is the
     loop's projection (used for the inner ``z = P(...)`` too), ``criterion(out, s) -> mask`` the
-    success rule; with ``early_stop`` observe returns it, so successful samples leave the batch.
+    success rule; with ``early_stop`` observe returns ``found`` (succeeded at this or an earlier
+    iterate), so successful samples leave the batch at the loop's next check.
 
     Per-sample state in the active set: ``eta``, ``prev`` (``x_k-1``), ``x_best``, ``f_max``,
     ``g_best`` (the gradient at ``x_best``), ``prev_loss``, ``n_inc`` (increases since the last
@@ -208,7 +210,7 @@ class APGDStep:
             s.reduced_last = reduce
             s.f_max_last = s.f_max.clone()
             s.n_inc = torch.zeros_like(s.n_inc)
-        return ok if self.early_stop else None
+        return s.found if self.early_stop else None
 
     def __call__(self, s: ActiveSet, g: torch.Tensor, t: int) -> None:
         s.g_best = torch.where(per_sample(s.improved, g), g, s.g_best)
@@ -244,6 +246,10 @@ class APGD(Attack):
     returned unchanged; a successful one returns its first successful iterate (with
     ``early_stop`` it leaves the batch there); a failed one its point of highest loss over its
     runs. ``eot_iter > 1`` averages the gradient over that many passes (randomized models).
+    ``check_every``: with ``early_stop``, the successful samples leave the batch every that many
+    steps (and after the last); these checks are the run's only host synchronisations, and the
+    result does not depend on them (a success is recorded at the step it happens). None: every
+    step on the CPU, every :data:`~advlab.attacks.loop.ACCELERATOR_CHECK_EVERY` on a GPU.
     """
 
     supports_targeted = True
@@ -251,7 +257,7 @@ class APGD(Attack):
     def __init__(self, model: nn.Module, eps: Optional[float] = None, norm: str = "inf", steps: int = 100,
                  loss: str = "ce", restarts: int = 1, rho: float = 0.75, seed: Optional[int] = 0,
                  targeted_classes: int = 9, eot_iter: int = 1, early_stop: bool = True,
-                 scores: Optional[Callable] = None):
+                 scores: Optional[Callable] = None, check_every: Optional[int] = None):
         self.norm = check_norm(norm)
         super().__init__(model, eps=DEFAULT_EPS[self.norm] if eps is None else eps, seed=seed)
         if loss not in LOSSES:
@@ -266,6 +272,7 @@ class APGD(Attack):
         self.targeted_classes = check_positive_int(targeted_classes, "targeted_classes")
         self.eot_iter = check_positive_int(eot_iter, "eot_iter")
         self.early_stop = bool(early_stop)
+        self.check_every = None if check_every is None else check_positive_int(check_every, "check_every")
 
     # ------------------------------------------------------------------ one run
     def _run(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
@@ -281,7 +288,7 @@ class APGD(Attack):
         loop = AttackLoop(forward=lambda s, v: self._decision(self.model(v), s.y),
                           objective=lambda out, s, v: -apgd_loss(out, s.y, s.get("loss_target"), self.loss),
                           step=rule, project=project, observe=rule.observe, grad=eot_autograd(self.eot_iter),
-                          final_observe=True)
+                          final_observe=True, check_every=check_interval(self.check_every, x.device))
         o = loop.run(s, self.steps).outputs
         found = o["found"]
         return torch.where(per_sample(found, x), o["x_adv"], o["x_best"]), found, o["f_max"]

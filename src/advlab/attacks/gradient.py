@@ -4,7 +4,10 @@ attack of Metzen et al.
 Every step is one forward and one backward pass of the whole batch, differentiating the loss with
 respect to the input only; the adversarial tensor is updated in place and projected onto the
 threat model's ball and [0, 1] after every step (exactly, see :func:`~advlab.attacks.geometry.linf_box`).
-The per-step loop has no host/device synchronisation unless ``early_stop=True``.
+The per-step loop has no host/device synchronisation; with ``early_stop=True`` the finished
+samples leave the batch at a check every ``check_every`` steps (on a GPU every 10 by default),
+the loop's only synchronisation (one ``any`` and one ``nonzero``), and return their first
+successful iterate all the same.
 
 Losses (the quantity each step ascends):
 
@@ -30,7 +33,7 @@ from ..metrics.robustness import is_success
 from .base import Attack
 from .geometry import check_norm
 from .logits import best_other
-from .loop import ActiveSet, AttackLoop, ball_projection, step_rule
+from .loop import ActiveSet, AttackLoop, ball_projection, check_interval, per_sample, step_rule
 
 __all__ = ["FGSM", "BIM", "MIM", "PGD", "IterativeL2", "attack_objective"]
 
@@ -83,18 +86,38 @@ class _GradientAttack(Attack):
         super().__init__(model, eps=DEFAULT_EPS[self.norm] if eps is None else eps, seed=seed)
         self.loss = _check_loss(loss)
 
-    def _loop(self, alpha: float, early_stop: bool) -> AttackLoop:
+    #: steps between two checks for finished samples (``early_stop`` only; None: the device's
+    #: default, :func:`~advlab.attacks.loop.check_interval`; FGSM has one step)
+    check_every: Optional[int] = None
+
+    def _loop(self, alpha: float, early_stop: bool, device=None) -> AttackLoop:
         return AttackLoop(
             forward=lambda s, v: self.model(v),
             objective=lambda out, s, v: -attack_objective(out, s.y, s.get("target"), self.loss),
-            observe=(lambda out, obj, s, t: is_success(out.argmax(1), s.y, s.get("target"))) if early_stop else None,
+            observe=self._record_success if early_stop else None,
+            check_every=check_interval(self.check_every, device or "cpu"),
             step=step_rule(self.norm, alpha, self._decay), project=ball_projection(self.norm, self.eps))
+
+    @staticmethod
+    def _record_success(out, obj, s: ActiveSet, t: int) -> torch.Tensor:
+        """Early stop's observer: the iterate judged at step ``t`` is kept in ``s.adv`` where it is
+        the sample's first success (``s.found``); returns ``s.found``, so the sample leaves at the
+        next check and a success between two checks is not lost. No host synchronisation."""
+        ok = is_success(out.argmax(1), s.y, s.get("target"))
+        s.adv = torch.where(per_sample(ok & ~s.found, s.v), s.v, s.adv)
+        s.found = s.found | ok
+        return s.found
 
     def _iterate(self, x, y, target, x_adv, steps: int, alpha: float, early_stop: bool = False) -> torch.Tensor:
         """Run the loop from ``x_adv``; with ``early_stop`` a sample returns the first iterate
         that reaches the goal (misclassified, or classified as the target)."""
-        s = ActiveSet(x.shape[0], x.device, outputs=("v",), v=x_adv, x=x, y=y, target=target)
-        return self._loop(alpha, early_stop).run(s, steps).outputs["v"]
+        if not early_stop:
+            s = ActiveSet(x.shape[0], x.device, outputs=("v",), v=x_adv, x=x, y=y, target=target)
+            return self._loop(alpha, early_stop).run(s, steps).outputs["v"]
+        s = ActiveSet(x.shape[0], x.device, outputs=("v", "adv", "found"), v=x_adv, x=x, y=y, target=target,
+                      adv=x_adv.clone(), found=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+        o = self._loop(alpha, early_stop, x.device).run(s, steps).outputs
+        return torch.where(per_sample(o["found"], x), o["adv"], o["v"])
 
 
 class FGSM(_GradientAttack):
@@ -113,17 +136,23 @@ class _Iterative(_GradientAttack):
     """The iterative attacks: ``steps`` times, a step from the gradient, then the projection onto
     the ball and the box.
 
-    With ``early_stop=True`` a sample leaves the batch at the first iterate that reaches the goal
-    (misclassified, or classified as the target) and that iterate is returned: the attack then
-    costs less and never loses a success it found, at the price of one synchronisation per step.
+    With ``early_stop=True`` the first iterate of a sample that reaches the goal (misclassified,
+    or classified as the target) is kept and returned, and the sample leaves the batch at the
+    next check, every ``check_every`` steps and after the last (default None: every step on the
+    CPU, every :data:`~advlab.attacks.loop.ACCELERATOR_CHECK_EVERY` steps on a GPU;
+    :func:`~advlab.attacks.loop.check_interval`): the attack then costs less and never loses a
+    success it found, at the price of two host synchronisations per check. The result does not
+    depend on ``check_every``.
     """
 
     def __init__(self, model: nn.Module, eps: Optional[float], alpha: Optional[float], steps: int, loss: Loss = "ce",
-                 early_stop: bool = False, seed: Optional[int] = None, default_alpha: float = 1.0):
+                 early_stop: bool = False, seed: Optional[int] = None, default_alpha: float = 1.0,
+                 check_every: Optional[int] = None):
         super().__init__(model, eps=eps, loss=loss, seed=seed)
         self.steps = check_positive_int(steps, "steps")
         self.alpha = default_alpha * self.eps / self.steps if alpha is None else check_nonneg(alpha, "alpha")
         self.early_stop = bool(early_stop)
+        self.check_every = None if check_every is None else check_positive_int(check_every, "check_every")
 
     def _start(self, x: torch.Tensor) -> torch.Tensor:
         return x.clone()
@@ -137,8 +166,10 @@ class BIM(_Iterative):
     size ``alpha`` (default ``eps / steps``), each clipped to the L-inf ball and [0, 1]."""
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 10,
-                 loss: Loss = "ce", early_stop: bool = False, seed: Optional[int] = None):
-        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop, seed=seed)
+                 loss: Loss = "ce", early_stop: bool = False, seed: Optional[int] = None,
+                 check_every: Optional[int] = None):
+        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop, seed=seed,
+                         check_every=check_every)
 
 
 class MIM(_Iterative):
@@ -146,8 +177,10 @@ class MIM(_Iterative):
     ``g = decay * g + grad / ||grad||_1`` and step ``alpha * sign(g)`` (default ``alpha = eps / steps``)."""
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 10,
-                 decay: float = 1.0, loss: Loss = "ce", early_stop: bool = False, seed: Optional[int] = None):
-        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop, seed=seed)
+                 decay: float = 1.0, loss: Loss = "ce", early_stop: bool = False, seed: Optional[int] = None,
+                 check_every: Optional[int] = None):
+        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop, seed=seed,
+                         check_every=check_every)
         self.decay = check_nonneg(decay, "decay")
         self._decay = self.decay
 
@@ -159,14 +192,16 @@ class PGD(_Iterative):
     takes ``steps`` steps of ``alpha * sign(grad)`` (L-inf) or ``alpha * grad / ||grad||_2`` (L2),
     projecting after each. ``alpha`` defaults to ``2.5 * eps / steps``. With ``restarts > 1`` the
     samples not yet fooled are attacked again from a new random start; each sample keeps its first
-    successful restart, or else the one with the highest final loss.
+    successful restart, or else the one with the highest final loss. ``loss``, ``early_stop`` and
+    ``check_every`` as for the other iterative attacks (:class:`BIM`).
     """
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 10,
                  norm: str = "inf", random_start: bool = True, restarts: int = 1, loss: Loss = "ce",
-                 early_stop: bool = False, seed: Optional[int] = None):
+                 early_stop: bool = False, seed: Optional[int] = None, check_every: Optional[int] = None):
         self.norm = check_norm(norm)
-        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop, seed=seed, default_alpha=2.5)
+        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop, seed=seed, default_alpha=2.5,
+                         check_every=check_every)
         self.random_start = bool(random_start)
         self.restarts = check_positive_int(restarts, "restarts")
         if self.restarts > 1 and not self.random_start:
@@ -210,5 +245,7 @@ class IterativeL2(_Iterative):
     norm = "2"
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 10,
-                 loss: Loss = "ce", early_stop: bool = False, seed: Optional[int] = None):
-        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop, seed=seed)
+                 loss: Loss = "ce", early_stop: bool = False, seed: Optional[int] = None,
+                 check_every: Optional[int] = None):
+        super().__init__(model, eps, alpha, steps, loss=loss, early_stop=early_stop, seed=seed,
+                         check_every=check_every)

@@ -31,7 +31,12 @@ from .._util import AdvlabError, check_positive_int
 from .geometry import linf_box
 
 __all__ = ["ActiveSet", "AttackLoop", "SignStep", "L2Step", "AdamStep", "LinfProjection", "L2Projection",
-           "BoxProjection", "autograd", "per_sample"]
+           "BoxProjection", "autograd", "per_sample", "check_interval", "ACCELERATOR_CHECK_EVERY"]
+
+#: steps between two checks for finished samples on an accelerator (CUDA, MPS, ...): a check reads
+#: a value on the host, which waits for the device's queue to drain; the attacks whose finished
+#: samples leave early take this default there (``check_every=None``)
+ACCELERATOR_CHECK_EVERY = 10
 
 
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -106,6 +111,17 @@ class ActiveSet:
             elif isinstance(v, torch.Tensor) and v.dim() > 0:
                 self._t[name] = v[k]
         return k.numel() > 0
+
+
+def check_interval(check_every: Optional[int], device) -> int:
+    """Steps between two checks for finished samples: ``check_every`` when given (a positive
+    int), else 1 on the CPU, where reading a value on the host waits for nothing and a finished
+    sample should leave at once, and :data:`ACCELERATOR_CHECK_EVERY` on any other device.
+
+    Raises AdvlabError for a ``check_every`` that is not a positive int."""
+    if check_every is not None:
+        return check_positive_int(check_every, "check_every")
+    return 1 if torch.device(device).type == "cpu" else ACCELERATOR_CHECK_EVERY
 
 
 # ---------------------------------------------------------------------------- gradient functions

@@ -32,11 +32,15 @@ Losses (the quantity minimised; a candidate is accepted when it strictly decreas
   :func:`~advlab.attacks.gradient.attack_objective` (the search minimises its negative).
 
 Batching and queries: all samples advance together, one forward pass of the samples still
-active per iteration. A sample leaves the batch as soon as its current point succeeds
-(:func:`~advlab.metrics.robustness.is_success` on the argmax of the logits). One query is one
-forward pass of one sample: the clean image costs the first one (a sample the model already
-gets wrong is returned unchanged), so every sample uses at most ``restarts * queries`` queries;
-the per-sample count of the last call is kept in ``last_queries`` (CPU int64 tensor).
+active per iteration. A sample is done as soon as its current point succeeds
+(:func:`~advlab.metrics.robustness.is_success` on the argmax of the logits): from then on its
+point is frozen, and it leaves the batch at the next check, every ``check_every`` iterations
+(the search's only host synchronisations; the result does not depend on them). One query is one
+forward pass of one sample that is not done: the clean image costs the first one (a sample the
+model already gets wrong is returned unchanged), so every sample uses at most ``restarts *
+queries`` queries; the per-sample count of the last call is kept in ``last_queries`` (CPU int64
+tensor). A done sample may still ride along for up to ``check_every - 1`` forward passes that
+are not counted (they cannot change its point).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from ..metrics.robustness import is_success
 from .base import Attack
 from .geometry import check_norm, linf_box
 from .gradient import DEFAULT_EPS, Loss, _check_loss, attack_objective
+from .loop import check_interval
 
 __all__ = ["Square", "p_schedule"]
 
@@ -102,14 +107,17 @@ class Square(Attack):
     to 0.1 on ImageNet-sized images), ``loss`` ``"margin"`` (default), ``"ce"`` or a callable
     (see the module docstring). With ``restarts > 1`` the samples not yet fooled are attacked again from a new
     random start; a fooled sample keeps its first success, a failed one the point of lowest loss.
-    Random numbers come only from the attack's generator, seeded by ``seed``.
+    Random numbers come only from the attack's generator, seeded by ``seed``. ``check_every``:
+    the fooled samples leave the batch every that many iterations (see the module docstring;
+    None: every iteration on the CPU, every :data:`~advlab.attacks.loop.ACCELERATOR_CHECK_EVERY`
+    on a GPU).
     """
 
     supports_targeted = True
 
     def __init__(self, model: nn.Module, eps: float | None = None, norm: str = "inf", queries: int = 1000,
                  p_init: float = 0.8, restarts: int = 1, loss: Loss = "margin", seed: int | None = 0,
-                 scores: Callable | None = None):
+                 scores: Callable | None = None, check_every: int | None = None):
         self.norm = check_norm(norm)
         super().__init__(model, eps=DEFAULT_EPS[self.norm] if eps is None else eps, seed=seed)
         self.queries = check_positive_int(queries, "queries")
@@ -123,6 +131,8 @@ class Square(Attack):
         self.restarts = check_positive_int(restarts, "restarts")
         self.loss = _check_loss(loss)
         self.scores = scores
+        self.check_every = None if check_every is None else check_positive_int(check_every, "check_every")
+        self._patterns: dict = {}
         self._last_queries: torch.Tensor | None = None
 
     @property
@@ -152,10 +162,9 @@ class Square(Attack):
                 cand, loss, ok, used = self._search(x[todo], y[todo], ts, budget)
                 queries[todo] += used
                 better = ok | (loss < best_loss[todo])
-                sel = todo[better]
-                best[sel] = cand[better]
-                best_loss[sel] = loss[better].to(best_loss.dtype)
-                fooled[sel] = ok[better]
+                best[todo] = torch.where(_per_sample(better), cand, best[todo])
+                best_loss[todo] = torch.where(better, loss.to(best_loss.dtype), best_loss[todo])
+                fooled[todo] = torch.where(better, ok, fooled[todo])
         self._last_queries = queries.cpu()
         return best
 
@@ -184,11 +193,15 @@ class Square(Attack):
         ok = is_success(logits.argmax(dim=1), y, target)
         used = torch.ones(n, dtype=torch.long, device=x.device)
 
-        # the active samples, compacted whenever some of them succeed
+        # the active samples, compacted at a check every ``check_every`` iterations: a sample that
+        # succeeded before (``a_done``) rides along frozen until then (its candidates are rejected,
+        # its queries no longer counted), so the loop synchronises with the device only there
         idx = torch.nonzero(~ok).squeeze(1)
         a_state, a_x, a_y, a_loss = state[idx], x[idx], y[idx], loss[idx]
         a_t = None if target is None else target[idx]
         a_bounds = tuple(b[idx] for b in bounds)
+        a_done = torch.zeros(idx.shape[0], dtype=torch.bool, device=x.device)
+        check_every = check_interval(self.check_every, x.device)
         for it in range(budget - 1):
             if idx.numel() == 0:
                 break
@@ -199,25 +212,29 @@ class Square(Attack):
             else:
                 cand = self._l2_step(a_state, a_x, p)
             logits = self._decision(self.model(cand), a_y)
-            used[idx] += 1
+            used[idx] += (~a_done).long()
             new_loss = self._loss(logits, a_y, a_t)
-            improved = new_loss < a_loss
+            improved = (new_loss < a_loss) & ~a_done
             if linf:  # a rejected candidate gets its old window back
                 window.copy_(torch.where(_per_sample(improved), window, old))
             else:
                 a_state = torch.where(_per_sample(improved), cand, a_state)
             a_loss = torch.where(improved, new_loss, a_loss)
-            done = improved & is_success(logits.argmax(dim=1), a_y, a_t)
-            if bool(done.any()):
-                state[idx[done]] = a_state[done]
-                loss[idx[done]] = a_loss[done]
-                ok[idx[done]] = True
-                keep = ~done
+            a_done = a_done | (improved & is_success(logits.argmax(dim=1), a_y, a_t))
+            if (it + 1) % check_every == 0 and bool(a_done.any()):
+                # the done rows written back (all rows: no data-dependent shape), the rest kept by
+                # one index (the check's second and last synchronisation)
+                state[idx] = a_state
+                loss[idx] = a_loss
+                ok[idx] = a_done
+                keep = (~a_done).nonzero().squeeze(1)
                 idx, a_state, a_x, a_y, a_loss = idx[keep], a_state[keep], a_x[keep], a_y[keep], a_loss[keep]
                 a_t = None if a_t is None else a_t[keep]
                 a_bounds = tuple(b[keep] for b in a_bounds)
+                a_done = a_done[keep]
         state[idx] = a_state
         loss[idx] = a_loss
+        ok[idx] = a_done
         return state, loss, ok, used
 
     # ------------------------------------------------------------------ random pieces
@@ -287,7 +304,10 @@ class Square(Attack):
     # ------------------------------------------------------------------ L2
     def _oriented_pattern(self, s: int, n: int, like: torch.Tensor) -> torch.Tensor:
         """(n, 1, s, s) copies of the unit-norm square pattern, each transposed with probability 1/2."""
-        pattern = _square_pattern(s).to(device=like.device, dtype=like.dtype)
+        key = (s, like.device, like.dtype)
+        pattern = self._patterns.get(key)
+        if pattern is None:  # made on the host once per size: a copy per iteration would synchronise
+            pattern = self._patterns[key] = _square_pattern(s).to(device=like.device, dtype=like.dtype)
         flip = self._rand((n,), like.device) > 0.5
         return torch.where(flip[:, None, None], pattern.T, pattern)[:, None]
 
