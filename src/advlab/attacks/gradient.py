@@ -188,7 +188,10 @@ class MIM(_Iterative):
 class PGD(_Iterative):
     """Projected gradient descent (Madry et al. 2018) in the L-inf or L2 ball.
 
-    Starts from a uniform random point of the ball (``random_start``; seeded by ``seed``), then
+    Starts from a random point of the ball (``random_start``; seeded by ``seed``): uniform in the
+    L-inf ball; for L2 a uniformly random direction at a radius uniform in [0, eps] (as
+    torchattacks; a point uniform in the L2 ball's volume lies at ~eps in high dimension and made
+    PGD-L2 weaker at a fixed step count), then
     takes ``steps`` steps of ``alpha * sign(grad)`` (L-inf) or ``alpha * grad / ||grad||_2`` (L2),
     projecting after each. ``alpha`` defaults to ``2.5 * eps / steps``. With ``restarts > 1`` the
     samples not yet fooled are attacked again from a new random start; each sample keeps its first
@@ -208,7 +211,18 @@ class PGD(_Iterative):
             raise AdvlabError("restarts > 1 needs random_start=True (every restart would repeat the first)")
 
     def _start(self, x):
-        return self._random_start(x, self.norm, self.eps) if self.random_start else x.clone()
+        if not self.random_start:
+            return x.clone()
+        if self.norm == "inf" or self.eps == 0:
+            return self._random_start(x, self.norm, self.eps)
+        # L2: a Gaussian direction at a radius uniform in [0, eps] (torchattacks' start), not
+        # uniform in the ball's volume: in d dimensions that puts every start at ~eps, and the
+        # random part then holds a share of the budget that 40 steps do not win back (MNIST
+        # LeNet-5, eps 2, 40 steps of 0.1, 512 images, 5 seeds: 70.3% -> 73.5% success)
+        direction = self._randn(x.shape, x.device).to(x.dtype)
+        direction.div_(per_sample(direction.flatten(1).norm(dim=1).clamp_min_(1e-12), x))
+        radius = self._rand((x.shape[0],), x.device).to(x.dtype).mul_(self.eps)
+        return direction.mul_(per_sample(radius, x)).add_(x).clamp_(0.0, 1.0)
 
     def _perturb(self, x, y, target):
         best = super()._perturb(x, y, target)
