@@ -266,3 +266,22 @@ def test_norm_spellings_and_defaults():
     assert Square(model).norm == "inf" and Square(model).eps == pytest.approx(8 / 255)
     assert Square(model, norm="L2").norm == "2" and Square(model, norm="l2").eps == 0.5
     assert Square(model, norm="Linf").norm == "inf"
+
+
+def test_fooled_samples_ride_along_frozen_until_the_check(lenet_digits, digits_correct):
+    # check_every > 1 (a GPU's default): a fooled sample's point is frozen and its queries stop
+    # counting; it leaves the batch at the next check, so it costs fewer than check_every extra
+    # forward passes and its result is still a success
+    x, y = digits_correct[0][:40], digits_correct[1][:40]
+    atk = Square(lenet_digits, eps=0.15, queries=100, seed=0, check_every=7)
+    count = _Count(lenet_digits)
+    try:
+        x_adv = atk(x, y)
+    finally:
+        count.h.remove()
+    q = atk.last_queries
+    fooled = is_success(predict(lenet_digits, x_adv), y)
+    assert fooled.float().mean() >= 0.9
+    assert (q[~fooled] == 100).all() and q[fooled].float().median() < 100
+    extra = count.images - 1 - int(q.sum())
+    assert 0 < extra <= 6 * int(fooled.sum())
