@@ -294,9 +294,11 @@ def select_reference(ref: "CWSSIMReference", index: torch.Tensor) -> "CWSSIMRefe
 
 
 class CWSSIMReference:
-    """The pyramid of a fixed batch as :meth:`CWSSIM.score` uses it: per level the coefficients
-    ``c1`` and their conjugates (N, C, O, h, w) and the local mean energy ``e1`` (N, C, O, h', w').
-    Built by :meth:`CWSSIM.reference`; ``len(ref)`` is N; :meth:`index_select` picks rows."""
+    """The pyramid of a fixed batch as :meth:`CWSSIM.score` uses it, per level: the real and
+    imaginary parts of the coefficients ``c1`` (N, C, O, h, w) and the local mean energy plus
+    ``K`` (N, C, O, h', w'), or, for the few sizes that take the complex path, ``c1``, its
+    conjugate and the local mean energy. Built by :meth:`CWSSIM.reference`; ``len(ref)`` is N;
+    :meth:`index_select` (or :func:`select_reference`) picks rows."""
 
     __slots__ = ("shape", "levels")
 
