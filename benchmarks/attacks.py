@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import advlab
 import advlab.attacks
 from advlab._util import frozen_eval
+from advlab.attacks.registry import attack_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -401,7 +402,7 @@ def main(argv=None):
         params = dict(params)
         n_row = params.pop("_n", None)
         xs, ys, oks = (x, y, ok) if n_row is None else (x[:n_row], y[:n_row], ok[:n_row])
-        seeded = seeds is not None and "seed" in advlab.attacks.attack_parameters(registered)
+        seeded = seeds is not None and "seed" in attack_parameters(registered)
         row_seeds = seeds if seeded else [params.get("seed")]
         ours = []  # per seed: (success mask, norms)
         runs = []
