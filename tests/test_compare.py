@@ -209,7 +209,8 @@ def test_yaml_spec_and_flags(tmp_path, capsys):
     res = json.loads((out_dir / "results.json").read_text())
     rows = res["results"]["rows"]
     assert [r["defense"] for r in rows] == ["none", "at"]
-    assert rows[1]["params"] == {"epochs": 1, "steps": 2, "lr": 0.002}
+    # madry trains at the headline L-inf eps (0.1 here; its own default is 0.3 for one-channel images)
+    assert rows[1]["params"] == {"epochs": 1, "steps": 2, "lr": 0.002, "eps": 0.1}
     assert sorted(rows[0]["cells"]) == ["inf/0.05", "inf/0.1"] and res["spec"]["n"] == 16
     bad = tmp_path / "bad.yaml"
     bad.write_text("defenses: [none]\nwhatever: 1\n")
