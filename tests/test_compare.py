@@ -216,3 +216,18 @@ def test_yaml_spec_and_flags(tmp_path, capsys):
     bad.write_text("defenses: [none]\nwhatever: 1\n")
     assert main(["compare", "--quick", "--spec", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "whatever" in capsys.readouterr().err
+
+
+def test_the_users_own_model_as_the_base(lenet_digits, tmp_path):
+    """--model: the user's trained model is the base every defense is fitted from (no training here)."""
+    out = compare(["none", {"name": "madry", "params": {"epochs": 1, "steps": 2}}], model=lenet_digits,
+                  dataset="digits", quick=True, out_dir=tmp_path / "cmp", log=lambda m: None)
+    rows = {r["defense"]: r for r in out.rows}
+    assert all(r["status"] == "ok" for r in rows.values())
+    from advlab.data import load_dataset
+
+    test = load_dataset("digits", split="test")
+    expected = float((lenet_digits(test.images).argmax(1) == test.labels).double().mean())
+    assert rows["none"]["clean_accuracy"] == pytest.approx(expected)  # the given model, as it is
+    res = json.loads((tmp_path / "cmp" / "results.json").read_text())["results"]
+    assert res["base_model"]["trained_here"] is False

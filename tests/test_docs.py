@@ -324,5 +324,12 @@ def test_the_readme_compare_table_is_the_committed_reports():
                 assert c["adaptive_detected"] == 0, name
         shown += 1
     assert shown == len(reports[0]["rows"]) == 6
+    for res in reports:  # the guarantee of the table: adaptive never above claimed, never rising with eps
+        for row in res["rows"]:
+            assert row["status"] == "ok", row["defense"]
+            for norm in ("inf", "2"):
+                cells = sorted((c for c in row["cells"].values() if c["norm"] == norm), key=lambda c: c["eps"])
+                assert all(c["adaptive_robust"] <= c["claimed_robust"] for c in cells), row["defense"]
+                assert all(a["adaptive_robust"] >= b["adaptive_robust"] for a, b in zip(cells, cells[1:]))
     evaluated = json.loads((ROOT / "reports" / "compare-mnist" / "evaluate-madry" / "results.json").read_text())
     assert f"{100 * evaluated['results']['robust_accuracy']:.1f}%" in section.replace("\n", " ")
