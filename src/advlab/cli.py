@@ -741,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s)
     s.set_defaults(func=cmd_defend)
 
-    s = sub.add_parser("demo", help="train, attack and defend a small model; write a report (< 3 min)")
+    s = sub.add_parser("demo", help="train, attack and defend a small model; write a report (under a minute on one core)")
     s.add_argument("--dataset", default="digits", help="digits (embedded, default), mnist or fashion-mnist")
     s.add_argument("--root", default=None, help="folder of the dataset's files (mnist, fashion-mnist)")
     s.add_argument("--out", default="results/demo")
