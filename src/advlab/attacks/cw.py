@@ -103,15 +103,15 @@ class CarliniWagnerL2(Attack):
 
         def forward(s, w):
             x_adv = (torch.tanh(w) + 1) / 2
-            return self.model(x_adv), x_adv
+            # the squared distance once per step, for the objective and (detached) for observe
+            return self.model(x_adv), x_adv, (x_adv - s.x).flatten(1).pow(2).sum(1)
 
         def objective(out, s, w):
-            logits, x_adv = out
-            return (x_adv - s.x).flatten(1).pow(2).sum(1) + s.c * cw_margin(logits, s.lab, targeted, self.confidence)
+            logits, _, l2 = out
+            return l2 + s.c * cw_margin(logits, s.lab, targeted, self.confidence)
 
         def observe(out, loss, s, t):
-            logits, x_adv = out
-            l2 = (x_adv - s.x).flatten(1).pow(2).sum(1)
+            logits, x_adv, l2 = out
             ok = cw_success(logits, s.lab, targeted, self.confidence)
             better = ok & (l2 < s.best_l2)
             s.best_l2 = torch.where(better, l2, s.best_l2)
