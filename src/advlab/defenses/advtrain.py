@@ -162,6 +162,29 @@ def madry_fit(model: nn.Module, dataset, eps: float = 0.3, steps: int = 40, alph
                            **fit_kwargs)
 
 
+def _check_fit(model, dataset) -> torch.Tensor:
+    """The checks every defense's ``fit`` makes before any work: ``model`` an ``nn.Module``; the
+    dataset's images in [0, 1] (N, C, H, W) and its labels class indices of the model. Returns the images."""
+    from .._util import check_images, model_device
+
+    if not isinstance(model, nn.Module):
+        raise AdvlabError(f"model must be a torch.nn.Module (a trained classifier), got {type(model).__name__}")
+    x, y = dataset_tensors(dataset)
+    check_images(x, "dataset images")
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        try:
+            classes = model(x[:1].to(model_device(model))).shape[-1]
+        finally:
+            model.train(was)
+    y = torch.as_tensor(y)
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise AdvlabError(f"dataset labels must lie in [0, {classes - 1}] (the model has {classes} classes), found "
+                          f"range [{int(y.min())}, {int(y.max())}]")
+    return x
+
+
 class _PlainClassifier(Defense):
     """A defense that is one classifier (``.model``): ``forward`` and ``predict`` are the
     model's, nothing rejects, nothing is random."""
@@ -185,12 +208,16 @@ class Undefended(_PlainClassifier):
     @classmethod
     def fit(cls, model: nn.Module, dataset=None, seed: int = 0, device=None, progress: Optional[bool] = None,
             **unused) -> "Undefended":
-        """A copy of ``model`` in eval mode (``dataset`` and ``seed`` are not used); extra
-        parameters are an error, since none apply."""
+        """A copy of ``model`` in eval mode (``dataset`` and ``seed`` are not used, but a bad
+        dataset is an error as for every defense); extra parameters are an error, since none apply."""
         import copy
 
         if unused:
             raise AdvlabError(f"the undefended model takes no parameters, got {', '.join(sorted(unused))}")
+        if not isinstance(model, nn.Module):
+            raise AdvlabError(f"model must be a torch.nn.Module (a trained classifier), got {type(model).__name__}")
+        if dataset is not None:  # not used, but a bad one is an error like every other defense's
+            _check_fit(model, dataset)
         net = copy.deepcopy(model)
         if device is not None:
             net = net.to(device)
@@ -225,7 +252,7 @@ class MadryDefense(_PlainClassifier):
         iterations); ``model`` is left unchanged."""
         import copy
 
-        x, _ = dataset_tensors(dataset)
+        x = _check_fit(model, dataset)
         if eps is None:
             eps = 0.3 if x.shape[1] == 1 else 8 / 255
         eps = check_nonneg(float(eps), "eps")
