@@ -262,9 +262,20 @@ def _why_fragile(groups: Dict[str, List[Dict[str, Any]]], spec) -> str:
              f"- reproduction's W and defense ({repro}, seed {groups[repro][0]['seed']}): {desc(repro)};",
              f"- library defaults for both ({dx}): {desc(dx)};"]
     lines += [f"- {n}: {desc(n)};" for n in swaps]
-    lines.append("Whichever half carries the library's defaults, with the other half as the reproduction has it, "
-                 "shows which knob matters; the health check now warns a user in the fragile regime (below "
-                 f"{100 * HEALTHY_DETECTION:.0f}% detected) and names the knobs.")
+    sw = {n: _deepfool_od(groups[n][0]) for n in swaps}
+    default_w = next((n for n in swaps if "default W" in n), None)
+    default_d = next((n for n in swaps if "default defense" in n), None)
+    if default_w and default_d and None not in sw.values():
+        worse = "the defense's" if sw[default_d] > sw[default_w] else "W's"
+        lines.append(f"With the library's defaults for W alone, transferred DeepFool succeeds on {sw[default_w]:.1f}%; "
+                     f"for the defense alone, on {sw[default_d]:.1f}%: {worse} settings are the half that makes the "
+                     "defended model fragile (for the defense: its projections, SVDD and fine-tuning epochs and "
+                     "learning rates; see the spec). ")
+    fragile = sorted({n for n, runs in groups.items() for r in runs
+                      if not ((r["tuning"].get("O_d") or {}).get("health") or {}).get("healthy", True)})
+    lines.append(f"The health check warns below {100 * HEALTHY_DETECTION:.0f}% detected and names the knobs"
+                 + (f"; here it fires on {', '.join(fragile)}: that headline is in the fragile regime." if fragile
+                    else "; it fires on none of the runs here."))
     return "\n".join(lines)
 
 
