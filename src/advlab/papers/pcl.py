@@ -43,7 +43,17 @@ Protocol (written into every report):
   APGD-T, Square) and PGD-margin on the survivors; at a larger eps it also counts the adversarials
   found at a smaller one on the same image (they lie inside the larger ball);
 - C&W is reported on its own (an L2 attack without a budget: another threat model) and is not
-  part of the L-inf worst cases.
+  part of the L-inf worst cases;
+- departures from the paper's equations, stated here because every number below depends on them:
+  (a) the loss is Algorithm 1's, one cross-entropy on the final logits plus L_PC on every supervised
+  layer; eq. 8 puts a cross-entropy *and* L_PC on every auxiliary branch, which we do not train (the
+  per-branch reading is not implemented yet); (b) the auxiliary map G_phi of eq. 9 is the identity:
+  L_PC acts on the GAP / FC 512 / FC 64 features themselves, where the paper's Fig. 3 shows a small
+  learned map per branch; (c) the prototypes are stepped by their own SGD at the start of each batch
+  with the gradient of the previous batch's loss (one batch of lag; the model's step uses the current
+  batch); (d) the PC phase is far shorter than the paper's (see the cuts): the paper-protocol robust
+  accuracy here measures PCL at this budget, and no budget curve (robustness as the PC phase grows) has
+  been run yet, so a 0% here cannot tell "absent" from "not trained yet".
 """
 
 from __future__ import annotations
