@@ -555,6 +555,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"advlab: error: {cmd + ': ' if cmd else ''}{message} (see `{self.prog} --help`)\n")
 
 
+def _add_launcher(p, note: str = "") -> None:
+    """``--launcher`` and ``--nproc`` of the commands whose attacks shard under torchrun."""
+    p.add_argument("--launcher", choices=("none", "torchrun"), default="none", help="torchrun: shard the "
+                   f"attacks over --nproc processes on this machine{note}")
+    p.add_argument("--nproc", type=int, default=2, help="processes for --launcher torchrun")
+
+
 def _add_common(p):
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cpu, or the checkpoint's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -676,9 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="results/evaluate")
-    s.add_argument("--launcher", choices=("none", "torchrun"), default="none", help="torchrun: shard the "
-                   "attacks over --nproc processes on this machine (same report as one process)")
-    s.add_argument("--nproc", type=int, default=2, help="processes for --launcher torchrun")
+    _add_launcher(s, " (same report as one process)")
     _add_common(s)
     s.set_defaults(func=cmd_evaluate)
 
@@ -708,9 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="the embedded digits, tiny budgets (a smoke run, minutes)")
     s.add_argument("--fresh", action="store_true", help="start over instead of resuming from --out's finished stages")
     s.add_argument("--out", default="results/compare")
-    s.add_argument("--launcher", choices=("none", "torchrun"), default="none", help="torchrun: shard the attacks "
-                   "over --nproc processes on this machine")
-    s.add_argument("--nproc", type=int, default=2, help="processes for --launcher torchrun")
+    _add_launcher(s)
     _add_common(s)
     s.set_defaults(func=cmd_compare)
 

@@ -43,13 +43,10 @@ Resumable like the reproductions (:mod:`advlab.eval.stages`: the base model, eac
 from __future__ import annotations
 
 import copy
-import importlib
 import math
-import os
-import sys
 import time
 import traceback
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -67,10 +64,12 @@ from ..data import load_dataset, shared_data_root, shared_folder, split_validati
 from ..defenses import DEFENSES, Defense, defense_class
 from ..defenses.advtrain import MadryDefense, Undefended
 from ..models import build_model
+from ..models.loading import import_object
 from ..train import fit, resolve_device
 from .evaluate import evaluate
 from .report import Report
-from .runner import AttackRun, outcome_checks, pick_images, run_attacks, survivor_chain, worst_case
+from .runner import (AttackRun, outcome_checks, pick_images, result_state, run_attacks, survivor_chain,
+                     worst_case)
 from .stages import stage, stage_cache
 
 __all__ = ["compare", "Comparison", "SETTINGS", "QUICK", "DEFAULT_DEFENSES", "load_defense_class"]
@@ -128,23 +127,7 @@ def load_defense_class(spec: Union[str, type]) -> type:
     elif ":" not in spec:
         cls = defense_class(spec)
     else:
-        mod_name, _, attr = spec.partition(":")
-        cwd = os.getcwd()
-        added = cwd not in sys.path
-        if added:
-            sys.path.insert(0, cwd)
-        try:
-            module = importlib.import_module(mod_name)
-        except Exception as e:  # noqa: BLE001 - the user's module
-            raise AdvlabError(f"cannot import the defense {spec!r}: {type(e).__name__}: {e}") from None
-        finally:
-            if added and cwd in sys.path:
-                sys.path.remove(cwd)
-        cls = module
-        for part in attr.split("."):
-            if not hasattr(cls, part):
-                raise AdvlabError(f"module {mod_name!r} has no {attr!r} (defense {spec!r})")
-            cls = getattr(cls, part)
+        cls = import_object(spec, f"defense {spec}")
         if not isinstance(cls, type):
             raise AdvlabError(f"defense {spec!r} is a {type(cls).__name__}, not a class")
     if not callable(getattr(cls, "fit", None)):
@@ -222,10 +205,6 @@ def _maybe(cls, **options) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- results as data
-def _result_state(res: AttackResult) -> Dict[str, Any]:
-    return {f.name: getattr(res, f.name) for f in fields(res)}
-
-
 def _result(state: Dict[str, Any]) -> AttackResult:
     return AttackResult(**state)
 
@@ -571,8 +550,8 @@ def _attack_grid(e: _Entry, defense, x, y, grid, cfg, seed, fit_set, quick, prog
                 flags = outcome_checks([claimed, AttackRun("adaptive (white-box chain)", battery, "adaptive")],
                                        {claimed.name: a, "adaptive (white-box chain)": white})
                 masking = sorted({f.name for r in evals for f in r.flags})
-                return {"claimed": _result_state(a), "claimed_name": claimed.name, "white": _result_state(white),
-                        "final": _result_state(final), "stages": chain.stages,
+                return {"claimed": result_state(a), "claimed_name": claimed.name, "white": result_state(white),
+                        "final": result_state(final), "stages": chain.stages,
                         "outcome_flags": [f.to_dict() for f in flags], "masking_flags": masking,
                         "rounds": sum(len(r.rounds) for r in evals), "seconds": time.perf_counter() - t0}
 

@@ -109,6 +109,11 @@ def adversarial_result(x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, ju
                         seconds=seconds, targets=targets, adversarials=x_adv.cpu(), **norms)
 
 
+def result_state(res: AttackResult) -> Dict[str, object]:
+    """``res`` as plain data (its fields), what a stage stores; ``AttackResult(**state)`` rebuilds it."""
+    return {f.name: getattr(res, f.name) for f in fields(res)}
+
+
 @dataclass
 class AttackRun:
     """One attack of an evaluation: built on its source model, labelled with its threat model.
@@ -143,7 +148,7 @@ class Evaluation:
         """Plain data (rows, each result's tensors, seconds) that :meth:`from_state` rebuilds the
         evaluation from: what a resumable reproduction stores (:mod:`advlab.eval.stages`)."""
         return {"rows": self.rows, "seconds": self.seconds, "extras": self.extras,
-                "results": {n: {f.name: getattr(r, f.name) for f in fields(r)} for n, r in self.results.items()}}
+                "results": {n: result_state(r) for n, r in self.results.items()}}
 
     @classmethod
     def from_state(cls, state: Dict[str, object]) -> "Evaluation":

@@ -575,7 +575,11 @@ def _load_export(path: Path, dev) -> LoadedModel:
     return LoadedModel(model, "torch.export", str(path), notes=notes, input_shape=shape)
 
 
-def _load_factory(spec: str, weights) -> LoadedModel:
+def import_object(spec: str, where: str) -> Any:
+    """The object named by ``"package.module:attr.path"``, imported with the working directory
+    importable (like ``python -m``); this runs the user's module, as their code needs. ``where``
+    names the option in every error (``"--model x:f"``): no such module, the module raising on import,
+    a missing attribute."""
     mod_name, _, attr = spec.partition(":")
     cwd = os.getcwd()
     added = cwd not in sys.path
@@ -585,12 +589,12 @@ def _load_factory(spec: str, weights) -> LoadedModel:
         module = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
         if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
-            raise AdvlabError(f"cannot import {mod_name!r} (--model {spec}): no such module in the working directory "
+            raise AdvlabError(f"cannot import {mod_name!r} ({where}): no such module in the working directory "
                               f"{cwd} or on sys.path") from None
-        raise AdvlabError(f"importing {mod_name!r} (--model {spec}) failed: {type(e).__name__}: {_first_line(e)}") \
+        raise AdvlabError(f"importing {mod_name!r} ({where}) failed: {type(e).__name__}: {_first_line(e)}") \
             from None
     except Exception as e:  # noqa: BLE001 - the user's module raised while importing
-        raise AdvlabError(f"importing {mod_name!r} (--model {spec}) failed: {type(e).__name__}: {_first_line(e)}") \
+        raise AdvlabError(f"importing {mod_name!r} ({where}) failed: {type(e).__name__}: {_first_line(e)}") \
             from None
     finally:
         if added:
@@ -599,8 +603,13 @@ def _load_factory(spec: str, weights) -> LoadedModel:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise AdvlabError(f"module {mod_name!r} has no {attr!r} (--model {spec})")
+            raise AdvlabError(f"module {mod_name!r} has no {attr!r} ({where})")
         obj = getattr(obj, part)
+    return obj
+
+
+def _load_factory(spec: str, weights) -> LoadedModel:
+    obj = import_object(spec, f"--model {spec}")
     if isinstance(obj, nn.Module):
         model = obj
     elif callable(obj):
