@@ -228,3 +228,52 @@ def test_prototype_scores_decide_as_eq6_and_the_attacks_on_pcl_chain(digits_data
     # an earlier result that broke every image: nothing is left to attack
     gone = adversarial_result(x, y, x.clone(), lambda xb: (y + 1) % 10)
     assert survivor_chain(runs, x, y, j6, start=worst_case([fgsm, gone])).results == {}
+
+
+def test_eq8_reading_branches_heads_and_loss(digits_data):
+    """eq. 8: every supervised layer but the last gets G_phi (a linear map to branch_dim) and a CE
+    head; the loss adds each head's cross-entropy to Algorithm 1's, checked term by term; the
+    branches train with the model, and the defense round-trips through its state."""
+    import torch.nn.functional as F
+
+    train, test = digits_data
+    net = build_model("cnn6", 10, (1, 8, 8), seed=0)
+    a1 = PCLDefense(net, seed=1)
+    assert a1.reading == "algorithm1" and a1.branched == [False, False, False]
+    assert not any(k.startswith(("branches", "heads")) for k in a1.state_dict())   # old checkpoints still load
+    d = PCLDefense(net, seed=1, reading="eq8", branch_dim=16)
+    assert d.branched == [True, True, False]
+    assert d.prototype_dims == [16, 16, 64] and d.dims == [128, 512, 64]
+    assert isinstance(d.branches[0], nn.Linear) and d.branches[0].in_features == 128
+    assert d.heads[1].out_features == 10 and isinstance(d.heads[2], nn.Identity)
+    # the same seed gives the same branches
+    d_again = PCLDefense(net, seed=1, reading="eq8", branch_dim=16)
+    assert torch.equal(d.branches[0].weight, d_again.branches[0].weight)
+    x, y = test.images[:16], test.labels[:16]
+    with torch.no_grad():
+        logits, fs = d.forward_features(x)
+        assert [f.shape[1] for f in fs] == [16, 16, 64]
+        raw = a1.forward_features(x)[1]
+        assert torch.allclose(fs[0], d.branches[0](raw[0]), atol=1e-6) and torch.allclose(fs[2], raw[2])
+        want = F.cross_entropy(logits, y) + sum(
+            pc_loss(f, y, p.pull) for f, p in zip(fs, d.prototypes)) + sum(
+            F.cross_entropy(d.heads[i](fs[i]), y) for i in (0, 1))
+        assert math.isclose(float(d.joint_loss(x, y)), float(want), rel_tol=1e-5)
+        per_sample = joint_objective(d)(JointLossScores(d)(x), y)
+        assert per_sample.shape == (16,)
+        assert math.isclose(float(per_sample.mean()), float(want), rel_tol=1e-4)
+    fitted = PCLDefense.fit(net, train, warmup_epochs=1, pc_epochs=1, optimizer="adam", lr=2e-3, batch_size=64,
+                            reading="eq8", branch_dim=16, seed=1, progress=False)
+    g0 = PCLDefense(net, seed=1, reading="eq8", branch_dim=16).branches[0].weight
+    assert not torch.allclose(fitted.branches[0].weight, g0)                         # G_phi trained
+    ep = fitted.history["pc"][0]["per_epoch"][-1]
+    assert set(ep) >= {"branch_ce[gap]", "branch_ce[act_fc1]"} and "branch_ce[act_fc2]" not in ep
+    back = PCLDefense.from_state(build_model("cnn6", 10, (1, 8, 8), seed=7), fitted.to_state())
+    assert back.reading == "eq8" and back.branch_dim == 16
+    with torch.no_grad():
+        assert torch.equal(back(x), fitted(x))
+        assert torch.equal(back.prototype_scores(x), fitted.prototype_scores(x))
+    with pytest.raises(AdvlabError, match="reading"):
+        PCLDefense(net, reading="eq9")
+    with pytest.raises(AdvlabError, match="branch_dim"):
+        PCLDefense(net, reading="eq8", branch_dim=0)

@@ -6,8 +6,17 @@ Per supervised layer l, trainable class prototypes w^c_j (one row per class); eq
       "pull"               "push"                    "separation"
 
 with separate weights on the three terms, averaged over the batch (so that the 1:1 ratio with the
-batch-mean cross-entropy of eq. 7 holds). The training loss (eq. 7-9, Algorithm 1) is one
-cross-entropy on the final logits plus L_PC on every supervised layer:
+batch-mean cross-entropy of eq. 7 holds). Two readings of the training loss (``reading=``):
+
+- ``"algorithm1"`` (the default; Algorithm 1 line 5 and the authors' released code): one
+  cross-entropy on the final logits plus L_PC on every supervised layer's features themselves
+  (G_phi of eq. 9 the identity);
+- ``"eq8"`` (eq. 7-9 with Fig. 2's auxiliary branches): every supervised layer but the last gets
+  an auxiliary branch G_phi, a small linear map to ``branch_dim`` (default 64) features on which
+  L_PC acts, and a linear head on them whose cross-entropy is added (eq. 8: L^n = L_CE(f^l) +
+  L_PC(f^l)); the last supervised layer (the features the final classifier reads) keeps eq. 7,
+  L_CE on the final logits + L_PC on its own features. The branches are training-time
+  regularisers: ``forward`` is the network's logits in both readings.
 
 >>> defense = PCLDefense.fit(model, train_set, warmup_epochs=2, pc_epochs=3)   # Algorithm 1
 >>> defense(x)                   # logits (what every reported number attacks and uses)
@@ -21,14 +30,16 @@ Readings of the paper settled here:
   so any ``nn.Module`` works. On the zoo's ``cnn6`` they are ``model.feature_layers``: the GAP
   (128), FC 512 and FC 64 activations of Table 1. A tapped feature map with spatial dimensions is
   globally average-pooled (the GAP branch of Table 1); the auxiliary map G_phi of eq. 9 is the
-  identity (Table 1's branches are already low-dimensional). Other models: ``feature_layers``,
+  identity in the ``"algorithm1"`` reading, a linear map in ``"eq8"``. Other models: ``feature_layers``,
   else ``hidden_layers``, else the input of the last linear layer.
 - Prototypes: one set per layer (two with the "official-code" preset), initialised by
   ``prototype_init``: for the "paper" preset (the default) at the class means of the warmed-up
   features on up to 2,000 training images (the paper leaves the initialisation open), for
   "official-code" N(0, 1) as the released code; stepped once per batch by their own plain SGD
   (lr 0.5) with their gradient rescaled by 1/weight of the term that owns them (the center-loss
-  convention: the step does not depend on the weight).
+  convention: the step does not depend on the weight). The step uses the gradient of the batch the
+  model just stepped on, at the prototypes that batch saw: the released code's order (model step,
+  then prototype step, per batch); it is taken when the next batch starts, or at the epoch's end.
 - Model optimiser: ``optimizer="sgd"`` (the default: SGD, Nesterov momentum 0.9, lr 0.01, weight
   decay 1e-4) or ``"adam"`` (what ``advlab reproduce pcl`` uses, see ``specs/pcl.yaml``); the same
   optimiser for the CE warm-up. Its learning rate goes x0.1 at 2/3 and 5/6 of the PC phase (the
@@ -65,7 +76,7 @@ from ..nn import find_module, last_linear_name, taps
 from .base import Defense, register_defense
 
 __all__ = ["PRESETS", "pc_terms", "pc_loss", "PrototypeSet", "PCLDefense", "PrototypeScores", "JointLossScores",
-           "joint_objective", "resolve_layers", "softmax_twin"]
+           "joint_objective", "resolve_layers", "softmax_twin", "READINGS"]
 
 #: loss presets: the paper's eq. 5 and the authors' released code
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -74,6 +85,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "official-code": {"squared": True, "two_sets": True, "pull": 1.0, "push": 1e-4, "separation": 0.0,
                       "prototype_lr": 0.5, "push_prototype_lr": 1e-4},
 }
+
+
+#: readings of the training loss: Algorithm 1 (one CE, G_phi the identity) and eq. 8 (auxiliary branches)
+READINGS = ("algorithm1", "eq8")
 
 
 # ---------------------------------------------------------------------------------------------- the loss
@@ -143,6 +158,17 @@ class PrototypeSet(nn.Module):
     @property
     def push_set(self) -> torch.Tensor:
         return self.pull if self.push is None else self.push
+
+
+def _linear(d_in: int, d_out: int, generator: torch.Generator) -> nn.Linear:
+    """A linear layer with PyTorch's default initialisation drawn from ``generator`` (so a
+    defense's auxiliary branches depend on its seed only)."""
+    lin = nn.Linear(d_in, d_out)
+    bound = 1.0 / math.sqrt(d_in)
+    with torch.no_grad():
+        lin.weight.uniform_(-bound, bound, generator=generator)
+        lin.bias.uniform_(-bound, bound, generator=generator)
+    return lin
 
 
 def _feature(t: torch.Tensor) -> torch.Tensor:
@@ -222,8 +248,13 @@ class PCLDefense(Defense):
     def __init__(self, model: nn.Module, layers: Optional[Sequence[str]] = None, preset: str = "paper",
                  in_shape: Optional[Sequence[int]] = None, dims: Optional[Sequence[int]] = None,
                  num_classes: Optional[int] = None, inference: str = "logits",
-                 prototype_layer: Optional[str] = None, seed: int = 0, **loss_options):
+                 prototype_layer: Optional[str] = None, seed: int = 0, reading: str = "algorithm1",
+                 branch_dim: int = 64, **loss_options):
         super().__init__()
+        if reading not in READINGS:
+            raise AdvlabError(f"reading must be one of {', '.join(READINGS)}, got {reading!r}")
+        self.reading = reading
+        self.branch_dim = check_positive_int(branch_dim, "branch_dim")
         if not isinstance(model, nn.Module):
             raise AdvlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if preset not in PRESETS:
@@ -255,10 +286,20 @@ class PCLDefense(Defense):
         g = torch.Generator().manual_seed(int(seed))
         self.seed = int(seed)
         p = next(iter(model.parameters()), None)
+        # eq. 8: an auxiliary branch G_phi (linear, to branch_dim) and a CE head on every supervised
+        # layer but the last; Algorithm 1: none (G_phi the identity)
+        branched = [self.reading == "eq8" and i < len(self.dims) - 1 for i in range(len(self.dims))]
+        self.branches = nn.ModuleList([_linear(d, self.branch_dim, g) if b else nn.Identity()
+                                       for d, b in zip(self.dims, branched)])
+        self.heads = nn.ModuleList([_linear(self.branch_dim, self.num_classes, g) if b else nn.Identity()
+                                    for b in branched])
+        self.branched = branched
+        self.prototype_dims = [self.branch_dim if b else d for d, b in zip(self.dims, branched)]
         self.prototypes = nn.ModuleList([PrototypeSet(self.num_classes, d, bool(opts["two_sets"]), g)
-                                         for d in self.dims])
+                                         for d in self.prototype_dims])
         if p is not None:
-            self.prototypes.to(device=p.device, dtype=p.dtype)
+            for part in (self.prototypes, self.branches, self.heads):
+                part.to(device=p.device, dtype=p.dtype)
         self.history: Dict[str, Any] = {}
 
     def _probe(self, in_shape) -> Tuple[int, List[int]]:
@@ -284,11 +325,17 @@ class PCLDefense(Defense):
         return self.model(x)
 
     def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """(logits, [f^l for each supervised layer]) in one pass; gradients flow through both."""
+        """(logits, [f^l = G_phi^l(F^l(x)) for each supervised layer], eq. 9) in one pass;
+        gradients flow through both. G_phi is the identity unless ``reading="eq8"``."""
         with _Taps(self.model, self.layers) as feats:
             logits = self.model(x)
-            fs = [_feature(feats[n]) for n in self.layers]
+            fs = [g(_feature(feats[n])) for n, g in zip(self.layers, self.branches)]
         return logits, fs
+
+    def branch_logits(self, fs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """The auxiliary heads' logits (N, classes) on the branched features of eq. 8, one per
+        branched layer (empty in the ``"algorithm1"`` reading)."""
+        return [h(f) for f, h, b in zip(fs, self.heads, self.branched) if b]
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch_size: int = 512) -> Dict[str, torch.Tensor]:
@@ -343,10 +390,15 @@ class PCLDefense(Defense):
         _, fs = self.forward_features(x)
         return torch.stack(self.layer_losses(fs, y)).sum()
 
+    def branch_losses(self, fs: Sequence[torch.Tensor], y: torch.Tensor) -> List[torch.Tensor]:
+        """The auxiliary cross-entropies of eq. 8 (batch means), one per branched layer."""
+        return [F.cross_entropy(z, y) for z in self.branch_logits(fs)]
+
     def joint_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """eq. 7-9: CE (batch mean) + sum_l L_PC^l."""
+        """The training loss: CE (batch mean) + sum_l L_PC^l, plus (``reading="eq8"``) the
+        auxiliary branches' cross-entropies of eq. 8."""
         logits, fs = self.forward_features(x)
-        return F.cross_entropy(logits, y) + torch.stack(self.layer_losses(fs, y)).sum()
+        return F.cross_entropy(logits, y) + torch.stack(self.layer_losses(fs, y) + self.branch_losses(fs, y)).sum()
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -356,14 +408,16 @@ class PCLDefense(Defense):
             adversarial: Optional[str] = None, adv_eps=(0.1, 0.5), adv_objective: str = "joint",
             adv_steps: int = 10, seed: int = 0, device=None, progress: Optional[bool] = None,
             eval_dataset=None, inference: str = "logits", prototype_init: Optional[str] = None,
-            **loss_options) -> "PCLDefense":
+            reading: str = "algorithm1", branch_dim: int = 64, **loss_options) -> "PCLDefense":
         """Algorithm 1 on a copy of ``model`` (left unchanged): ``warmup_epochs`` of cross-entropy
         (T'; 0 if ``model`` is already trained), then ``pc_epochs`` of CE + sum_l L_PC with the
         prototypes stepped per batch by their own SGD, the model's learning rate x0.1 at 2/3 and
         5/6 of the PC phase. ``adversarial``: None, "fgsm" or "pgd" (clean and adversarial 1:1
         per batch, eps ~ U[adv_eps] per batch, crafted on the joint loss or CE:
         ``adv_objective``). ``loss_options`` override the ``preset``'s (pull, push, separation,
-        squared, two_sets, prototype_lr, push_prototype_lr). ``prototype_init``: "class-means" (the
+        squared, two_sets, prototype_lr, push_prototype_lr). ``reading``: "algorithm1" (one CE on
+        the final logits, G_phi the identity) or "eq8" (auxiliary branches G_phi to ``branch_dim``
+        features with their own CE heads, trained with the model). ``prototype_init``: "class-means" (the
         class means of the warmed-up features, on up to 2,000 training images; the default of the
         "paper" preset, whose text leaves the initialisation open) or "randn" (N(0, 1), the
         released code; the default of "official-code")."""
@@ -386,7 +440,7 @@ class PCLDefense(Defense):
             hist["warmup"] = h.epochs
         hist["warmup_seconds"] = time.perf_counter() - t0
         defense = cls(net, layers=layers, preset=preset, in_shape=tuple(x.shape[1:]), inference=inference,
-                      seed=seed, **loss_options)
+                      seed=seed, reading=reading, branch_dim=branch_dim, **loss_options)
         y = y.to(torch.long)
         if int(y.min()) < 0 or int(y.max()) >= defense.num_classes:
             raise AdvlabError(f"dataset labels must lie in [0, {defense.num_classes - 1}]")
@@ -434,7 +488,11 @@ class PCLDefense(Defense):
                                   "adv_objective": adv_objective if adversarial else None, "per_epoch": []}
         milestones = pc_milestones(len(dataset_tensors(dataset)[1]), epochs, batch_size, decay_at)
         record["lr_decay_steps"] = milestones
-        running = {"ce": 0.0, "pc": [0.0] * len(self.layers), "n": 0}
+        n_aux = sum(self.branched)
+        running = {"ce": 0.0, "pc": [0.0] * len(self.layers), "aux": [0.0] * n_aux, "n": 0}
+        branch_params = [p for part in (self.branches, self.heads) for p in part.parameters()]
+        for p in branch_params:
+            p.requires_grad_(True)
 
         def step_prototypes() -> None:
             grads = [p for p in self.prototypes.parameters() if p.grad is not None]
@@ -452,12 +510,15 @@ class PCLDefense(Defense):
             logits, fs = self.forward_features(xb)
             ce = F.cross_entropy(logits, yb)
             pcs = self.layer_losses(fs, yb)
+            aux = self.branch_losses(fs, yb)
             m = yb.shape[0]
             running["ce"] += float(ce.detach()) * m
             for i, v in enumerate(pcs):
                 running["pc"][i] += float(v.detach()) * m
+            for i, v in enumerate(aux):
+                running["aux"][i] += float(v.detach()) * m
             running["n"] += m
-            return ce + torch.stack(pcs).sum(), logits
+            return ce + torch.stack(pcs + aux).sum(), logits
 
         transform = None
         if adversarial:
@@ -476,8 +537,10 @@ class PCLDefense(Defense):
             metrics["ce"] = running["ce"] / nn_
             for name, v in zip(self.layers, running["pc"]):
                 metrics[f"pc[{name}]"] = v / nn_
+            for name, v in zip([n for n, b in zip(self.layers, self.branched) if b], running["aux"]):
+                metrics[f"branch_ce[{name}]"] = v / nn_
             metrics["prototype_min_distance"] = self.prototype_separation()
-            running.update({"ce": 0.0, "pc": [0.0] * len(self.layers), "n": 0})
+            running.update({"ce": 0.0, "pc": [0.0] * len(self.layers), "aux": [0.0] * n_aux, "n": 0})
             record["per_epoch"].append(dict(metrics))
             return False
 
@@ -486,6 +549,7 @@ class PCLDefense(Defense):
             train_fit(self.model, dataset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                       weight_decay=weight_decay, seed=seed, progress=progress, eval_dataset=eval_dataset,
                       loss=loss_fn, batch_transform=transform, callbacks=[on_epoch], desc=f"pcl {phase}",
+                      params=[*self.model.parameters(), *branch_params] if branch_params else None,
                       schedule=lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1))
         for p in self.prototypes.parameters():
             p.grad = None
@@ -524,9 +588,10 @@ class PCLDefense(Defense):
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> Dict[str, Any]:
+        extra = {"reading": self.reading, "branch_dim": self.branch_dim} if self.reading != "algorithm1" else {}
         return {"layers": list(self.layers), "preset": self.preset, "dims": list(self.dims),
                 "num_classes": self.num_classes, "inference": self.inference,
-                "prototype_layer": self.prototype_layer, "seed": self.seed,
+                "prototype_layer": self.prototype_layer, "seed": self.seed, **extra,
                 **{k: v for k, v in self.options.items() if v != PRESETS[self.preset][k]}}
 
     @classmethod
@@ -570,8 +635,9 @@ def softmax_twin(warm: nn.Module, train, epochs: int, lr: float, batch_size: int
 class JointLossScores(nn.Module):
     """Scores that let the registry's attacks ascend the joint loss CE + sum_l L_PC (the paper's
     Table 3 "adaptive white-box" setting and Algorithm 1's adversarial examples): the output is
-    ``[logits | for each layer: d(f, w_pull) | d(f, w_push)]``, (N, C + 2 k L), and
-    :func:`joint_objective` turns it back into the per-sample joint loss. Only for attacks that
+    ``[logits | for each layer: d(f, w_pull) | d(f, w_push) | for each eq. 8 branch: its head's
+    logits]``, (N, C + 2 k L + k B), and :func:`joint_objective` turns it back into the per-sample
+    joint loss (the training loss of the defense's reading). Only for attacks that
     use no argmax of their model's output (FGSM, BIM, MIM, PGD with one restart); judge their
     adversarials with the defense's own ``predict``. It lives here, not in :mod:`advlab.adaptive`,
     because :meth:`PCLDefense.train_pc` crafts Algorithm 1's adversarial examples with it;
@@ -588,14 +654,16 @@ class JointLossScores(nn.Module):
         for f, p in zip(fs, d.prototypes):
             parts.append(_distances(f, p.pull, d.options["squared"]))
             parts.append(_distances(f, p.push_set, d.options["squared"]))
+        parts.extend(d.branch_logits(fs))
         return torch.cat(parts, 1)
 
 
 def joint_objective(defense: PCLDefense):
     """``loss(out, y, target) -> (N,)`` for :class:`JointLossScores` outputs: per-sample
-    CE + sum_l (pull * pull_i - push * push_i - separation * sep_i), as the training loss (the
-    separation term does not depend on the input; it is kept so the value equals the loss)."""
-    k, o, nl = defense.num_classes, defense.options, len(defense.layers)
+    CE + sum_l (pull * pull_i - push * push_i - separation * sep_i) (+ each eq. 8 branch's CE), as
+    the training loss (the separation term does not depend on the input; it is kept so the value
+    equals the loss)."""
+    k, o, nl, nb = defense.num_classes, defense.options, len(defense.layers), sum(defense.branched)
 
     def loss(out: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
         if target is not None:
@@ -614,6 +682,9 @@ def joint_objective(defense: PCLDefense):
                 dww = _distances(w, w, squared=o["squared"])
                 sep = ((dww.sum(1) - dww.diagonal()) / (k - 1))[y]
                 total = total - o["separation"] * sep
+        base = k * (1 + 2 * nl)
+        for j in range(nb):
+            total = total + F.cross_entropy(out[:, base + k * j: base + k * (j + 1)], y, reduction="none")
         return total
 
     return loss

@@ -45,15 +45,18 @@ Protocol (written into every report):
 - C&W is reported on its own (an L2 attack without a budget: another threat model) and is not
   part of the L-inf worst cases;
 - departures from the paper's equations, stated here because every number below depends on them:
-  (a) the loss is Algorithm 1's, one cross-entropy on the final logits plus L_PC on every supervised
-  layer; eq. 8 puts a cross-entropy *and* L_PC on every auxiliary branch, which we do not train (the
-  per-branch reading is not implemented yet); (b) the auxiliary map G_phi of eq. 9 is the identity:
-  L_PC acts on the GAP / FC 512 / FC 64 features themselves, where the paper's Fig. 3 shows a small
-  learned map per branch; (c) the prototypes are stepped by their own SGD at the start of each batch
-  with the gradient of the previous batch's loss (one batch of lag; the model's step uses the current
-  batch); (d) the PC phase is far shorter than the paper's (see the cuts): the paper-protocol robust
-  accuracy here measures PCL at this budget, and no budget curve (robustness as the PC phase grows) has
-  been run yet, so a 0% here cannot tell "absent" from "not trained yet".
+  (a) the PCL row follows Algorithm 1: one cross-entropy on the final logits plus L_PC on every
+  supervised layer. Eq. 8 puts a cross-entropy *and* L_PC on every auxiliary branch; that reading is
+  the "PCL (eq. 8)" row (auxiliary branches on GAP and FC 512, each a linear G_phi to 64 features with
+  L_PC on them and a linear CE head; FC 64, which the final classifier reads, keeps eq. 7), trained
+  from the same warm-up at the same budget. (b) In the Algorithm 1 row G_phi of eq. 9 is the identity:
+  L_PC acts on the GAP / FC 512 / FC 64 features themselves, as in the authors' released code (Fig. 2
+  shows a learned map per branch: the eq. 8 row has one). (c) The prototypes take their SGD step with
+  the gradient of the batch the model just stepped on, at the prototype values that batch saw (the
+  step is applied when the next batch starts, or at the end of the epoch). This is the released code's
+  order, model step then prototype step, so it is not a departure from the code. (d) The PC phase is
+  far shorter than the paper's (see the cuts). The training-budget curve below measures what a longer
+  phase does to the paper-protocol and adaptive numbers, against the softmax twin trained as long.
 """
 
 from __future__ import annotations
@@ -96,6 +99,13 @@ HEADLINE = {"model": "model", "clean": "clean (test set)", "pgd": "PGD-10 (paper
 #: the sweep's curves -> their labels in the figure
 CURVES = {"fgsm": "FGSM", "pgd": "PGD-10 (paper)", "adaptive": "adaptive (paper attacks + battery + PGD-margin)"}
 BATTERY_STAGE = "+ battery (APGD-CE, APGD-T, FAB-T, Square)"
+#: the row of the PCL model trained in eq. 8's reading (auxiliary branches with their own CE)
+EQ8_ROW = "PCL (eq. 8)"
+#: our Table 2 rows -> the paper's
+PAPER_ROWS = {"Softmax": "Softmax", "PCL": "Ours", EQ8_ROW: "Ours", "PCL + AdvTrain FGSM": "Ours + AdvTrain FGSM",
+              "PCL + AdvTrain PGD": "Ours + AdvTrain PGD"}
+#: the budget curve's readings -> their labels
+CURVE_READINGS = {"algorithm1": "PCL (Algorithm 1)", "eq8": "PCL (eq. 8)", "softmax": "softmax twin (CE only)"}
 
 
 def _key(attack: str) -> str:
@@ -309,6 +319,36 @@ def _train_cfg(exp, spec) -> Dict[str, Any]:
     return dict(spec.get("train", {}), **exp.get("train", {}))
 
 
+def warmed_up(exp, spec, train, seed: int, dev):
+    """The CE warm-up (T' of Algorithm 1) as its own resumable stage: every PCL model, the softmax
+    twin and the budget curve continue from it. Returns (model, seconds it took to train)."""
+    tr = _train_cfg(exp, spec)
+    mean, std = train.channel_stats()
+
+    def work():
+        t0 = time.perf_counter()
+        warm = build_model("cnn6", train.num_classes, train.in_shape, mean=mean, std=std, seed=seed).to(dev)
+        fit(warm, train, epochs=int(tr["warmup_epochs"]), lr=float(tr["lr"]), batch_size=int(tr["batch_size"]),
+            optimizer=str(tr.get("optimizer", "sgd")), weight_decay=float(tr.get("weight_decay", 1e-4)), seed=seed,
+            progress=False, desc="CE warm-up")
+        return {"state_dict": warm.state_dict(), "seconds": time.perf_counter() - t0}
+
+    st = stage(f"{exp['name']}/CE warm-up", work)
+    warm = build_model("cnn6", train.num_classes, train.in_shape, mean=mean, std=std, seed=seed).to(dev)
+    warm.load_state_dict(st["state_dict"])
+    return warm.eval(), float(st["seconds"])
+
+
+def fit_pcl(warm, train, spec, tr, pc_epochs: int, seed: int, reading: str = "algorithm1",
+            layers=None) -> PCLDefense:
+    """PCL continued from the CE warm-up ``warm`` for ``pc_epochs`` (the spec's optimiser, lr,
+    batch, weight decay and loss preset) in the given ``reading`` of the loss."""
+    return PCLDefense.fit(warm, train, layers=layers, warmup_epochs=0, pc_epochs=pc_epochs, lr=float(tr["lr"]),
+                          batch_size=int(tr["batch_size"]), weight_decay=float(tr.get("weight_decay", 1e-4)),
+                          optimizer=str(tr.get("optimizer", "sgd")), preset=spec.get("preset", "paper"), seed=seed,
+                          progress=False, reading=reading, branch_dim=int(spec.get("branch_dim", 64)))
+
+
 def train_models(exp, spec, train, seed, dev, log) -> Dict[str, Any]:
     """The CE warm-up, PCL (continued from it), its equal-budget softmax twin (the Softmax row),
     PCL + AdvTrain FGSM / PGD, optionally Madry PGD-AT (from the twin), the ablation's extra
@@ -319,20 +359,18 @@ def train_models(exp, spec, train, seed, dev, log) -> Dict[str, Any]:
     secs: Dict[str, float] = {}
     opt = str(tr.get("optimizer", "sgd"))
     lr, bsz, wd = float(tr["lr"]), int(tr["batch_size"]), float(tr.get("weight_decay", 1e-4))
-    t0 = time.perf_counter()
-    warm = build_model("cnn6", train.num_classes, train.in_shape, mean=mean, std=std, seed=seed).to(dev)
-    fit(warm, train, epochs=int(tr["warmup_epochs"]), lr=lr, batch_size=bsz, optimizer=opt, weight_decay=wd,
-        seed=seed, progress=False, desc="CE warm-up")
-    warm.eval()
-    secs["CE warm-up"] = time.perf_counter() - t0
+    warm, secs["CE warm-up"] = warmed_up(exp, spec, train, seed, dev)
     t0 = time.perf_counter()
     models["Softmax"] = softmax_twin(warm, train, int(tr["pc_epochs"]), lr, bsz, opt, wd, seed)
     secs["Softmax twin (CE, PC-phase epochs)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pcl = PCLDefense.fit(warm, train, warmup_epochs=0, pc_epochs=int(tr["pc_epochs"]), lr=lr, batch_size=bsz,
-                         weight_decay=wd, optimizer=opt, preset=spec.get("preset", "paper"), seed=seed, progress=False)
+    pcl = fit_pcl(warm, train, spec, tr, int(tr["pc_epochs"]), seed)
     models["PCL"] = pcl
     secs["PCL (PC phase)"] = time.perf_counter() - t0
+    if "eq8" in spec.get("readings", ()):
+        t0 = time.perf_counter()
+        models[EQ8_ROW] = fit_pcl(warm, train, spec, tr, int(tr["pc_epochs"]), seed, reading="eq8")
+        secs[f"{EQ8_ROW} (PC phase)"] = time.perf_counter() - t0
     adv_set = train.subset(int(tr["adv_subset"]), seed=seed + 7) if tr.get("adv_subset") else train
     for kind in ("FGSM", "PGD"):
         t0 = time.perf_counter()
@@ -360,10 +398,7 @@ def train_models(exp, spec, train, seed, dev, log) -> Dict[str, Any]:
             if not layers or layers == list(pcl.layers):
                 continue  # the twin and PCL themselves (the same budget)
             t0 = time.perf_counter()
-            extra[" + ".join(layers)] = PCLDefense.fit(warm, train, layers=layers, warmup_epochs=0,
-                                                       pc_epochs=int(tr["pc_epochs"]), lr=lr, batch_size=bsz,
-                                                       weight_decay=wd, optimizer=opt,
-                                                       preset=spec.get("preset", "paper"), seed=seed, progress=False)
+            extra[" + ".join(layers)] = fit_pcl(warm, train, spec, tr, int(tr["pc_epochs"]), seed, layers=layers)
             secs[f"ablation: PCL on {' + '.join(layers)}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     bb = spec.get("blackbox_source", {})
@@ -591,6 +626,127 @@ def ablation(rows, grid, test, x, y, eps) -> List[Dict[str, Any]]:
     return out
 
 
+# --------------------------------------------------------------------------- the training-budget curve
+def curve_points(spec) -> List[tuple]:
+    """The budget curve's (reading, PC-phase epochs) points, in the order :func:`run` computes them."""
+    bc = spec.get("budget_curve") or {}
+    return [(reading, int(e)) for reading in bc.get("readings", ["algorithm1", "softmax"])
+            for e in bc.get("pc_epochs", [2, 4, 8, 16])]
+
+
+def budget_point(exp, spec, data_root, seed: int, reading: str, epochs: int, device=None, log=print) -> Dict[str, Any]:
+    """One point of the training-budget curve, a resumable stage of its own: the CE warm-up
+    continued for ``epochs`` PC-phase epochs in ``reading`` ("algorithm1", "eq8", or "softmax": the
+    equal-budget softmax twin, CE only), the same data, seed and lr decay (x0.1 at 2/3 and 5/6 of
+    the phase) as the Table 2 models; its clean accuracy on the test set and, at each eps of
+    ``spec["budget_curve"]["eps"]`` on the first ``n`` attacked images, the paper-protocol PGD-10,
+    the worst of the four paper attacks and the adaptive per-sample worst case (:func:`linf_worst`:
+    the battery and PGD-margin on the survivors, and what broke at the smaller eps)."""
+    def work():
+        dev = resolve_device(device)
+        bc = spec.get("budget_curve") or {}
+        tr = _train_cfg(exp, spec)
+        train, test = _data(exp, data_root, seed)
+        warm, _ = warmed_up(exp, spec, train, seed, dev)
+        t0 = time.perf_counter()
+        if reading == "softmax":
+            model = softmax_twin(warm, train, epochs, float(tr["lr"]), int(tr["batch_size"]),
+                                 str(tr.get("optimizer", "sgd")), float(tr.get("weight_decay", 1e-4)), seed)
+        else:
+            model = fit_pcl(warm, train, spec, tr, epochs, seed, reading=reading)
+        train_s = time.perf_counter() - t0
+        x, y = pick_images(warm, test, int(spec.get("n", 200)), seed=seed)
+        n = min(int(bc.get("n", 30)), int(x.shape[0]))
+        x, y = x[:n], y[:n]
+        out: Dict[str, Any] = {"reading": reading, "epochs": epochs, "n": n, "clean": pct(accuracy(model, test)),
+                               "train_seconds": train_s, "eps": {}}
+        if isinstance(model, PCLDefense):
+            out["eq6_clean"] = pct(float((model.predict(test.images, rule="prototype") == test.labels).float().mean()))
+        before = None
+        t1 = time.perf_counter()
+        for e in sorted(float(v) for v in bc.get("eps", [0.1, 0.3])):
+            r = linf_worst(model, x, y, e, spec, seed, before)
+            before = r["worst"]
+            out["eps"][f"{e:g}"] = {"pgd": pct(r["PGD"]), "paper_protocol_worst": pct(min(r[k] for k in PAPER_ATTACKS)),
+                                     "adaptive": pct(r["adaptive"])}
+        out["attack_seconds"] = time.perf_counter() - t1
+        out["zero_ce_grad_pct"] = 100 * zero_gradient_fraction(model, x, y)
+        log(f"  budget curve, {CURVE_READINGS[reading]}, {epochs} PC epoch(s): clean {out['clean']:.2f}%, "
+            + ", ".join(f"eps {e}: PGD-10 {v['pgd']:.0f} / adaptive {v['adaptive']:.0f}" for e, v in out["eps"].items())
+            + f" ({train_s:.0f} s training, {out['attack_seconds']:.0f} s attacks)")
+        return out
+
+    return stage(f"{exp['name']}/budget curve/{reading}/{epochs}", work)
+
+
+def budget_curve(exp, spec, data_root, seed: int, device=None, log=print, points=None) -> Dict[str, Any]:
+    """Every point of the budget curve (:func:`budget_point`) for one experiment; ``points``
+    (default :func:`curve_points`) picks and orders them (a second process can compute them in
+    reverse, sharing the stage cache)."""
+    pts = [budget_point(exp, spec, data_root, seed, r, e, device, log) for r, e in (points or curve_points(spec))]
+    return {"name": exp["name"], "points": pts}
+
+
+def _curve_table(curve) -> List[Dict[str, Any]]:
+    rows = []
+    for p in curve["points"]:
+        row = {"model": CURVE_READINGS[p["reading"]], "PC-phase epochs": p["epochs"], "clean %": p["clean"]}
+        for e, v in p["eps"].items():
+            row.update({f"PGD-10 {e}": v["pgd"], f"paper-protocol worst {e}": v["paper_protocol_worst"],
+                        f"adaptive {e}": v["adaptive"]})
+        row["zero CE grad %"] = p["zero_ce_grad_pct"]
+        row["eq. 6 clean %"] = p.get("eq6_clean")
+        row["seconds (train + attacks)"] = p["train_seconds"] + p["attack_seconds"]
+        rows.append(row)
+    return rows
+
+
+def _curve_text(curve, paper_pgd: Optional[float]) -> str:
+    """What the budget curve supports, generated from its numbers."""
+    by: Dict[str, List[Dict[str, Any]]] = {}
+    for p in curve["points"]:
+        by.setdefault(p["reading"], []).append(p)
+    lines = [f"**{curve['name']}** ({curve['points'][0]['n']} attacked images per point, so about +-"
+             f"{100 * 0.5 / max(1, curve['points'][0]['n']) ** 0.5:.0f} points of binomial error at 50%; a curve "
+             f"'rises' or 'falls' when its last point is more than {100 / max(1, curve['points'][0]['n']) ** 0.5:.0f} "
+             f"points from its first, else it 'stays flat'):"]
+    for reading, pts in by.items():
+        pts = sorted(pts, key=lambda q: q["epochs"])
+        for e in pts[0]["eps"]:
+            pgd = [q["eps"][e]["pgd"] for q in pts]
+            ad = [q["eps"][e]["adaptive"] for q in pts]
+            thr = 100 / max(1, pts[0]["n"]) ** 0.5   # one binomial standard error at 50%, in points
+
+            def _trend(v):
+                return "rises" if v[-1] > v[0] + thr else "falls" if v[-1] < v[0] - thr else "stays flat"
+
+            trend, trend_ad = _trend(pgd), _trend(ad)
+            follows = ("the adaptive number follows it" if trend == trend_ad else
+                       f"the adaptive number {trend_ad}: the paper-protocol {'gain' if trend == 'rises' else 'change'} "
+                       f"is not robustness")
+            lines.append(f"- {CURVE_READINGS[reading]}, eps {e}: paper-protocol PGD-10 " + " -> ".join(
+                f"{v:.0f}" for v in pgd) + f"% over {', '.join(str(q['epochs']) for q in pts)} PC epochs ({trend}); "
+                "adaptive " + " -> ".join(f"{v:.0f}" for v in ad) + "%"
+                + f"; {follows}"
+                + (f" (paper, PGD-10 at eps 0.3 after 300 epochs: {paper_pgd}%)" if e == "0.3" and
+                   reading != "softmax" and paper_pgd is not None else "") + ".")
+    pcl_pts = [q for r, v in by.items() if r != "softmax" for q in v]
+    soft = {q["epochs"]: q for q in by.get("softmax", [])}
+    if pcl_pts and soft:
+        gaps = []
+        for q in pcl_pts:
+            t = soft.get(q["epochs"])
+            if t is not None:
+                for e in q["eps"]:
+                    gaps.append((q["eps"][e]["pgd"] - t["eps"][e]["pgd"], q["eps"][e]["adaptive"] - t["eps"][e]["adaptive"]))
+        if gaps:
+            lines.append(f"- Against the softmax twin at the same budget: PCL's paper-protocol PGD-10 is "
+                         f"{min(g[0] for g in gaps):+.0f} to {max(g[0] for g in gaps):+.0f} points from the twin's, "
+                         f"its adaptive number {min(g[1] for g in gaps):+.0f} to {max(g[1] for g in gaps):+.0f} "
+                         f"points (over every PCL point and eps).")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- report
 def _paper_row(spec, paper_name, row) -> Dict[str, Any]:
     p = spec.get("paper", {}).get("table2", {}).get(paper_name or "", {}).get(row)
@@ -661,6 +817,12 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
         for exp in spec["experiments"]:
             runs.append(stage(exp["name"], lambda: run_experiment(exp, spec, data_root, seed, device, log)))
             rep.time(exp["name"], runs[-1]["seconds"]["total"])
+        curves = []
+        for exp in spec["experiments"]:
+            if spec.get("budget_curve") and exp.get("budget_curve", False):
+                curves.append(budget_curve(exp, spec, data_root, seed, device, log))
+                rep.time(f"{exp['name']}: budget curve", sum(p["train_seconds"] + p["attack_seconds"]
+                                                              for p in curves[-1]["points"]))
     tr = spec["train"]
     ad = spec.get("adaptive", {})
     lb = spec.get("linf_battery", {})
@@ -689,8 +851,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     for r in runs:
         rows = []
         for mname, ours in r["rows"].items():
-            paper_name = {"Softmax": "Softmax", "PCL": "Ours", "PCL + AdvTrain FGSM": "Ours + AdvTrain FGSM",
-                          "PCL + AdvTrain PGD": "Ours + AdvTrain PGD"}.get(mname)
+            paper_name = PAPER_ROWS.get(mname)
             rows.append(with_paper({"training": mname, **_render(ours, COLUMNS)}, _paper_row(spec, r["paper"], paper_name),
                                    T2_COLS))
         rep.add_table(f"Table 2, {r['name']} (eps = 0.3, c = 10): accuracy (%)", rows,
@@ -703,9 +864,8 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
                            f"over those, the joint-loss attacks and the adaptive attacks (L-inf 0.3, white-box). "
                            f"Our Madry row is not in the paper's Table 2. " + _cw_text(r, spec))
         rep.add_table(f"Paper number vs paper-protocol vs adaptive, {r['name']}",
-                      [dict(_render(h, HEADLINE), **{"PGD (paper)": _paper_row(spec, r["paper"], {
-                          "PCL": "Ours", "Softmax": "Softmax", "PCL + AdvTrain FGSM": "Ours + AdvTrain FGSM",
-                          "PCL + AdvTrain PGD": "Ours + AdvTrain PGD"}.get(h["model"])).get("PGD")})
+                      [dict(_render(h, HEADLINE), **{"PGD (paper)": _paper_row(spec, r["paper"],
+                                                                               PAPER_ROWS.get(h["model"])).get("PGD")})
                        for h in r["headline"]],
                       ["model", "clean (test set)", "PGD (paper)", "PGD-10 (paper protocol)", "paper-protocol worst",
                        "adaptive (worst case)", "zero CE grad %", "zero margin grad %", "logit norm", "max softmax",
@@ -726,8 +886,7 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
             p3 = spec.get("paper", {}).get("table3", {}).get(r["paper"] or "", {})
             rows3 = []
             for mname, t3 in r["table3"].items():
-                key = {"PCL": "Ours", "PCL + AdvTrain FGSM": "Ours + AdvTrain FGSM",
-                       "PCL + AdvTrain PGD": "Ours + AdvTrain PGD"}.get(mname, "")
+                key = PAPER_ROWS.get(mname, "")
                 pv = dict(zip(["No Attack", "FGSM", "BIM", "MIM", "PGD"], p3.get(key, [])))
                 ce = r["rows"][mname]
                 rows3.append({"training": mname, "No Attack": ce["clean"], "No Attack (paper)": pv.get("No Attack"),
@@ -766,6 +925,35 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     if ext:
         rep.add_text(f"External reference (RobustBench, CIFAR-10 L-inf 8/255, the authors' released PCL model): "
                      f"reported {ext['reported']}%, AutoAttack {ext['autoattack']}%.")
+    for c in curves:
+        bc = spec["budget_curve"]
+        rep.add_table(f"Training-budget curve, {c['name']}: robust accuracy as the PC phase grows (%)",
+                      _curve_table(c),
+                      note=f"Every point continues from the same CE warm-up with the Table 2 models' data, seed, "
+                           f"optimiser, batch and lr decay (x0.1 at 2/3 and 5/6 of its own PC phase); only the "
+                           f"PC-phase length changes. PCL (Algorithm 1): one CE + L_PC on the GAP / FC 512 / FC 64 "
+                           f"features; PCL (eq. 8): auxiliary branches with their own CE heads; softmax twin: CE "
+                           f"only, the same epochs (the control: what the extra training alone does). L-inf, on "
+                           f"the first {c['points'][0]['n']} Table 2 images: PGD-10 and the worst of FGSM / BIM / "
+                           f"MIM / PGD-10 (paper protocol, CE on the logits), and the adaptive per-sample worst "
+                           f"case (those, what broke at a smaller eps, the advlab.eval.evaluate battery and "
+                           f"PGD-margin; battery {spec.get('linf_battery', {}).get('steps', 25)} APGD steps). "
+                           f"The paper trains 300 PC epochs on 60k images; our points are "
+                           f"{', '.join(str(e) for e in bc.get('pc_epochs', []))} epochs on "
+                           f"{next(r['n_train'] for r in runs if r['name'] == c['name'])} images.")
+        for e in c["points"][0]["eps"]:
+            rep.add_figure(f"budget-curve-{c['name'].lower()}-eps-{e}", line_chart(
+                {f"{CURVE_READINGS[rd]}: {lab}": (
+                    [q["epochs"] for q in c["points"] if q["reading"] == rd],
+                    [q["eps"][e][key] for q in c["points"] if q["reading"] == rd])
+                 for rd in dict.fromkeys(q["reading"] for q in c["points"])
+                 for key, lab in (("pgd", "PGD-10"), ("adaptive", "adaptive"))},
+                title=f"PCL training-budget curve ({c['name']}, L-inf eps {e})", xlabel="PC-phase epochs",
+                ylabel="accuracy (%)"),
+                f"{c['name']}, L-inf eps {e}: paper-protocol PGD-10 and adaptive robust accuracy against the "
+                f"PC-phase length")
+        rep.add_text("## What the budget curve supports\n\n" + _curve_text(
+            c, _paper_row(spec, next(r["paper"] for r in runs if r["name"] == c["name"]), "Ours").get("PGD")))
     rep.add_text("## Section 5.5 checks\n\n" + "\n\n".join(_checks_text(r) for r in runs))
     sw = [r for r in runs if r.get("sweep")]
     if sw:
@@ -779,6 +967,8 @@ def run(spec: Dict[str, Any], out_dir: Path, data_root: Optional[Path] = None, d
     rep.add_text(_discussion(runs, spec))
     for r in runs:
         rep.results[r["name"]] = r
+    if curves:
+        rep.results["budget_curve"] = curves
     rep.time("total", time.perf_counter() - t0)
     rep.save()
     return rep
@@ -803,6 +993,29 @@ def _discussion(runs, spec) -> str:
                      + (": the prototype rule is no more robust than the logits."
                         if _f(pcl.get("eq6_adaptive")) <= _f(pcl.get("adaptive")) + 2 else
                         ": the prototype rule keeps more than the logits under these attacks."))
+    eq8 = [r for r in runs if EQ8_ROW in r["rows"]]
+    if eq8:
+        lines += ["", "Which reading of the loss the paper's numbers used. Algorithm 1 (line 5) writes one "
+                  "cross-entropy plus sum_l L_PC; eq. 8 and Fig. 2 put a cross-entropy and L_PC on auxiliary branches "
+                  "G_phi. The authors' released code (pcl_training.py, ResNet-110) computes one cross-entropy on the "
+                  "final logits and L_PC directly on the 256-d pooled and 1024-d FC features, with no auxiliary map "
+                  "and no auxiliary head: the Algorithm 1 reading with G_phi the identity. So the paper's numbers "
+                  "most likely come from the Algorithm 1 reading (our PCL row); eq. 8 reads as a description of "
+                  "deep supervision in general. Both readings, measured at the same budget:", ""]
+        for r in eq8:
+            p = {h["model"]: h for h in r["headline"]}
+            a, b = p.get("PCL", {}), p.get(EQ8_ROW, {})
+            lines.append(f"- **{r['name']}**: clean {_f(a.get('clean')):.2f}% (Algorithm 1) vs {_f(b.get('clean')):.2f}% "
+                         f"(eq. 8); PGD-10 at eps 0.3 (paper protocol) {_f(a.get('pgd')):.1f}% vs "
+                         f"{_f(b.get('pgd')):.1f}%; adaptive {_f(a.get('adaptive')):.1f}% vs {_f(b.get('adaptive')):.1f}%"
+                         + ("; the robust numbers do not depend on the reading"
+                            if abs(_f(a.get("adaptive")) - _f(b.get("adaptive"))) <= 5 and
+                            abs(_f(a.get("pgd")) - _f(b.get("pgd"))) <= 10 else
+                            "; the robust numbers differ by more than the images' binomial error")
+                         + (", and neither does clean accuracy (within 1 point)." if abs(_f(a.get("clean")) -
+                                                                                      _f(b.get("clean"))) <= 1 else
+                            f"; clean accuracy differs by {_f(b.get('clean')) - _f(a.get('clean')):+.2f} points "
+                            f"(eq. 8 minus Algorithm 1)."))
     lines += ["", "Inconsistencies inside the paper that bear on the comparison:", ""]
     lines += [f"- {t}" for t in spec.get("paper", {}).get("inconsistencies", [])]
     return "\n".join(lines)
