@@ -7,7 +7,7 @@ import torch
 from advlab._util import AdvlabError
 from advlab.eval.figures import bar_chart, example_grid, line_chart
 from advlab.eval.report import Report, format_value, markdown_table, with_paper
-from advlab.eval.specs import deep_update, load_spec
+from advlab.eval.specs import apply_quick, deep_update, load_spec
 
 
 def test_markdown_table_and_formatting():
@@ -47,6 +47,25 @@ def test_report_writes_every_artifact(tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"results.json", "report.md", "accuracy-table.csv", "notes.txt"} <= names
     assert not names & {"accuracy-table-2.csv", "grid.png", "bars.png", "lines.png"}
+
+
+def test_spec_attack_entries_with_unknown_keys_are_rejected():
+    """An unquoted name with ', ' in a YAML flow mapping splits into two keys: the spec is refused,
+    in the top level, nested and quick: lists alike, and every bundled spec passes."""
+    from advlab.papers import bundled_specs, resolve_spec
+
+    split = load_spec("attacks:\n  - {name: C&W (l2, ART defaults), kind: cw}\n")
+    assert set(split["attacks"][0]) == {"name", "ART defaults)", "kind"}      # what YAML makes of it
+    with pytest.raises(AdvlabError, match=r"spec.attacks\[0\] has unknown key\(s\) \['ART defaults\)'\].*quote"):
+        apply_quick(split, "spec")
+    quoted = load_spec('attacks:\n  - {name: "C&W (l2, ART defaults)", kind: cw}\n')
+    assert apply_quick(quoted, "spec")["attacks"][0]["name"] == "C&W (l2, ART defaults)"
+    with pytest.raises(AdvlabError, match=r"spec.graybox.attacks\[1\] has unknown key\(s\) \['stpes'\]"):
+        apply_quick(load_spec("graybox:\n  attacks:\n    - {name: a, eps: 1}\n    - {name: b, stpes: 3}\n"), "spec")
+    with pytest.raises(AdvlabError, match=r"spec.quick.attacks\[0\].name must be a string"):
+        apply_quick(load_spec("quick:\n  attacks:\n    - {name: [1], kind: pgd}\n"), "spec")
+    for name in bundled_specs():
+        assert resolve_spec(name)["name"] == name and resolve_spec(name, quick=True)["quick"] is True
 
 
 def test_specs_parse_and_merge(tmp_path):

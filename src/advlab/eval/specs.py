@@ -34,6 +34,36 @@ def load_spec(path_or_text) -> Dict[str, Any]:
     return spec
 
 
+#: the keys an entry of a spec's ``attacks`` list may have (the generic runner's and the bundled
+#: reproductions' together); anything else is a typo or a YAML flow mapping split at a comma
+ATTACK_ENTRY_KEYS = frozenset({"name", "kind", "params", "threat", "source", "targeted", "norm", "eps", "steps"})
+
+
+def check_attack_entries(spec: Any, where: str = "spec") -> None:
+    """Reject, anywhere in ``spec``, an ``attacks`` list entry with a key outside
+    :data:`ATTACK_ENTRY_KEYS` or a name that is not a string. An unquoted name holding ", " in a
+    YAML flow mapping (``{name: C&W (l2, ART defaults), ...}``) splits into two keys and would
+    otherwise run under a wrong name."""
+    if isinstance(spec, dict):
+        for k, v in spec.items():
+            if k == "attacks" and isinstance(v, list):
+                for i, a in enumerate(v):
+                    if not isinstance(a, dict):
+                        continue
+                    bad = sorted(str(x) for x in set(a) - ATTACK_ENTRY_KEYS)
+                    if bad:
+                        raise AdvlabError(f"{where}.attacks[{i}] has unknown key(s) {bad}; valid: "
+                                          f"{', '.join(sorted(ATTACK_ENTRY_KEYS))} (quote a name that holds ', ' "
+                                          f"or ': ' in a {{...}} entry)")
+                    if "name" in a and not isinstance(a["name"], str):
+                        raise AdvlabError(f"{where}.attacks[{i}].name must be a string, got {a['name']!r}")
+            else:
+                check_attack_entries(v, f"{where}.{k}")
+    elif isinstance(spec, list):
+        for i, v in enumerate(spec):
+            check_attack_entries(v, f"{where}[{i}]")
+
+
 def deep_update(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
@@ -48,6 +78,7 @@ def apply_quick(spec: Dict[str, Any], name: str, quick: bool = False,
                 overrides: Dict[str, Any] | None = None) -> Dict[str, Any]:
     """``spec`` with its ``quick:`` overrides applied when ``quick``, then ``overrides``; records
     ``quick`` and ``name`` in it (the form a runner and the stage cache's key see)."""
+    check_attack_entries(spec, name)
     spec = dict(spec)
     quick_over = spec.pop("quick", {}) or {}
     if not isinstance(quick_over, dict):
