@@ -230,7 +230,7 @@ def test_prototype_scores_decide_as_eq6_and_the_attacks_on_pcl_chain(digits_data
     assert survivor_chain(runs, x, y, j6, start=worst_case([fgsm, gone])).results == {}
 
 
-def test_eq8_reading_branches_heads_and_loss(digits_data):
+def test_eq8_reading_branches_heads_and_loss(digits_data, tmp_path):
     """eq. 8: every supervised layer but the last gets G_phi (a linear map to branch_dim) and a CE
     head; the loss adds each head's cross-entropy to Algorithm 1's, checked term by term; the
     branches train with the model, and the defense round-trips through its state."""
@@ -270,9 +270,13 @@ def test_eq8_reading_branches_heads_and_loss(digits_data):
     assert set(ep) >= {"branch_ce[gap]", "branch_ce[act_fc1]"} and "branch_ce[act_fc2]" not in ep
     back = PCLDefense.from_state(build_model("cnn6", 10, (1, 8, 8), seed=7), fitted.to_state())
     assert back.reading == "eq8" and back.branch_dim == 16
+    fitted.save(tmp_path / "eq8.pt")
+    loaded = PCLDefense.load(tmp_path / "eq8.pt", model=build_model("cnn6", 10, (1, 8, 8), seed=3))
     with torch.no_grad():
-        assert torch.equal(back(x), fitted(x))
-        assert torch.equal(back.prototype_scores(x), fitted.prototype_scores(x))
+        for other in (back, loaded):
+            assert torch.equal(other(x), fitted(x))
+            assert torch.equal(other.prototype_scores(x), fitted.prototype_scores(x))
+            assert torch.equal(other.branches[1].weight, fitted.branches[1].weight)
     with pytest.raises(AdvlabError, match="reading"):
         PCLDefense(net, reading="eq9")
     with pytest.raises(AdvlabError, match="branch_dim"):

@@ -122,13 +122,14 @@ def defend_pcl(checkpoint, train_ds, test_ds, out_dir, n: int = 500, seed: int =
                progress: Optional[bool] = None, pc_epochs: int = 3, epochs: Optional[int] = None,
                warmup_epochs: int = 0, layers=None, preset: str = "paper", lr: float = 0.01, batch_size: int = 128,
                adversarial: Optional[str] = None, adv_eps=None, eps: Optional[float] = None, battery_steps: int = 100,
-               square_queries: int = 1000) -> Report:
+               square_queries: int = 1000, reading: str = "algorithm1") -> Report:
     """``advlab defend pcl``: train PCL (Algorithm 1's PC phase, ``pc_epochs``; ``epochs`` is an
     alias) from a trained classifier (a checkpoint path or an ``nn.Module``; the CE warm-up is the
     checkpoint itself unless ``warmup_epochs``), save it (``out_dir/pcl.pt``, load with
     :meth:`PCLDefense.load`) and report clean accuracy (logits and eq. 6) and one survivor chain at
     L-inf ``eps`` (0.3 for one channel, 8/255 otherwise): PGD-10 (the paper's protocol), then the
-    :func:`advlab.eval.evaluate` battery, APGD-DLR and PGD-margin (``battery_steps`` steps each)."""
+    :func:`advlab.eval.evaluate` battery, APGD-DLR and PGD-margin (``battery_steps`` steps each).
+    ``reading="eq8"`` trains eq. 8's auxiliary branches (see :class:`PCLDefense`)."""
     from ..attacks import build_attack
     from ..defenses.pcl import PCLDefense
     from .checks import zero_gradient_fraction
@@ -141,7 +142,7 @@ def defend_pcl(checkpoint, train_ds, test_ds, out_dir, n: int = 500, seed: int =
     defense = PCLDefense.fit(model, train_ds, layers=layers, preset=preset, warmup_epochs=warmup_epochs,
                              pc_epochs=int(epochs if epochs is not None else pc_epochs), lr=lr, batch_size=batch_size,
                              adversarial=adversarial, adv_eps=adv_eps or ((0.1, 0.5) if gray else (0.01, 0.05)),
-                             seed=seed, device=device, progress=progress)
+                             seed=seed, device=device, progress=progress, reading=reading)
     t_fit = time.perf_counter() - t0
     defense.save(Path(out_dir) / "pcl.pt", source_checkpoint=source)
     x, y = pick_images(defense, test_ds, n, seed=seed)
