@@ -112,7 +112,7 @@ def test_the_layout_page_names_every_module():
 
 def test_the_readme_run_times_are_the_reports():
     """Each `advlab reproduce NAME`, X min heading of the README is its report's seconds_total (rounded to
-    the shown precision, 0.5 min of slack), and docs/figures.md shows the same time."""
+    the shown precision, 0.5 min of slack), and docs/figures.md and docs/reproductions.md show the same time."""
     import json
 
     readme = (ROOT / "README.md").read_text()
@@ -126,6 +126,10 @@ def test_the_readme_run_times_are_the_reports():
             seconds = sum(v for k, v in rep["timings"].items() if k != "total")
         assert abs(seconds / 60 - float(shown)) <= 0.5, f"README says {name} takes {shown} min, its report {seconds:.0f} s"
         assert re.search(rf"\| {re.escape(name)} \| [0-9,]+ s \| {re.escape(shown)} min \|", figures), name
+    # the Reproductions page repeats each heading: the same times
+    page = dict(re.findall(r"`advlab reproduce ([a-z0-9-]+)`, ([0-9.]+) min\)",
+                           (ROOT / "docs" / "reproductions.md").read_text()))
+    assert page == dict(found), f"docs/reproductions.md headings {page} differ from the README's {dict(found)}"
 
 
 def test_the_readme_exam_table_is_the_committed_exam():
@@ -239,10 +243,30 @@ def test_the_readme_msvdd_table_is_the_committed_report():
                     assert _close(paper_shown, paper), (model, label, shown, paper)
 
 
+def test_the_readme_pcl_budget_curve_is_the_committed_report():
+    """The PCL training-budget curve in the README (clean / PGD-10 / adaptive at eps 0.3 for each
+    reading and the softmax twin, per PC-phase length) is the report's CSV, every point of it."""
+    import csv
+
+    path = ROOT / "reports" / "pcl" / "training-budget-curve-mnist-robust-accuracy-as-the-pc-phase-grows.csv"
+    rows = {(r["model"], int(r["PC-phase epochs"])): r for r in csv.DictReader(path.open())}
+    models = ["PCL (Algorithm 1)", "PCL (eq. 8)", "softmax twin (CE only)"]
+    epochs = sorted({e for _, e in rows})
+    assert len(epochs) >= 4 and {m for m, _ in rows} == set(models)
+    for e in epochs:
+        cells = _readme_row("### PCL", f"{e} epochs")
+        for cell, model in zip(cells, models):
+            clean, pgd, adaptive = cell.split(" / ")
+            r = rows[(model, e)]
+            assert _close(clean, r["clean %"]) and _close(pgd, r["PGD-10 0.3"]), (model, e, cell)
+            assert _close(adaptive, r["adaptive 0.3"]), (model, e, cell)
+
+
 def test_the_readme_pcl_and_idefender_tables_are_the_committed_reports():
     """PCL (ours: clean, paper-protocol PGD, adaptive) and I-defender (AUCs, false positives, adaptive success)."""
     pcl = _csv("pcl/paper-number-vs-paper-protocol-vs-adaptive-mnist.csv")
-    for model, label in [("Softmax", "Softmax (equal-budget twin)"), ("PCL", "PCL"),
+    for model, label in [("Softmax", "Softmax (equal-budget twin)"), ("PCL", "PCL (Algorithm 1)"),
+                         ("PCL (eq. 8)", "PCL (eq. 8)"),
                          ("PCL + AdvTrain FGSM", "PCL + AdvTrain FGSM"), ("PCL + AdvTrain PGD", "PCL + AdvTrain PGD")]:
         clean, paper_pgd, ours_pgd, adaptive = _readme_row("### PCL", label)
         r = pcl[model]

@@ -706,6 +706,7 @@ def _curve_text(curve, paper_pgd: Optional[float]) -> str:
     by: Dict[str, List[Dict[str, Any]]] = {}
     for p in curve["points"]:
         by.setdefault(p["reading"], []).append(p)
+    thr = 100 / max(1, curve["points"][0]["n"]) ** 0.5   # twice the binomial standard error at 50%, in points
     lines = [f"**{curve['name']}** ({curve['points'][0]['n']} attacked images per point, so about +-"
              f"{100 * 0.5 / max(1, curve['points'][0]['n']) ** 0.5:.0f} points of binomial error at 50%; a curve "
              f"'rises' or 'falls' when its last point is more than {100 / max(1, curve['points'][0]['n']) ** 0.5:.0f} "
@@ -715,8 +716,6 @@ def _curve_text(curve, paper_pgd: Optional[float]) -> str:
         for e in pts[0]["eps"]:
             pgd = [q["eps"][e]["pgd"] for q in pts]
             ad = [q["eps"][e]["adaptive"] for q in pts]
-            thr = 100 / max(1, pts[0]["n"]) ** 0.5   # one binomial standard error at 50%, in points
-
             def _trend(v):
                 return "rises" if v[-1] > v[0] + thr else "falls" if v[-1] < v[0] - thr else "stays flat"
 
@@ -730,6 +729,18 @@ def _curve_text(curve, paper_pgd: Optional[float]) -> str:
                 + f"; {follows}"
                 + (f" (paper, PGD-10 at eps 0.3 after 300 epochs: {paper_pgd}%)" if e == "0.3" and
                    reading != "softmax" and paper_pgd is not None else "") + ".")
+    zg = max(q["zero_ce_grad_pct"] for q in curve["points"])
+    lost = [(q, e) for q in curve["points"] for e, v in q["eps"].items() if v["pgd"] > v["adaptive"] + thr]
+    if lost:
+        worst = max(lost, key=lambda qe: qe[0]["eps"][qe[1]]["pgd"] - qe[0]["eps"][qe[1]]["adaptive"])
+        q, e = worst
+        lines.append(f"- Where paper-protocol PGD-10 keeps more than the adaptive number (by over {thr:.0f} points: "
+                     f"{len(lost)} of {sum(len(q2['eps']) for q2 in curve['points'])} cells; the widest, "
+                     f"{CURVE_READINGS[q['reading']]} after {q['epochs']} epochs at eps {e}: "
+                     f"{q['eps'][e]['pgd']:.0f}% vs {q['eps'][e]['adaptive']:.0f}%), the input gradients are not zero "
+                     f"(at most {zg:.0f}% of the images have an exactly-zero CE gradient at any point): the model is not "
+                     f"saturated; PGD-10's ten steps of eps/10 stop short on a model trained longer, where the "
+                     f"battery's APGD and PGD-margin do not.")
     pcl_pts = [q for r, v in by.items() if r != "softmax" for q in v]
     soft = {q["epochs"]: q for q in by.get("softmax", [])}
     if pcl_pts and soft:
