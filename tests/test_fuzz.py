@@ -635,6 +635,14 @@ def _defense_cases():
     bad("pcl/fit-pc_epochs=-1", "pc_epochs", lambda tmp: PCLDefense.fit(_zoo(), ds, pc_epochs=-1))
     bad("pcl/preset=nope", "preset", lambda tmp: PCLDefense(_zoo(), preset="nope"))
     bad("pcl/unknown-option", r"unknown PCL option", lambda tmp: PCLDefense(_zoo(), pushh=1.0))
+    bad("pcl/reading=eq9", r"reading must be one of algorithm1, eq8", lambda tmp: PCLDefense(_zoo(), reading="eq9"))
+    bad("pcl/reading=None", r"reading must be one of", lambda tmp: PCLDefense(_zoo(), reading=None))
+    bad("pcl/branch_dim=0", r"branch_dim", lambda tmp: PCLDefense(_zoo(), reading="eq8", branch_dim=0))
+    bad("pcl/branch_dim=2.5", r"branch_dim", lambda tmp: PCLDefense(_zoo(), reading="eq8", branch_dim=2.5))
+    bad("pcl/eq8-one-layer", r"eq8.*at least two layers",
+        lambda tmp: PCLDefense(_zoo(), reading="eq8", layers=["head:input"]))
+    bad("pcl/fit-reading=eq9", r"reading must be one of",
+        lambda tmp: PCLDefense.fit(_zoo(), ds, warmup_epochs=0, pc_epochs=0, reading="eq9"))
     bad("pcl/predict-rule=nope", "rule", lambda tmp: PCLDefense(_zoo()).predict(ds.images[:4], rule="nope"))
     bad("pcl/predict-x=5d", r"\bx\b.*shape", lambda tmp: PCLDefense(_zoo()).predict(torch.rand(1, 1, 1, 8, 8)))
     bad("vib/k=0", r"\bk\b", lambda tmp: VIBDefense(_zoo(), k=0))

@@ -273,6 +273,9 @@ class PCLDefense(Defense):
         self.inference = inference
         self.model = model
         self.layers = resolve_layers(model, layers)
+        if reading == "eq8" and len(self.layers) < 2:
+            raise AdvlabError(f"reading='eq8' puts auxiliary branches on every supervised layer but the last, so it "
+                              f"needs at least two layers, got {self.layers} (with one layer it is Algorithm 1)")
         self.model_spec = copy.deepcopy(getattr(model, "advlab_spec", None))
         if dims is None or num_classes is None:
             num_classes, dims = self._probe(in_shape)
