@@ -52,7 +52,7 @@ def test_report_writes_every_artifact(tmp_path):
 def test_spec_attack_entries_with_unknown_keys_are_rejected():
     """An unquoted name with ', ' in a YAML flow mapping splits into two keys: the spec is refused,
     in the top level, nested and quick: lists alike, and every bundled spec passes."""
-    from advlab.papers import bundled_specs, resolve_spec
+    from advlab.papers import list_reproductions, resolve_spec
 
     split = load_spec("attacks:\n  - {name: C&W (l2, ART defaults), kind: cw}\n")
     assert set(split["attacks"][0]) == {"name", "ART defaults)", "kind"}      # what YAML makes of it
@@ -64,7 +64,7 @@ def test_spec_attack_entries_with_unknown_keys_are_rejected():
         apply_quick(load_spec("graybox:\n  attacks:\n    - {name: a, eps: 1}\n    - {name: b, stpes: 3}\n"), "spec")
     with pytest.raises(AdvlabError, match=r"spec.quick.attacks\[0\].name must be a string"):
         apply_quick(load_spec("quick:\n  attacks:\n    - {name: [1], kind: pgd}\n"), "spec")
-    for name in bundled_specs():
+    for name, _ in list_reproductions():
         assert resolve_spec(name)["name"] == name and resolve_spec(name, quick=True)["quick"] is True
 
 
