@@ -19,6 +19,7 @@ batch-mean cross-entropy of eq. 7 holds). Two readings of the training loss (``r
   regularisers: ``forward`` is the network's logits in both readings.
 
 >>> defense = PCLDefense.fit(model, train_set, warmup_epochs=2, pc_epochs=3)   # Algorithm 1
+>>> branched = PCLDefense.fit(model, train_set, pc_epochs=3, reading="eq8")     # eq. 8's auxiliary branches
 >>> defense(x)                   # logits (what every reported number attacks and uses)
 >>> defense.predict(x)           # argmax of the logits
 >>> defense.predict(x, rule="prototype")   # eq. 6: nearest prototype of the last supervised layer
