@@ -19,14 +19,21 @@ class AdvlabError(ValueError):
     """A user-facing error: bad argument, unknown name, corrupt file. The CLI prints it in one line."""
 
 
-def check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:
-    """Check that ``x`` is a floating (N, C, H, W) batch of finite values in [0, 1]."""
+def check_batch(x: torch.Tensor, name: str = "x", dtype_note: str = "") -> torch.Tensor:
+    """Check that ``x`` is a floating (N, C, H, W) tensor: type, shape and dtype only, so no host
+    sync. ``dtype_note`` is added to the dtype error (e.g. " with values in [0, 1]")."""
     if not isinstance(x, torch.Tensor):
         raise AdvlabError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
     if x.dim() != 4:
         raise AdvlabError(f"{name} must have shape (N, C, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise AdvlabError(f"{name} must be a floating-point tensor with values in [0, 1], got dtype {x.dtype}")
+        raise AdvlabError(f"{name} must be a floating-point tensor{dtype_note}, got dtype {x.dtype}")
+    return x
+
+
+def check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    """Check that ``x`` is a floating (N, C, H, W) batch of finite values in [0, 1]."""
+    check_batch(x, name, " with values in [0, 1]")
     if not x.numel():
         return x
     # one reduction and one host sync: min/max propagate NaN, and infinities land in them too

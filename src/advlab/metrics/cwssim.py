@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .._util import AdvlabError, check_positive_int
+from .._util import AdvlabError, check_batch, check_positive_int
 
 __all__ = ["cw_ssim", "CWSSIM", "CWSSIMReference", "SteerablePyramid", "max_pyramid_scales", "select_reference"]
 
@@ -219,7 +219,7 @@ class CWSSIM:
         Returns a :class:`CWSSIMReference` (rows selectable with :func:`select_reference`).
         Raises :class:`~advlab.AdvlabError` where ``x`` is not a floating (N, C, H, W) tensor or
         is smaller than 8x8."""
-        _check_single(x, "x")
+        check_batch(x, "x")
         plan = self._plan(x)
         with torch.no_grad():
             levels = []
@@ -245,7 +245,7 @@ class CWSSIM:
         ``ref`` is not a reference or the shapes differ."""
         if not isinstance(ref, CWSSIMReference):
             raise AdvlabError(f"ref must come from CWSSIM.reference(x), got {type(ref).__name__}")
-        _check_single(y, "y")
+        check_batch(y, "y")
         if tuple(y.shape) != ref.shape:
             raise AdvlabError(f"y must have the reference's shape {ref.shape}, got {tuple(y.shape)}")
         plan = self._plan(y)
@@ -416,6 +416,19 @@ class _Plan:
         self.h, self.w = h, w
 
 
+def _add_level_spectrum(gspec: Optional[torch.Tensor], gs: torch.Tensor, idx: Optional[torch.Tensor],
+                        shape: Tuple[int, int, int, int]) -> torch.Tensor:
+    """Add one level's gradient spectrum ``gs`` into the image's (``shape``, allocated on first
+    use): directly at the finest level (``idx`` None), else scattered through the level's flat crop
+    ``idx`` (the adjoint of the crop the forward took)."""
+    if idx is None:
+        return gs if gspec is None else gspec.add_(gs)
+    if gspec is None:
+        gspec = gs.new_zeros(shape)
+    gspec.view(*shape[:2], -1).index_add_(-1, idx, gs.flatten(-2))
+    return gspec
+
+
 class _ScoreReal(torch.autograd.Function):
     """CW-SSIM of a real ``y`` against a fixed reference, planar and with a hand-written backward.
 
@@ -481,12 +494,7 @@ class _ScoreReal(torch.autograd.Function):
             torch.mul(gr, ar, out=g[:, :, 0]).addcmul_(gi, ai, value=-1.0).addcmul_(ge, re, value=2.0)
             torch.mul(gr, ai, out=g[:, :, 1]).addcmul_(gi, ar).addcmul_(ge, im, value=2.0)
             gs = (torch.fft.rfft2(g, norm="forward") * lv.fc).sum((2, 3))       # (N, C, h, w // 2 + 1)
-            if lv.idx is None:
-                gspec = gs if gspec is None else gspec.add_(gs)
-            else:
-                if gspec is None:
-                    gspec = gs.new_zeros(n, ch, hf, wf // 2 + 1)
-                gspec.view(n, ch, -1).index_add_(-1, lv.idx, gs.flatten(-2))
+            gspec = _add_level_spectrum(gspec, gs, lv.idx, (n, ch, hf, wf // 2 + 1))
         return torch.fft.irfft2(gspec, s=(hf, wf), norm="forward"), None, None, None
 
 
@@ -543,24 +551,9 @@ class _ScoreComplex(torch.autograd.Function):
             gc = torch.view_as_complex(gp.unflatten(-1, (-1, 2))) * c1
             torch.view_as_real(gc).addcmul_(ge.unflatten(-1, (-1, 2)), torch.view_as_real(c))
             gs = (torch.fft.fft2(gc, norm="forward") * lv.g.conj()).sum(2)     # (N, C, h, w)
-            if lv.idx is None:
-                gspec = gs if gspec is None else gspec.add_(gs)
-            else:
-                if gspec is None:
-                    gspec = gs.new_zeros(n, ch, hf, wf)
-                gspec.view(n, ch, hf * wf).index_add_(-1, lv.idx, gs.flatten(-2))
+            gspec = _add_level_spectrum(gspec, gs, lv.idx, (n, ch, hf, wf))
         gy = torch.fft.ifft2(gspec, norm="forward").real
         return gy.contiguous(), None, None, None
-
-
-def _check_single(x: torch.Tensor, name: str) -> None:
-    """A floating (N, C, H, W) tensor (shape and dtype only: no host sync)."""
-    if not isinstance(x, torch.Tensor):
-        raise AdvlabError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
-    if x.dim() != 4:
-        raise AdvlabError(f"{name} must have shape (N, C, H, W), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise AdvlabError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._util import AdvlabError, check_positive, check_positive_int
+from .._util import AdvlabError, check_batch, check_positive, check_positive_int
 
 __all__ = ["mse", "ssim", "ms_ssim", "MS_SSIM_WEIGHTS"]
 
@@ -25,13 +25,8 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 def _check_pair(x: torch.Tensor, y: torch.Tensor, finite: bool = True) -> None:
     """Two floating (N, C, H, W) batches of the same shape; with ``finite``, no NaN or infinity
     (one reduction and one host sync for both)."""
-    for name, t in (("x", x), ("y", y)):
-        if not isinstance(t, torch.Tensor):
-            raise AdvlabError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(t).__name__}")
-        if t.dim() != 4:
-            raise AdvlabError(f"{name} must have shape (N, C, H, W), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise AdvlabError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    check_batch(x, "x")
+    check_batch(y, "y")
     if x.shape != y.shape:
         raise AdvlabError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if finite and x.numel():
