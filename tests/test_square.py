@@ -52,6 +52,15 @@ class _Count:
         self.images += inputs[0].shape[0]
 
 
+def _counted_run(atk, model, x, y):
+    """``atk(x, y)`` with the images passed forward through ``model`` counted: (x_adv, count)."""
+    count = _Count(model)
+    try:
+        return atk(x, y), count
+    finally:
+        count.h.remove()
+
+
 @pytest.fixture(scope="module")
 def digits_correct(lenet_digits, digits_data):
     """The first 100 digits test images that the LeNet-5 classifies correctly."""
@@ -191,11 +200,7 @@ def test_seeded_and_global_rng_untouched():
 def test_queries_are_forward_passes_and_fooled_samples_leave_the_batch(lenet_digits, digits_correct):
     x, y = digits_correct[0][:40], digits_correct[1][:40]
     atk = Square(lenet_digits, eps=0.15, queries=100, restarts=2, seed=0)
-    count = _Count(lenet_digits)
-    try:
-        x_adv = atk(x, y)
-    finally:
-        count.h.remove()
+    x_adv, count = _counted_run(atk, lenet_digits, x, y)
     q = atk.last_queries
     # the base class's one-image class-count probe, then exactly the recorded queries
     assert count.images == 1 + int(q.sum())
@@ -274,11 +279,7 @@ def test_fooled_samples_ride_along_frozen_until_the_check(lenet_digits, digits_c
     # forward passes and its result is still a success
     x, y = digits_correct[0][:40], digits_correct[1][:40]
     atk = Square(lenet_digits, eps=0.15, queries=100, seed=0, check_every=7)
-    count = _Count(lenet_digits)
-    try:
-        x_adv = atk(x, y)
-    finally:
-        count.h.remove()
+    x_adv, count = _counted_run(atk, lenet_digits, x, y)
     q = atk.last_queries
     fooled = is_success(predict(lenet_digits, x_adv), y)
     assert fooled.float().mean() >= 0.9
