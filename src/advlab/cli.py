@@ -276,13 +276,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_exam(args) -> int:
-    from .exam import run_exam
+    from .exam import ADAPTIVE, run_exam
     from .eval.report import markdown_table
 
     entries = [e.strip() for e in args.entries.split(",") if e.strip()] if args.entries else None
     out = run_exam(out_dir=args.out, quick=args.quick, dataset=args.dataset, root=args.root, entries=entries,
                    n=args.n, seed=args.seed, progress=_progress(args))
-    cols = ["entry", "naive PGD-CE", "evaluate", "true robustness", "flags", "verdict"]
+    cols = ["entry", "naive PGD-CE", "evaluate", ADAPTIVE, "flags", "verdict"]
     print(markdown_table([{k: (f"{100 * r[k]:.1f}" if isinstance(r[k], float) else r[k]) for k in cols}
                           for r in out["rows"]], cols))
     print(f"report: {out['path']}")
