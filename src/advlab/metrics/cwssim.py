@@ -337,6 +337,11 @@ def _band_ones(n: int, win: int, device, dtype) -> torch.Tensor:
     return ((i >= j) & (i < j + win)).to(dtype=dtype, device=device)
 
 
+def _col_major(m: torch.Tensor) -> torch.Tensor:
+    """``m`` with the same values, stored column-major (the transpose of a contiguous tensor)."""
+    return m.t().contiguous().t()
+
+
 def _neg_index(n: int) -> torch.Tensor:
     """Index of -k (mod n) for k = 0..n-1 (the mirrored frequency)."""
     return (-torch.arange(n)) % n
@@ -366,12 +371,15 @@ class _Level:
             gh, ga = (g + gm) / 2, (g - gm) / 2j
             f = torch.stack([gh, ga])[..., :wh]                              # (2, O, h, wh)
             self.f, self.fc = f.contiguous(), f.conj().resolve_conj()
-            # 0/1 band matrices: window sums (the 1 / win^2 is applied to the sums)
+            # 0/1 band matrices: window sums (the 1 / win^2 is applied to the sums). Stored
+            # column-major (the transpose of a contiguous matrix): MKL's skinny products that take them
+            # are up to 1.3x faster so (the values are the same)
             self.hp, self.wp = h - win + 1, w - win + 1
-            self.bw, self.bh = _band_ones(w, win, device, dtype), _band_ones(h, win, device, dtype)
-            self.bwT, self.bhT = self.bw.t().contiguous(), self.bh.t().contiguous()
-            self.kron = torch.kron(self.bh, self.bw).contiguous() if h * w <= 256 else None  # (h w, h' w')
-            self.kronT = None if self.kron is None else self.kron.t().contiguous()
+            bw, bh = _band_ones(w, win, device, dtype), _band_ones(h, win, device, dtype)
+            self.bw, self.bh, self.bwT, self.bhT = _col_major(bw), _col_major(bh), _col_major(bw.t()), _col_major(bh.t())
+            kron = torch.kron(bh, bw) if h * w <= 256 else None  # (h w, h' w')
+            self.kron = None if kron is None else _col_major(kron)
+            self.kronT = None if kron is None else _col_major(kron.t())
             whf = w_full // 2 + 1
             self.idx = None if full else (rows.view(-1, 1) * whf + cols[:wh].clamp(max=whf - 1).view(1, -1)).flatten()
             return
