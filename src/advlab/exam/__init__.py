@@ -189,7 +189,7 @@ def run_exam(out_dir="reports/exam", quick: bool = False, dataset: Optional[str]
         rows[-1]["seconds"] = time.perf_counter() - t0
         rows[-1]["truth"] = truth
         log(f"{name}: {rows[-1]['verdict']} (naive {100 * rows[-1]['naive PGD-CE']:.1f}%, evaluate "
-            f"{100 * rows[-1]['evaluate']:.1f}%, true {100 * truth['not_fooled']:.1f}%; flags {rows[-1]['flags']})")
+            f"{100 * rows[-1]['evaluate']:.1f}%, adaptive {100 * truth['not_fooled']:.1f}%; flags {rows[-1]['flags']})")
 
     rep.add_text(
         f"`evaluate` (defaults: APGD-CE, APGD-T, FAB-T, Square, the masking checks, escalation) on {n} "
