@@ -5,7 +5,7 @@ half-written file. The last test counts this catalogue together with ``test_fuzz
 
 from __future__ import annotations
 
-import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +45,9 @@ def cli(cid: str, match: str, argv, after=None, xfail: Optional[str] = None) -> 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Dict[str, Path]:
     """A zoo checkpoint for the 8x8 digits (untrained: the bad input is caught before it matters),
-    one without a dataset name, a corrupt file and a text file."""
+    one without a dataset name, a corrupt file, a corrupt file whose first bytes look like a pickle's
+    (the protocol opcode, then junk: torch warns of the protocol and fails) and a text file. The
+    bytes are fixed, so a case that fails fails every run."""
     from advlab.models import build_model
     from advlab.train import save_checkpoint
 
@@ -53,8 +55,10 @@ def files(tmp_path_factory) -> Dict[str, Path]:
     model = build_model("lenet5", 10, (1, 8, 8), seed=0)
     out = {"ckpt": save_checkpoint(model, d / "digits.pt", dataset="digits"),
            "nodata": save_checkpoint(model, d / "nodata.pt"),
-           "corrupt": d / "corrupt.pt", "text": d / "notes.txt"}
-    out["corrupt"].write_bytes(os.urandom(300))
+           "corrupt": d / "corrupt.pt", "garbled": d / "garbled.pt", "text": d / "notes.txt"}
+    junk = random.Random(0).randbytes(300)
+    out["corrupt"].write_bytes(junk)
+    out["garbled"].write_bytes(b"\x80\xd4" + junk)  # PROTO 212: not a protocol, not a pickle
     out["text"].write_text("not a checkpoint\n")
     return out
 
@@ -158,6 +162,7 @@ def _attack():
     no_report = absent("out")
     cli("attack/checkpoint-missing", r"checkpoint not found.*gone\.pt", at(ckpt="gone.pt"), after=no_report)
     cli("attack/checkpoint-corrupt", r"corrupt\.pt.*corrupt", at(ckpt="corrupt"), after=no_report)
+    cli("attack/checkpoint-garbled-pickle", r"garbled\.pt.*corrupt", at(ckpt="garbled"), after=no_report)
     cli("attack/checkpoint-text-file", r"notes\.txt", at(ckpt="text"), after=no_report)
     cli("attack/checkpoint-names-no-dataset", r"--dataset is required", at(ckpt="nodata"), after=no_report)
     cli("attack/missing-checkpoint-flag", r"required: --checkpoint", lambda t, f: ["attack", "--attack", "fgsm"])
@@ -279,6 +284,7 @@ def _defend():
     cli("defend/missing-defense", r"required: defense", lambda t, f: ["defend", "--checkpoint", "x.pt"])
     cli("defend/checkpoint-missing", r"not found.*gone\.pt", df(ckpt="gone.pt"), after=no_report)
     cli("defend/checkpoint-corrupt", r"corrupt\.pt", df(ckpt="corrupt"), after=no_report)
+    cli("defend/checkpoint-garbled-pickle", r"garbled\.pt.*corrupt", df(ckpt="garbled"), after=no_report)
     cli("defend/checkpoint-names-no-dataset", r"--dataset is required", df(ckpt="nodata"), after=no_report)
     cli("defend/unknown-dataset", r"unknown dataset 'imagenet'", df("--dataset", "imagenet"), after=no_report)
     for name in ("msvdd", "pcl", "idefender", "vib"):

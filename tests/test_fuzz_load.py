@@ -194,6 +194,12 @@ def _load_model_cases():
         lambda t: L(_write(t, "evil.pt2", _evil_bytes(marker(t)))), after=no_code)
     bad("load_model/hostile-legacy-pickle", r"evil\.pkl is a plain pickle",
         lambda t: L(_write(t, "evil.pkl", pickle.dumps({"x": _Evil(marker(t))}, protocol=2))), after=no_code)
+    bad("load_model/hostile-legacy-pickle-protocol-5", r"evil5\.pkl is a plain pickle",
+        lambda t: L(_write(t, "evil5.pkl", pickle.dumps({"x": _Evil(marker(t))}, protocol=5))), after=no_code)
+    bad("load_model/truncated-legacy-pickle", r"cut\.pkl.*corrupt",
+        lambda t: L(_write(t, "cut.pkl", pickle.dumps({"x": _Evil(marker(t))}, protocol=2)[:-9])), after=no_code)
+    bad("load_model/pickle-opcode-then-junk", r"garbled\.pt.*corrupt",
+        lambda t: L(_write(t, "garbled.pt", b"\x80\xd4" + bytes(range(256)) * 2)))
     bad("load_model/hostile-export-sample-inputs", r"refusing torch\.export archive .*evil\.pt2.*sample_inputs",
         lambda t: L(_pt2_with(t, "sample_inputs/model.pt", _evil_bytes(marker(t), ((_Evil(marker(t)),), {})))),
         after=no_code)

@@ -106,13 +106,42 @@ def _plain_pickle(path, what: str = "model file") -> AdvlabError:
                        f"file, which advlab never does. Save the model in a safe format instead: {SAFE_FORMATS}")
 
 
-def _torch_load(source, path, what: str):
-    """``torch.load(..., weights_only=True)`` with torch's errors as one AdvlabError line."""
+def _well_formed_pickle(path) -> bool:
+    """Whether the pickle stream of a file that ``torch.load(weights_only=True)`` refused is
+    well formed (its opcodes parse up to a STOP; ``pickletools.genops`` reads them and runs
+    nothing): the main ``data.pkl`` member of a zip, else the file's first pickle. A well-formed
+    stream that torch refused holds objects whose loading would run code (a plain pickle); one
+    that does not parse is a corrupt file, even where its first byte looks like a pickle's."""
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                member = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+                if member is None:
+                    return False
+                data = z.read(member)
+        else:
+            data = Path(path).read_bytes()
+        ops = [op.name for op, _, _ in pickletools.genops(data)]
+    except Exception:  # noqa: BLE001 - any parse error: not a pickle stream
+        return False
+    return len(ops) > 2 and ops[-1] == "STOP"
+
+
+def _torch_load(path, what: str):
+    """``torch.load(path, weights_only=True)``, torch's warnings silenced and its errors as one
+    AdvlabError line: a well-formed pickle that the weights-only unpickler refused is named a plain
+    pickle (with the safe formats); anything else that fails (a truncated archive, junk whose first
+    byte looks like a pickle's) is corrupt."""
+    import pickle
+
     with _quiet():
         try:
-            return torch.load(source, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - corrupt zip, truncated file, refused global
-            if "weights only load failed" in str(e).lower() or "weights_only" in str(e) and "global" in str(e).lower():
+            refused = isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower()
+            if refused and _well_formed_pickle(path):
                 raise _plain_pickle(path, what) from None
             raise AdvlabError(f"cannot read {what} {path}: corrupt or not a model file ({type(e).__name__}: "
                               f"{_first_line(e)})") from None
@@ -227,7 +256,7 @@ def read_weights(path, what: str = "weights file") -> Dict[str, torch.Tensor]:
     if fmt not in ("torch.save", "pickle"):
         raise AdvlabError(f"cannot read {what} {path}: corrupt or not a weights file (expected a state dict saved with "
                           "torch.save(model.state_dict(), ...) or a .safetensors file)")
-    obj = _torch_load(path, path, what)
+    obj = _torch_load(path, what)
     sd = _tensor_dict(obj)
     if sd is None:
         raise AdvlabError(f"{what} {path} holds a {type(obj).__name__}, not a state dict (parameter names mapped to "
@@ -241,12 +270,7 @@ def read_checkpoint(path, format: Optional[str] = None, what: str = "checkpoint"
     path = Path(path)
     if not path.is_file():
         raise AdvlabError(f"{what} not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt zip, truncated file, or a pickle that is not weights-only
-        raise AdvlabError(f"cannot read {what} {path}: corrupt or not an advlab file "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    return _check_checkpoint(obj, path, format, what)
+    return _check_checkpoint(_torch_load(path, what), path, format, what)
 
 
 def _check_checkpoint(obj, path, format: Optional[str], what: str) -> dict:
@@ -478,7 +502,7 @@ def _load_file(path: Path, dev) -> LoadedModel:
     if fmt not in ("torch.save", "pickle"):
         raise AdvlabError(f"cannot read checkpoint {path}: corrupt or not a model file (not an advlab checkpoint, "
                           f"torch.export program, TorchScript archive or state dict)")
-    obj = _torch_load(path, path, "checkpoint")
+    obj = _torch_load(path, "checkpoint")
     if isinstance(obj, dict) and isinstance(obj.get("format"), str) and "state_dict" in obj and "metadata" in obj:
         tag = obj["format"]
         obj = _check_checkpoint(obj, path, None, "checkpoint")
