@@ -23,6 +23,14 @@ def labels(n, classes=5, seed=1):
     return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed))
 
 
+def junk(n: int, seed: int = 0) -> bytes:
+    """``n`` fixed pseudo-random bytes: a corrupt file that is the same every run (``os.urandom``
+    starts with pickle's PROTO byte one run in 256, which once made a case flaky)."""
+    import random
+
+    return random.Random(seed).randbytes(n)
+
+
 def catalogue_params(cases: dict) -> list:
     """One ``pytest.param`` per named case of a bad-input catalogue (``{id: case}``, each case with
     an ``xfail`` reason or None), sorted by id; a case with a reason is a strict xfail."""

@@ -5,7 +5,6 @@ half-written file. The last test counts this catalogue together with ``test_fuzz
 
 from __future__ import annotations
 
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from advlab.cli import main
-from helpers import catalogue_params, check_cli_case
+from helpers import catalogue_params, check_cli_case, junk
 from test_fuzz import CASES, HYPOTHESIS, absent, leftovers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,9 +55,9 @@ def files(tmp_path_factory) -> Dict[str, Path]:
     out = {"ckpt": save_checkpoint(model, d / "digits.pt", dataset="digits"),
            "nodata": save_checkpoint(model, d / "nodata.pt"),
            "corrupt": d / "corrupt.pt", "garbled": d / "garbled.pt", "text": d / "notes.txt"}
-    junk = random.Random(0).randbytes(300)
-    out["corrupt"].write_bytes(junk)
-    out["garbled"].write_bytes(b"\x80\xd4" + junk)  # PROTO 212: not a protocol, not a pickle
+    noise = junk(300)
+    out["corrupt"].write_bytes(noise)
+    out["garbled"].write_bytes(b"\x80\xd4" + noise)  # PROTO 212: not a protocol, not a pickle
     out["text"].write_text("not a checkpoint\n")
     return out
 
