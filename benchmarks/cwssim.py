@@ -6,11 +6,11 @@ forward+backward of the model w.r.t. the input (the unit of ``benchmarks/attacks
 - ``score + backward``: ``CWSSIM.score`` against a fixed reference and its gradient, which is
   what K-A3 adds to every step;
 - ``transforms only``: the Fourier transforms that score makes and nothing else, at the same
-  shapes and dtype: the image's spectrum, one inverse transform per level of the 2 x O band
-  planes (the real and imaginary parts of every oriented band), their adjoint forward transforms
-  in the backward, and the final inverse. Any exact CW-SSIM on this pyramid computes the band
-  coefficients at every position (every valid window covers them) and the adjoint of the same
-  linear map, so this is a floor for the term, whatever the window sums and element-wise work cost;
+  shapes and dtype: the image's spectrum, one inverse transform per level of its O complex bands,
+  their adjoint forward transforms in the backward, and the final inverse. Any exact CW-SSIM on
+  this pyramid computes the band coefficients at every position (every valid window covers them)
+  and the adjoint of the same linear map, so this is a floor for the term, whatever the window
+  sums and element-wise work cost;
 - ``K-A3 floor``: 1 (the model's own forward+backward) + the transforms, the least a K-A3 step
   with this similarity term can cost per sample-step on this machine.
 
@@ -73,16 +73,15 @@ def main(argv=None) -> None:
 
     plan = metric._plan(y)  # the shapes score transforms at (benchmark only: a private attribute)
     n, c = y.shape[:2]
-    spectra = [torch.randn(n, c, 2, lv.o, lv.h, lv.w // 2 + 1, dtype=torch.complex64) for lv in plan.levels]
-    planes = [torch.randn(n, c, 2, lv.o, lv.h, lv.w) for lv in plan.levels]
-    final = torch.randn(n, c, 28, 15, dtype=torch.complex64)
+    bands = [torch.randn(n, c, lv.o, lv.h, lv.w, dtype=torch.complex64) for lv in plan.levels]
+    final = torch.randn(n, c, 28, 28, dtype=torch.complex64)
 
-    def transforms():
-        torch.fft.rfft2(y)
-        for lv, s, g in zip(plan.levels, spectra, planes):
-            torch.fft.irfft2(s, s=(lv.h, lv.w))
-            torch.fft.rfft2(g, norm="forward")
-        torch.fft.irfft2(final, s=(28, 28), norm="forward")
+    def transforms():  # what score's forward and backward transform, in the same calls
+        torch.fft.fft2(y)
+        for b in bands:
+            torch.fft.ifft2(b)                  # the bands of the adversarial image
+            torch.fft.fft2(b, norm="forward")   # their gradients, back to the frequencies
+        torch.fft.ifft2(final, norm="forward")
 
     with frozen_eval(model):
         unit = median_ms(model_step, args.reps)

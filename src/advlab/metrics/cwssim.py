@@ -224,13 +224,9 @@ class CWSSIM:
         with torch.no_grad():
             levels = []
             for lv, c in zip(plan.levels, self.pyramid(x.detach())):
-                if plan.real:
-                    re, im = c.real.contiguous(), c.imag.contiguous()
-                    e1 = _box_sums(re * re + im * im, lv).mul_(lv.scale)
-                    levels.append((re, im, e1.add_(self.K)))
-                else:
-                    sq = torch.view_as_real(c).square().flatten(-2)  # (N, C, O, h, 2w): re^2, im^2
-                    levels.append((c, c.conj().resolve_conj(), torch.matmul(lv.bhT, sq) @ lv.ks))
+                re, im = c.real.contiguous(), c.imag.contiguous()
+                e1 = _box_sums(re * re + im * im, lv).mul_(lv.scale)
+                levels.append((re, im, e1.add_(self.K)))
             return CWSSIMReference(tuple(x.shape), levels)
 
     def score(self, ref: "CWSSIMReference", y: torch.Tensor) -> torch.Tensor:
@@ -248,9 +244,7 @@ class CWSSIM:
         check_batch(y, "y")
         if tuple(y.shape) != ref.shape:
             raise AdvlabError(f"y must have the reference's shape {ref.shape}, got {tuple(y.shape)}")
-        plan = self._plan(y)
-        fn = _ScoreReal if plan.real else _ScoreComplex
-        return fn.apply(y, plan, ref.levels, self.K)
+        return _Score.apply(y, self._plan(y), ref.levels, self.K)
 
     def _plan(self, x: torch.Tensor) -> "_Plan":
         """Filters, crops and window constants for x's size, device and dtype (built once, cached)."""
@@ -296,8 +290,7 @@ def select_reference(ref: "CWSSIMReference", index: torch.Tensor) -> "CWSSIMRefe
 class CWSSIMReference:
     """The pyramid of a fixed batch as :meth:`CWSSIM.score` uses it, per level: the real and
     imaginary parts of the coefficients ``c1`` (N, C, O, h, w) and the local mean energy plus
-    ``K`` (N, C, O, h', w'), or, for the few sizes that take the complex path, ``c1``, its
-    conjugate and the local mean energy. Built by :meth:`CWSSIM.reference`; ``len(ref)`` is N;
+    ``K`` (N, C, O, h', w'). Built by :meth:`CWSSIM.reference`; ``len(ref)`` is N;
     :meth:`index_select` (or :func:`select_reference`) picks rows."""
 
     __slots__ = ("shape", "levels")
@@ -342,85 +335,36 @@ def _col_major(m: torch.Tensor) -> torch.Tensor:
     return m.t().contiguous().t()
 
 
-def _neg_index(n: int) -> torch.Tensor:
-    """Index of -k (mod n) for k = 0..n-1 (the mirrored frequency)."""
-    return (-torch.arange(n)) % n
-
-
 class _Level:
-    """Constants of one pyramid level for :meth:`CWSSIM.score`.
+    """Constants of one pyramid level for :meth:`CWSSIM.score`: the band filters ``g`` (O, h, w)
+    and their conjugates ``gc``; ``idx``, the flat crop of this level's frequencies from the
+    image's spectrum (None at the finest level); the window (``win``, its ``scale`` 1 / win^2 and
+    the ``valid`` positions); and the 0/1 band matrices of the window sums (:func:`_box_sums`)."""
 
-    Real path (``real``): the band filters split as ``g = gh + i ga`` with ``gh``, ``ga``
-    Hermitian, so that for a real image the real and imaginary parts of the band are two real
-    images, ``irfft2(rfft2(y) * gh)`` and ``irfft2(rfft2(y) * ga)``, computed in planar layout
-    (half spectra ``f`` (2, O, h, w // 2 + 1) and their conjugates ``fc``; ``idx`` the flat crop
-    into the image's half spectrum, None at the finest level). Complex path otherwise (see
-    :class:`_ScoreComplex`): ``g`` (O, h, w), the flat crop ``idx`` into the full spectrum, and
-    window means as matrices on the interleaved (re, im) layout ``(..., h, 2w)``."""
-
-    def __init__(self, g, rows, cols, h_full, w_full, window, device, dtype, real):
+    def __init__(self, g, rows, cols, h_full, w_full, window, device, dtype):
         o, h, w = g.shape
         self.o, self.h, self.w = o, h, w
         self.win = win = min(window, h, w)
-        self.valid = (h - win + 1) * (w - win + 1)
+        self.hp, self.wp = h - win + 1, w - win + 1
+        self.valid = self.hp * self.wp
         self.scale = 1.0 / (win * win)
-        full = (h, w) == (h_full, w_full)
-        if real:
-            wh = w // 2 + 1
-            gm = g[:, _neg_index(h)][:, :, _neg_index(w)].conj()          # conj(g(-k))
-            gh, ga = (g + gm) / 2, (g - gm) / 2j
-            f = torch.stack([gh, ga])[..., :wh]                              # (2, O, h, wh)
-            self.f, self.fc = f.contiguous(), f.conj().resolve_conj()
-            # 0/1 band matrices: window sums (the 1 / win^2 is applied to the sums). Stored
-            # column-major (the transpose of a contiguous matrix): MKL's skinny products that take them
-            # are up to 1.3x faster so (the values are the same)
-            self.hp, self.wp = h - win + 1, w - win + 1
-            bw, bh = _band_ones(w, win, device, dtype), _band_ones(h, win, device, dtype)
-            self.bw, self.bh, self.bwT, self.bhT = _col_major(bw), _col_major(bh), _col_major(bw.t()), _col_major(bh.t())
-            kron = torch.kron(bh, bw) if h * w <= 256 else None  # (h w, h' w')
-            self.kron = None if kron is None else _col_major(kron)
-            self.kronT = None if kron is None else _col_major(kron.t())
-            whf = w_full // 2 + 1
-            self.idx = None if full else (rows.view(-1, 1) * whf + cols[:wh].clamp(max=whf - 1).view(1, -1)).flatten()
-            return
-        self.g = g
-        self.idx = None if full else (rows.view(-1, 1) * w_full + cols.view(1, -1)).flatten()
-        bh = _box_matrix(h, win, device, dtype)              # (h, h')
-        bw = _box_matrix(w, win, device, dtype)              # (w, w')
-        self.bhT, self.bh = bh.t().contiguous(), bh.contiguous()
-        self.k2 = torch.kron(bw, torch.eye(2, device=device, dtype=dtype)).contiguous()    # (2w, 2w')
-        self.k2T = self.k2.t().contiguous()
-        self.ks = torch.kron(bw, torch.ones(2, 1, device=device, dtype=dtype)).contiguous()  # (2w, w')
-        self.ks2T = (2.0 * self.ks.t()).contiguous()  # backward of |c|^2 = re^2 + im^2: the 2 folded in
-
-
-def _real_path_exact(levels, h_full: int, w_full: int) -> bool:
-    """Whether every level's crop of a real image's spectrum is Hermitian where its filters are
-    non-zero (the crop maps -k to -k) and its non-negative columns there come straight from the
-    half spectrum: then the real path is exact. False for a few sizes (e.g. 40 at 3 scales)."""
-    for g, rows, cols in levels:
-        o, h, w = g.shape
-        nr, nc = _neg_index(h), _neg_index(w)
-        supp = (g != 0).any(0)
-        supp = supp | supp[nr][:, nc]
-        ok_r = rows[nr] == (-rows) % h_full
-        ok_c = cols[nc] == (-cols) % w_full
-        if not bool((ok_r.view(-1, 1) & ok_c.view(1, -1) | ~supp).all()):
-            return False
-        if (h, w) != (h_full, w_full):
-            half = torch.arange(w // 2 + 1)
-            moved = cols[: w // 2 + 1].cpu() != half
-            if bool((supp[:, : w // 2 + 1].cpu().any(0) & moved).any()):
-                return False
-    return True
+        self.g, self.gc = g, g.conj().resolve_conj()
+        self.idx = None if (h, w) == (h_full, w_full) else (rows.view(-1, 1) * w_full + cols.view(1, -1)).flatten()
+        # 0/1 band matrices: window sums (the 1 / win^2 is applied to the sums). Stored column-major
+        # (the transpose of a contiguous matrix): MKL's skinny products that take them are up to
+        # 1.3x faster so (the values are the same)
+        bw, bh = _band_ones(w, win, device, dtype), _band_ones(h, win, device, dtype)
+        self.bw, self.bh, self.bwT, self.bhT = _col_major(bw), _col_major(bh), _col_major(bw.t()), _col_major(bh.t())
+        kron = torch.kron(bh, bw) if h * w <= 256 else None  # (h w, h' w')
+        self.kron = None if kron is None else _col_major(kron)
+        self.kronT = None if kron is None else _col_major(kron.t())
 
 
 class _Plan:
     """The per-size constants of :meth:`CWSSIM.score` (see :class:`_Level`)."""
 
     def __init__(self, levels, h, w, window, device, dtype):
-        self.real = _real_path_exact(levels, h, w)
-        self.levels = [_Level(g, rows, cols, h, w, window, device, dtype, self.real) for g, rows, cols in levels]
+        self.levels = [_Level(g, rows, cols, h, w, window, device, dtype) for g, rows, cols in levels]
         self.h, self.w = h, w
 
 
@@ -437,33 +381,36 @@ def _add_level_spectrum(gspec: Optional[torch.Tensor], gs: torch.Tensor, idx: Op
     return gspec
 
 
-class _ScoreReal(torch.autograd.Function):
-    """CW-SSIM of a real ``y`` against a fixed reference, planar and with a hand-written backward.
+class _Score(torch.autograd.Function):
+    """CW-SSIM of ``y`` against a fixed reference, with a hand-written backward.
 
-    Forward, per level: the band's real and imaginary parts ``(re, im) = irfft2(crop(rfft2(y)) *
-    (gh, ga))``; window sums of ``re ar + im ai``, ``im ar - re ai`` (the product with the
-    reference's conjugate, ``c1 = ar + i ai``) and ``re^2 + im^2``; then ``s = (2 |corr| + K) /
-    (e1 + e2 + K)``, averaged. Backward (weights folded in)::
+    Forward, per level: the complex band ``c = ifft2(crop(fft2(y)) * g)``, read as its real and
+    imaginary planes ``re``, ``im`` (views, no copy); window sums of ``re ar + im ai``,
+    ``im ar - re ai`` (the product with the reference's conjugate, ``c1 = ar + i ai``) and
+    ``re^2 + im^2``; then ``s = (2 |corr| + K) / (e1 + e2 + K)``, averaged. Backward (weights
+    folded in)::
 
         g_corr = 2 corr / (|corr| D)          g_e2 = -s / D
         (GR, GI, GE) = window-sum adjoint of (g_corr.re, g_corr.im, g_e2)
         g_re = GR ar - GI ai + 2 GE re         g_im = GR ai + GI ar + 2 GE im
-        g_y = irfft2(scatter(sum conj(gh, ga) rfft2(g_re, g_im)))
+        g_y = Re(ifft2(scatter(sum_o conj(g_o) fft2(g_re + i g_im))))
+
+    Exact for every image size (the complex transforms need no symmetry of the crop).
     """
 
     @staticmethod
     def forward(ctx, y, plan, levels, K):
         n, ch = y.shape[0], y.shape[1]
-        spec = torch.fft.rfft2(y)                                              # (N, C, H, W // 2 + 1)
+        spec = torch.fft.fft2(y)                                               # (N, C, H, W)
         flat = spec.flatten(-2)
         total = None
         saved = []
         nl = len(plan.levels)
         for lv, (ar, ai, e1k) in zip(plan.levels, levels):
             h, w, win = lv.h, lv.w, lv.win
-            s = spec if lv.idx is None else flat.index_select(-1, lv.idx).view(n, ch, h, -1)
-            planes = torch.fft.irfft2(s[:, :, None, None] * lv.f, s=(h, w))    # (N, C, 2, O, h, w)
-            re, im = planes[:, :, 0], planes[:, :, 1]
+            s = spec if lv.idx is None else flat.index_select(-1, lv.idx).view(n, ch, h, w)
+            c = torch.view_as_real(torch.fft.ifft2(s.unsqueeze(2) * lv.g))     # (N, C, O, h, w, 2)
+            re, im = c[..., 0], c[..., 1]
             buf = torch.empty(n, ch, 3, lv.o, h, w, dtype=y.dtype, device=y.device)
             torch.mul(re, ar, out=buf[:, :, 0]).addcmul_(im, ai)
             torch.mul(im, ar, out=buf[:, :, 1]).addcmul_(re, ai, value=-1.0)
@@ -487,81 +434,21 @@ class _ScoreReal(torch.autograd.Function):
         nl = len(plan.levels)
         gspec = None
         for lv, (ar, ai, _), (re, im, cre, cim, mag, den, smap) in zip(plan.levels, ctx.levels, ctx.saved):
-            h, w, win = lv.h, lv.w, lv.win
-            hp, wp = h - win + 1, w - win + 1
             gnum = (grad * (1.0 / (nl * ch * lv.o * lv.valid))).view(n, 1, 1, 1, 1) / den  # d/d(2|corr| + K)
             # d/d(window sums of re ar + im ai, im ar - re ai, re^2 + im^2), then back onto the pixels
-            inner = torch.empty(n, ch, 3, lv.o, hp, wp, dtype=grad.dtype, device=grad.device)
+            inner = torch.empty(n, ch, 3, lv.o, lv.hp, lv.wp, dtype=grad.dtype, device=grad.device)
             fac = torch.div(gnum, mag).mul_(2.0 * lv.scale)
             torch.mul(fac, cre, out=inner[:, :, 0])
             torch.mul(fac, cim, out=inner[:, :, 1])
             torch.mul(gnum, smap, out=inner[:, :, 2]).mul_(-lv.scale)
             gb = _box_sums(inner, lv, adjoint=True)                               # (N, C, 3, O, h, w)
             gr, gi, ge = gb[:, :, 0], gb[:, :, 1], gb[:, :, 2]
-            g = torch.empty(n, ch, 2, lv.o, h, w, dtype=grad.dtype, device=grad.device)
-            torch.mul(gr, ar, out=g[:, :, 0]).addcmul_(gi, ai, value=-1.0).addcmul_(ge, re, value=2.0)
-            torch.mul(gr, ai, out=g[:, :, 1]).addcmul_(gi, ar).addcmul_(ge, im, value=2.0)
-            gs = (torch.fft.rfft2(g, norm="forward") * lv.fc).sum((2, 3))       # (N, C, h, w // 2 + 1)
-            gspec = _add_level_spectrum(gspec, gs, lv.idx, (n, ch, hf, wf // 2 + 1))
-        return torch.fft.irfft2(gspec, s=(hf, wf), norm="forward"), None, None, None
-
-
-class _ScoreComplex(torch.autograd.Function):
-    """The general path of :meth:`CWSSIM.score` (image sizes where :class:`_ScoreReal` would not
-    be exact), complex and interleaved, with a hand-written backward. Forward, per level:
-    ``c = ifft2(crop(fft2(y)) * g)``; ``corr`` = window mean of ``c * conj(c1)``, ``e2`` = window
-    mean of ``|c|^2``; ``s = (2 |corr| + K) / (e1 + e2 + K)``, averaged. Backward (gradients as
-    ``dL/dre + i dL/dim``)::
-
-        g_corr = (2 / D) corr / |corr|        g_e2 = -s / D              (times the weight)
-        g_c = mean^T(g_corr) * c1 + 2 mean^T(g_e2) * c
-        g_spec = sum_o conj(g_o) * fft2(g_c) / n     (scattered back into the full spectrum)
-        g_y = Re(n ifft2(g_spec_full))
-    """
-
-    @staticmethod
-    def forward(ctx, y, plan, levels, K):
-        n, ch = y.shape[0], y.shape[1]
-        spec = torch.fft.fft2(y)
-        flat = spec.flatten(-2)
-        total = None
-        saved = []
-        nl = len(plan.levels)
-        for lv, (c1, c1_conj, e1) in zip(plan.levels, levels):
-            s = spec if lv.idx is None else flat.index_select(-1, lv.idx).view(n, ch, lv.h, lv.w)
-            c = torch.fft.ifft2(s.unsqueeze(2) * lv.g)                       # (N, C, O, h, w)
-            prod = torch.view_as_real(c * c1_conj).flatten(-2)              # (N, C, O, h, 2w)
-            corr = torch.view_as_complex(torch.matmul(lv.bhT, prod).matmul(lv.k2).unflatten(-1, (-1, 2)))
-            e2 = torch.matmul(lv.bhT, torch.view_as_real(c).square().flatten(-2)).matmul(lv.ks)
-            mag = torch.view_as_real(corr).square().sum(-1).add_(1e-30).sqrt_()
-            den = (e1 + e2).add_(K)
-            smap = (2.0 * mag).add_(K).div_(den)
-            part = smap.flatten(1).sum(1).mul_(1.0 / (nl * ch * lv.o * lv.valid))
-            total = part if total is None else total.add_(part)
-            saved.append((c, corr, mag, den, smap))
-        if y.requires_grad:
-            ctx.plan, ctx.levels, ctx.saved, ctx.shape = plan, levels, saved, y.shape
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        plan, (n, ch, hf, wf) = ctx.plan, ctx.shape
-        nl = len(plan.levels)
-        gspec = None
-        for lv, (c1, _, _), (c, corr, mag, den, smap) in zip(plan.levels, ctx.levels, ctx.saved):
-            gw = (grad * (1.0 / (nl * ch * lv.o * lv.valid))).view(n, 1, 1, 1, 1)
-            gnum = gw / den                                                    # d/d(2|corr| + K)
-            ge2 = -(gnum * smap)                                               # d/d e2
-            gcorr = torch.view_as_real(corr) * (2.0 * gnum / mag).unsqueeze(-1)
-            gp = torch.matmul(lv.bh, gcorr.flatten(-2).matmul(lv.k2T))         # (N, C, O, h, 2w)
-            ge = torch.matmul(lv.bh, ge2.matmul(lv.ks2T))                      # 2 mean^T(g_e2), twice
-            gc = torch.view_as_complex(gp.unflatten(-1, (-1, 2))) * c1
-            torch.view_as_real(gc).addcmul_(ge.unflatten(-1, (-1, 2)), torch.view_as_real(c))
-            gs = (torch.fft.fft2(gc, norm="forward") * lv.g.conj()).sum(2)     # (N, C, h, w)
+            g = torch.empty(n, ch, lv.o, lv.h, lv.w, 2, dtype=grad.dtype, device=grad.device)  # (re, im) pairs
+            torch.mul(gr, ar, out=g[..., 0]).addcmul_(gi, ai, value=-1.0).addcmul_(ge, re, value=2.0)
+            torch.mul(gr, ai, out=g[..., 1]).addcmul_(gi, ar).addcmul_(ge, im, value=2.0)
+            gs = (torch.fft.fft2(torch.view_as_complex(g), norm="forward") * lv.gc).sum(2)  # (N, C, h, w)
             gspec = _add_level_spectrum(gspec, gs, lv.idx, (n, ch, hf, wf))
-        gy = torch.fft.ifft2(gspec, norm="forward").real
-        return gy.contiguous(), None, None, None
+        return torch.fft.ifft2(gspec, norm="forward").real.contiguous(), None, None, None
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
