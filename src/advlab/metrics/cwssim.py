@@ -168,9 +168,7 @@ def _box_matrix(n: int, win: int, device, dtype) -> torch.Tensor:
     key = (n, win, str(device), dtype)
     m = _BOX_CACHE.get(key)
     if m is None:
-        i = torch.arange(n).view(-1, 1)
-        j = torch.arange(n - win + 1).view(1, -1)
-        m = ((i >= j) & (i < j + win)).to(dtype=dtype, device=device) / win
+        m = _band_ones(n, win, device, dtype) / win
         _BOX_CACHE[key] = m
     return m
 
