@@ -39,6 +39,8 @@ import io
 import json
 import logging
 import os
+import pickle
+import pickletools
 import re
 import sys
 import warnings
@@ -112,8 +114,6 @@ def _well_formed_pickle(path) -> bool:
     nothing): the main ``data.pkl`` member of a zip, else the file's first pickle. A well-formed
     stream that torch refused holds objects whose loading would run code (a plain pickle); one
     that does not parse is a corrupt file, even where its first byte looks like a pickle's."""
-    import pickletools
-
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
@@ -134,8 +134,6 @@ def _torch_load(path, what: str):
     AdvlabError line: a well-formed pickle that the weights-only unpickler refused is named a plain
     pickle (with the safe formats); anything else that fails (a truncated archive, junk whose first
     byte looks like a pickle's) is corrupt."""
-    import pickle
-
     with _quiet():
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
